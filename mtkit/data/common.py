@@ -1,0 +1,64 @@
+"""Shared helpers of the dataset loaders: image reading with clear errors, resizing, cache folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DatasetError
+
+
+def cache_dir() -> Path:
+    """Generated data and derived statistics: ``$MTKIT_CACHE`` or ``~/.cache/mtkit``."""
+    return Path(os.environ.get("MTKIT_CACHE", Path.home() / ".cache" / "mtkit"))
+
+
+def read_image(path: Path, mode: str = "RGB") -> np.ndarray:
+    """An image file as a numpy array; an unreadable or truncated file → DatasetError naming it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert(mode))
+    except FileNotFoundError:
+        raise DatasetError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DatasetError(f"cannot read image {path}: {exc}") from None
+
+
+def to_image_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 → (3, H, W) float32 gray values 0..255."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
+
+
+def resize_image(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    squeeze = x.ndim == 3
+    y = F.interpolate(x[None] if squeeze else x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return y[0] if squeeze else y
+
+
+def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(label.shape[-2:]) == tuple(size):
+        return label
+    return F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
+
+
+def require_dir(path: Path, what: str, layout: str) -> Path:
+    if not path.is_dir():
+        raise DatasetError(f"{what}: folder not found: {path}. Expected layout:\n{layout}")
+    return path
+
+
+def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write an .npz file via a temporary file and a rename (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)

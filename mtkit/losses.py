@@ -1,0 +1,138 @@
+"""Losses of the paper: weighted cross-entropy (eq. 1), photometric (eq. 2), smoothness (eq. 3), depth (eq. 4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import geometry
+from .registry import register
+
+IGNORE_INDEX = 255
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
+                           ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """J^ce of eq. 1: -1/|I| Σ_i Σ_s w_s ȳ_{i,s} log y_{i,s}, averaged over the labelled (non-void) pixels.
+
+    Void pixels (``ignore_index``) are left out of both sum and count. The normalisation is 1/|I| (the pixel
+    count), not PyTorch's default Σ w of the weighted mean, as eq. 1 writes it.
+    """
+    per_pixel = F.cross_entropy(logits, labels, weight=weights, ignore_index=ignore_index, reduction="none")
+    valid = (labels != ignore_index).sum().clamp_min(1)
+    return per_pixel.sum() / valid
+
+
+def enet_class_weights(class_counts: torch.Tensor, c: float = 1.02) -> torch.Tensor:
+    """ENet class weights w_s = 1 / ln(c + p_s), p_s the class frequency over the training labels (eq. 1)."""
+    p = class_counts.double() / class_counts.sum().clamp_min(1)
+    return (1.0 / torch.log(c + p)).float()
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, c1: float = 0.01**2, c2: float = 0.03**2) -> torch.Tensor:
+    """Per-pixel SSIM on 3x3 patches with reflection padding, images in [0, 1] (eq. 2), clamped to [0, 1]."""
+    x = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    y = F.pad(y, (1, 1, 1, 1), mode="reflect")
+    mu_x = F.avg_pool2d(x, 3, 1)
+    mu_y = F.avg_pool2d(y, 3, 1)
+    sigma_x = F.avg_pool2d(x * x, 3, 1) - mu_x**2
+    sigma_y = F.avg_pool2d(y * y, 3, 1) - mu_y**2
+    sigma_xy = F.avg_pool2d(x * y, 3, 1) - mu_x * mu_y
+    num = (2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)
+    den = (mu_x**2 + mu_y**2 + c1) * (sigma_x + sigma_y + c2)
+    return (num / den).clamp(0, 1)
+
+
+def photometric_error(target: torch.Tensor, pred: torch.Tensor, alpha: float = 0.85) -> torch.Tensor:
+    """Per-pixel α/2·(1 - SSIM) + (1-α)·1/C·‖x_t - x_{t'→t}‖₁ (the term inside eq. 2), (B, 1, H, W).
+
+    SSIM is taken per channel and averaged over channels; images in [0, 1].
+    """
+    l1 = (target - pred).abs().mean(1, keepdim=True)
+    dssim = (1 - ssim(target, pred)).mean(1, keepdim=True)
+    return alpha / 2 * dssim + (1 - alpha) * l1
+
+
+def min_reprojection(errors: list[torch.Tensor]) -> torch.Tensor:
+    """Per-pixel minimum over the source frames t' (eq. 2), (B, 1, H, W)."""
+    return torch.cat(errors, 1).min(1, keepdim=True).values
+
+
+def smoothness(disp: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Edge-aware smoothness J^sm of eq. 3 on the mean-normalized inverse depth ρ̄ = ρ / mean(ρ)."""
+    rho = disp / disp.mean((2, 3), keepdim=True).clamp_min(1e-7)
+    dx_rho = (rho[..., :, :-1] - rho[..., :, 1:]).abs()
+    dy_rho = (rho[..., :-1, :] - rho[..., 1:, :]).abs()
+    dx_img = (image[..., :, :-1] - image[..., :, 1:]).abs().mean(1, keepdim=True)
+    dy_img = (image[..., :-1, :] - image[..., 1:, :]).abs().mean(1, keepdim=True)
+    return (dx_rho * torch.exp(-dx_img)).mean() + (dy_rho * torch.exp(-dy_img)).mean()
+
+
+@dataclass
+class DepthLossOutput:
+    total: torch.Tensor
+    photometric: torch.Tensor
+    smoothness: torch.Tensor
+
+
+@register("loss", "monodepth")
+class MonodepthLoss(nn.Module):
+    """J^depth = J^ph + β J^sm (eq. 4) on ``num_scales`` decoder scales, averaged over scales.
+
+    Each scale's disparity is upsampled to the input resolution before warping (monodepth2). The photometric
+    loss uses the un-augmented frames. The smoothness of scale s is computed at that scale against the image
+    resized to it and weighted β / 2^s (monodepth2's weighting), then averaged over scales like J^ph.
+    ``automask`` adds monodepth2's identity reprojection (off in the paper's eq. 2).
+    """
+
+    def __init__(self, alpha: float = 0.85, smoothness_weight: float = 1e-3, num_scales: int = 4,
+                 automask: bool = False, min_depth: float = 0.1, max_depth: float = 100.0) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.beta = smoothness_weight
+        self.num_scales = num_scales
+        self.automask = automask
+        self.min_depth = min_depth
+        self.max_depth = max_depth
+
+    def forward(self, disps: dict[int, torch.Tensor], frames: list[torch.Tensor], k: torch.Tensor,
+                poses: dict[int, torch.Tensor]) -> DepthLossOutput:
+        """disps: scale → scaled inverse depth aσ+b; frames: un-augmented [x_{t-1}, x_t, x_{t+1}] in 0..255;
+        k: (B, 4, 4) at input resolution; poses: {-1: T_{t→t-1}, 1: T_{t→t+1}}."""
+        prev, cur, nxt = (f / 255.0 for f in frames)
+        h, w = cur.shape[-2:]
+        sources = {-1: prev, 1: nxt}
+        ph_total = cur.new_zeros(())
+        sm_total = cur.new_zeros(())
+        identity = None
+        if self.automask:
+            identity = min_reprojection([photometric_error(cur, s, self.alpha) for s in sources.values()])
+            identity = identity + torch.randn_like(identity) * 1e-5  # break ties as monodepth2
+        for s in range(self.num_scales):
+            disp = disps[s]
+            disp_full = F.interpolate(disp, size=(h, w), mode="bilinear", align_corners=False)
+            depth = 1.0 / disp_full
+            errors = [photometric_error(cur, geometry.warp(src, depth, k, poses[o]), self.alpha)
+                      for o, src in sources.items()]
+            err = min_reprojection(errors if identity is None else [*errors, identity])
+            ph_total = ph_total + err.mean()
+            img_s = F.interpolate(cur, size=disp.shape[-2:], mode="bilinear", align_corners=False)
+            sm_total = sm_total + smoothness(disp, img_s) / (2**s)
+        ph = ph_total / self.num_scales
+        sm = sm_total / self.num_scales
+        return DepthLossOutput(ph + self.beta * sm, ph, sm)
+
+
+@register("loss", "weighted_ce")
+class WeightedCrossEntropy(nn.Module):
+    """Weighted cross-entropy of eq. 1 with class weights (ENet by default), void pixels ignored."""
+
+    def __init__(self, weights: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("weights", weights if weights is not None else None, persistent=False)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return weighted_cross_entropy(logits, labels, self.weights)

@@ -1,0 +1,104 @@
+"""Evaluation metrics: mIoU from summed confusion counts (eq. 9), the mIoU ratio Q (eq. 10), depth metrics."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .registry import register
+
+IGNORE_INDEX = 255
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """(num_classes, num_classes) int64 counts, rows = ground truth, columns = prediction; void ignored."""
+    valid = target != ignore_index
+    t = target[valid].long()
+    p = pred[valid].long()
+    if t.numel() and (int(t.max()) >= num_classes or int(t.min()) < 0):
+        raise ValueError(f"label {int(t.max())} outside 0..{num_classes - 1} (and not the void label {ignore_index})")
+    idx = t * num_classes + p
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:
+    """TP / (TP + FP + FN) per class from counts summed over the whole set; NaN for a class that never appears
+    in ground truth nor prediction."""
+    conf = confusion.double()
+    tp = conf.diag()
+    fp = conf.sum(0) - tp
+    fn = conf.sum(1) - tp
+    denom = tp + fp + fn
+    return torch.where(denom > 0, tp / denom.clamp_min(1), torch.full_like(tp, float("nan")))
+
+
+@register("metric", "miou")
+def miou(confusion: torch.Tensor) -> float:
+    """mIoU of eq. 9: mean over classes of TP/(TP+FP+FN), counts summed over all images first.
+
+    Classes absent from both ground truth and predictions of the whole set (0/0) are left out of the mean.
+    """
+    ious = iou_per_class(confusion)
+    valid = ~torch.isnan(ious)
+    return float(ious[valid].mean()) if valid.any() else float("nan")
+
+
+@register("metric", "q_ratio")
+def q_ratio(miou_adv: float, miou_clean: float) -> float:
+    """Q = mIoU_adv / mIoU_clean (eq. 10)."""
+    if miou_clean == 0 or math.isnan(miou_clean):
+        return float("nan")
+    return miou_adv / miou_clean
+
+
+def garg_crop_mask(height: int, width: int) -> torch.Tensor:
+    """The Garg/Eigen crop used for KITTI depth evaluation, as a boolean (H, W) mask."""
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    y0, y1 = int(0.40810811 * height), int(0.99189189 * height)
+    x0, x1 = int(0.03594771 * width), int(0.96405229 * width)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+DEPTH_METRICS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "a2", "a3")
+
+
+def depth_errors(gt: torch.Tensor, pred: torch.Tensor) -> dict[str, float]:
+    """abs_rel, sq_rel, rmse, rmse_log, δ<1.25 (a1), δ<1.25² (a2), δ<1.25³ (a3) over matching 1-D tensors."""
+    gt = gt.double()
+    pred = pred.double()
+    thresh = torch.maximum(gt / pred, pred / gt)
+    return {
+        "abs_rel": float(((gt - pred).abs() / gt).mean()),
+        "sq_rel": float((((gt - pred) ** 2) / gt).mean()),
+        "rmse": float(((gt - pred) ** 2).mean().sqrt()),
+        "rmse_log": float(((gt.log() - pred.log()) ** 2).mean().sqrt()),
+        "a1": float((thresh < 1.25).double().mean()),
+        "a2": float((thresh < 1.25**2).double().mean()),
+        "a3": float((thresh < 1.25**3).double().mean()),
+    }
+
+
+@register("metric", "depth")
+def evaluate_depth(gt: torch.Tensor, pred: torch.Tensor, min_depth: float = 1e-3, max_depth: float = 80.0,
+                   garg_crop: bool = True, median_scaling: bool = True) -> dict[str, float]:
+    """Depth metrics of one image (monodepth2's protocol): valid ground truth in (min_depth, max_depth), the
+    Garg/Eigen crop, per-image median scaling, predictions clamped to [min_depth, max_depth]."""
+    gt = gt.squeeze()
+    pred = pred.squeeze()
+    if pred.shape != gt.shape:
+        pred = torch.nn.functional.interpolate(pred[None, None], size=gt.shape, mode="bilinear",
+                                               align_corners=False)[0, 0]
+    mask = (gt > min_depth) & (gt < max_depth)
+    if garg_crop:
+        mask &= garg_crop_mask(*gt.shape).to(mask.device)
+    g, p = gt[mask], pred[mask]
+    if g.numel() == 0:
+        raise ValueError("no valid ground-truth depth in the evaluated region")
+    ratio = float(g.median() / p.median()) if median_scaling else 1.0
+    p = (p * ratio).clamp(min_depth, max_depth)
+    out = depth_errors(g, p)
+    out["scale"] = ratio
+    return out

@@ -1,0 +1,137 @@
+"""The multi-task network of the paper (Fig. 2): shared encoder, segmentation and depth decoders, pose net."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import MtkitError
+from .backbones import build_backbone
+from .decoders import SmpDecoderHead, disp_to_depth
+from .gradscale import scale_features
+from .pose import PoseNet
+
+
+class Normalize(nn.Module):
+    """Zero-mean normalization inside the model (paper sec. 4): callers and attacks use gray values 0..255."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _build_head(name: str, enc_channels: list[int], cfg: ModelConfig, **kw: object) -> nn.Module:
+    from ..plugins import get_registry
+
+    return get_registry().get("head", name)(enc_channels=enc_channels, num_classes=cfg.num_classes, **kw)
+
+
+class Segmenter(nn.Module):
+    """The deployable segmentation network (Fig. 3): normalization, encoder, segmentation decoder.
+
+    Shares its parameters with the multi-task model it came from; gray values 0..255 in, logits out.
+    """
+
+    def __init__(self, normalize: nn.Module, encoder: nn.Module, seg_head: nn.Module) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.encoder = encoder
+        self.seg_head = seg_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_size(self.seg_head, x)
+        return self.seg_head(self.encoder(self.normalize(x)), tuple(x.shape[-2:]))
+
+
+def _check_size(head: nn.Module, x: torch.Tensor) -> None:
+    if isinstance(head, SmpDecoderHead) and (x.shape[-1] % 32 or x.shape[-2] % 32):
+        raise MtkitError(
+            f"the smp segmentation head needs height and width divisible by 32, got {tuple(x.shape[-2:])}; "
+            "resize (e.g. 192x640) or use the monodepth2 head, which takes any size"
+        )
+
+
+class MultiTaskNet(nn.Module):
+    """Shared encoder with a segmentation head and, for multi-task models, a depth head and a pose network.
+
+    ``forward(seg_images, depth_images)`` runs ONE encoder pass over both batches (paper sec. 5.1: the depth
+    images shape the encoder's batch-norm statistics), inserts the eq. 5 gradient scaling on every
+    encoder→decoder connection (λ for segmentation, 1-λ for depth) and decodes each batch with its own head.
+    """
+
+    def __init__(self, cfg: ModelConfig, tasks: tuple[str, ...] = ("segmentation",), lam: float = 1.0,
+                 num_scales: int = 4) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tasks = tuple(tasks)
+        self.lam = float(lam)
+        self.normalize = Normalize(cfg.mean, cfg.std)
+        self.encoder = build_backbone(cfg.backbone, cfg.pretrained)
+        channels = list(self.encoder.channels)
+        self.seg_head = _build_head(cfg.head, channels, cfg)
+        self.depth_head: nn.Module | None = None
+        self.pose_net: PoseNet | None = None
+        if "depth" in self.tasks:
+            self.depth_head = _build_head(cfg.depth_head, channels, cfg, num_scales=num_scales)
+            self.pose_net = PoseNet(cfg.pose_backbone, cfg.pose_pretrained, cfg.mean, cfg.std)
+
+    @property
+    def has_depth(self) -> bool:
+        return self.depth_head is not None
+
+    def forward(self, seg_images: torch.Tensor, depth_images: torch.Tensor | None = None
+                ) -> dict[str, object]:
+        _check_size(self.seg_head, seg_images)
+        n_seg = seg_images.shape[0]
+        if depth_images is not None and not self.has_depth:
+            raise MtkitError("this model has no depth task; build it with tasks [segmentation, depth]")
+        x = seg_images if depth_images is None else torch.cat([seg_images, depth_images], 0)
+        feats = self.encoder(self.normalize(x))
+        size = tuple(seg_images.shape[-2:])
+        seg_feats = [f[:n_seg] for f in feats]
+        out: dict[str, object] = {}
+        if depth_images is None:
+            out["seg_logits"] = self.seg_head(seg_feats, size)
+            return out
+        out["seg_logits"] = self.seg_head(scale_features(seg_feats, self.lam), size)
+        depth_feats = scale_features([f[n_seg:] for f in feats], 1.0 - self.lam)
+        sigmas = self.depth_head(depth_feats, tuple(depth_images.shape[-2:]))  # type: ignore[misc]
+        out["disp"] = {s: disp_to_depth(v, self.cfg.min_depth, self.cfg.max_depth)[0] for s, v in sigmas.items()}
+        out["sigma"] = sigmas
+        return out
+
+    def predict_depth(self, images: torch.Tensor) -> torch.Tensor:
+        """Depth (B, 1, H, W) in [min_depth, max_depth] for images in gray values (scale 0)."""
+        if self.depth_head is None:
+            raise MtkitError("this model has no depth head")
+        feats = self.encoder(self.normalize(images))
+        sigma = self.depth_head(feats, tuple(images.shape[-2:]))[0]
+        return disp_to_depth(sigma, self.cfg.min_depth, self.cfg.max_depth)[1]
+
+    def predict_poses(self, frames: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """T_{t→t'} for frames [x_{t-1}, x_t, x_{t+1}] (gray values): {-1: ..., +1: ...}."""
+        if self.pose_net is None:
+            raise MtkitError("this model has no pose network")
+        prev, cur, nxt = frames
+        return {-1: self.pose_net(cur, prev, other_is_past=True), 1: self.pose_net(cur, nxt, other_is_past=False)}
+
+    def segmenter(self) -> Segmenter:
+        """The segmentation-only network (depth head and pose net dropped), sharing these parameters."""
+        return Segmenter(self.normalize, self.encoder, self.seg_head)
+
+
+def build_model(cfg: ModelConfig, tasks: list[str] | tuple[str, ...] = ("segmentation",), lam: float = 1.0,
+                num_scales: int = 4) -> MultiTaskNet:
+    """The network for one model spec of a recipe."""
+    unknown = [t for t in tasks if t not in ("segmentation", "depth")]
+    if unknown:
+        from ..plugins import get_registry
+
+        for t in unknown:
+            get_registry().entry("task", t)  # clear error when the task is not registered
+    return MultiTaskNet(cfg, tuple(tasks), lam, num_scales)

@@ -1,0 +1,87 @@
+"""Pose network (monodepth2's separate pose net): a ResNet encoder on two frames stacked along channels and a
+decoder predicting axis-angle rotation and translation, turned into 4x4 transforms T_{t→t'}."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbones import build_backbone
+
+
+def rot_from_axisangle(vec: torch.Tensor) -> torch.Tensor:
+    """Axis-angle (B, 3) → rotation matrices (B, 4, 4) (Rodrigues' formula)."""
+    angle = vec.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+    axis = vec / angle
+    ca, sa = torch.cos(angle), torch.sin(angle)
+    c1 = 1 - ca
+    x, y, z = axis[..., 0:1], axis[..., 1:2], axis[..., 2:3]
+    rot = torch.zeros(vec.shape[0], 4, 4, dtype=vec.dtype, device=vec.device)
+    rot[:, 0, 0] = (ca + x * x * c1)[:, 0]
+    rot[:, 0, 1] = (x * y * c1 - z * sa)[:, 0]
+    rot[:, 0, 2] = (x * z * c1 + y * sa)[:, 0]
+    rot[:, 1, 0] = (y * x * c1 + z * sa)[:, 0]
+    rot[:, 1, 1] = (ca + y * y * c1)[:, 0]
+    rot[:, 1, 2] = (y * z * c1 - x * sa)[:, 0]
+    rot[:, 2, 0] = (z * x * c1 - y * sa)[:, 0]
+    rot[:, 2, 1] = (z * y * c1 + x * sa)[:, 0]
+    rot[:, 2, 2] = (ca + z * z * c1)[:, 0]
+    rot[:, 3, 3] = 1
+    return rot
+
+
+def translation_matrix(t: torch.Tensor) -> torch.Tensor:
+    """Translation vectors (B, 3) → (B, 4, 4)."""
+    m = torch.eye(4, dtype=t.dtype, device=t.device).repeat(t.shape[0], 1, 1)
+    m[:, :3, 3] = t
+    return m
+
+
+def transformation_from_parameters(axisangle: torch.Tensor, translation: torch.Tensor,
+                                   invert: bool = False) -> torch.Tensor:
+    """4x4 transform from axis-angle and translation; ``invert`` gives the inverse motion (monodepth2)."""
+    r = rot_from_axisangle(axisangle)
+    t = translation
+    if invert:
+        r = r.transpose(1, 2)
+        t = -t
+    tm = translation_matrix(t)
+    return r @ tm if invert else tm @ r
+
+
+class PoseDecoder(nn.Module):
+    """monodepth2's PoseDecoder for one frame pair: 6 numbers (axis-angle, translation), scaled by 0.01."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, 256, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 6, 1),
+        )
+
+    def forward(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = 0.01 * self.net(feature).mean((2, 3))
+        return out[:, :3], out[:, 3:]
+
+
+class PoseNet(nn.Module):
+    """Separate pose network: encoder on 6 channels (two frames), pose decoder; inputs in gray values 0..255."""
+
+    def __init__(self, backbone: str = "resnet18", pretrained: bool | str = False,
+                 mean: tuple[float, ...] = (123.675, 116.28, 103.53),
+                 std: tuple[float, ...] = (58.395, 57.12, 57.375)) -> None:
+        super().__init__()
+        self.encoder = build_backbone(backbone, pretrained=pretrained, in_chans=6)
+        self.decoder = PoseDecoder(self.encoder.channels[-1])
+        self.register_buffer("mean", torch.tensor(mean * 2).view(1, 6, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std * 2).view(1, 6, 1, 1), persistent=False)
+
+    def forward(self, frame_t: torch.Tensor, frame_other: torch.Tensor, other_is_past: bool) -> torch.Tensor:
+        """T_{t→t'} (B, 4, 4): maps points in camera t to camera t'. Frames are fed in temporal order and the
+        motion inverted for a past frame, as in monodepth2."""
+        pair = torch.cat([frame_other, frame_t] if other_is_past else [frame_t, frame_other], 1)
+        feature = self.encoder((pair - self.mean) / self.std)[-1]
+        axisangle, translation = self.decoder(feature)
+        return transformation_from_parameters(axisangle, translation, invert=other_is_past)
