@@ -62,6 +62,7 @@ class DataConfig(Strict):
 class ModelConfig(Strict):
     backbone: str = "resnet18"
     pretrained: bool | str = False
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model args")
     head: str = "monodepth2"
     depth_head: str = "monodepth2_depth"
     num_classes: int = Field(19, gt=1)

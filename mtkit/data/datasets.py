@@ -232,7 +232,7 @@ def cityscapes(cfg: DatasetConfig, train: bool = False, augment: AugmentConfig |
     _allowed(cfg.options, {"downscale", "skip_bad_images"}, cfg.name)
     root_s = expand_root(cfg.root, "CITYSCAPES_ROOT")
     if not root_s:
-        raise DatasetError("Cityscapes root not set: give data.<...>.root in the recipe or set CITYSCAPES_ROOT. "
+        raise DatasetError("Cityscapes root not set: give the dataset's root key in the recipe or set CITYSCAPES_ROOT. "
                            f"Expected layout:\n{CITYSCAPES_LAYOUT}")
     root = Path(root_s)
     img_dir = require_dir(root / "leftImg8bit" / cfg.split, "Cityscapes", CITYSCAPES_LAYOUT)

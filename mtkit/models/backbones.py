@@ -16,7 +16,7 @@ from ..registry import register
 class TimmEncoder(nn.Module):
     """A timm feature extractor returning one feature map per stage (strides 2, 4, 8, 16, 32 for ResNets)."""
 
-    def __init__(self, name: str, pretrained: bool | str = False, in_chans: int = 3) -> None:
+    def __init__(self, name: str, pretrained: bool | str = False, in_chans: int = 3, **kwargs: object) -> None:
         super().__init__()
         if not timm.is_model(name):
             close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
@@ -24,11 +24,10 @@ class TimmEncoder(nn.Module):
             raise MtkitError(f"unknown backbone '{name}': not a timm model{hint} (see timm.list_models())")
         use_timm_weights = pretrained is True
         try:
-            self.body = timm.create_model(name, features_only=True, pretrained=use_timm_weights, in_chans=in_chans)
-        except RuntimeError as exc:
-            if "features_only" in str(exc) or "feature" in str(exc).lower():
-                raise MtkitError(f"backbone '{name}' does not support features_only: {exc}") from None
-            raise
+            self.body = timm.create_model(name, features_only=True, pretrained=use_timm_weights, in_chans=in_chans,
+                                          **kwargs)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise MtkitError(f"cannot build backbone '{name}' (features_only, kwargs {kwargs}): {exc}") from None
         self.name = name
         self.channels: list[int] = list(self.body.feature_info.channels())
         self.reductions: list[int] = list(self.body.feature_info.reduction())
@@ -95,31 +94,34 @@ def load_local_weights(body: nn.Module, path: Path, in_chans: int = 3) -> None:
 
 
 @register("backbone", "timm")
-def timm_backbone(name: str = "resnet18", pretrained: bool | str = False, in_chans: int = 3) -> TimmEncoder:
+def timm_backbone(name: str = "resnet18", pretrained: bool | str = False, in_chans: int = 3,
+    **kwargs: object) -> TimmEncoder:
     """Any timm model with features_only (the fallback for backbone names that are not registered)."""
-    return TimmEncoder(name, pretrained, in_chans)
+    return TimmEncoder(name, pretrained, in_chans, **kwargs)
 
 
 @register("backbone", "resnet18")
-def resnet18(name: str = "resnet18", pretrained: bool | str = False, in_chans: int = 3) -> TimmEncoder:
+def resnet18(name: str = "resnet18", pretrained: bool | str = False, in_chans: int = 3,
+    **kwargs: object) -> TimmEncoder:
     """ResNet18 from timm (the paper's encoder)."""
-    return TimmEncoder("resnet18", pretrained, in_chans)
+    return TimmEncoder("resnet18", pretrained, in_chans, **kwargs)
 
 
 @register("backbone", "resnet50")
-def resnet50(name: str = "resnet50", pretrained: bool | str = False, in_chans: int = 3) -> TimmEncoder:
+def resnet50(name: str = "resnet50", pretrained: bool | str = False, in_chans: int = 3,
+    **kwargs: object) -> TimmEncoder:
     """ResNet50 from timm."""
-    return TimmEncoder("resnet50", pretrained, in_chans)
+    return TimmEncoder("resnet50", pretrained, in_chans, **kwargs)
 
 
-def build_backbone(name: str, pretrained: bool | str = False, in_chans: int = 3) -> nn.Module:
+def build_backbone(name: str, pretrained: bool | str = False, in_chans: int = 3, **kwargs: object) -> nn.Module:
     """A registered backbone by name, else any timm model name (features_only)."""
     from ..plugins import get_registry
 
     registry = get_registry()
     if ("backbone", name) in registry:
-        return registry.get("backbone", name)(name=name, pretrained=pretrained, in_chans=in_chans)
+        return registry.get("backbone", name)(name=name, pretrained=pretrained, in_chans=in_chans, **kwargs)
     if timm.is_model(name):
-        return TimmEncoder(name, pretrained, in_chans)
+        return TimmEncoder(name, pretrained, in_chans, **kwargs)
     registry.get("backbone", name)  # raises with suggestions from the registry
     raise AssertionError  # pragma: no cover

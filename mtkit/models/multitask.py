@@ -71,25 +71,32 @@ class MultiTaskNet(nn.Module):
         self.tasks = tuple(tasks)
         self.lam = float(lam)
         self.normalize = Normalize(cfg.mean, cfg.std)
-        self.encoder = build_backbone(cfg.backbone, cfg.pretrained)
+        self.encoder = build_backbone(cfg.backbone, cfg.pretrained, **cfg.backbone_kwargs)
         channels = list(self.encoder.channels)
         self.seg_head = _build_head(cfg.head, channels, cfg)
         self.depth_head: nn.Module | None = None
         self.pose_net: PoseNet | None = None
         if "depth" in self.tasks:
             self.depth_head = _build_head(cfg.depth_head, channels, cfg, num_scales=num_scales)
-            self.pose_net = PoseNet(cfg.pose_backbone, cfg.pose_pretrained, cfg.mean, cfg.std)
+            self.pose_net = PoseNet(cfg.pose_backbone, cfg.pose_pretrained, cfg.mean, cfg.std,
+                                    **cfg.backbone_kwargs)
 
     @property
     def has_depth(self) -> bool:
         return self.depth_head is not None
 
-    def forward(self, seg_images: torch.Tensor, depth_images: torch.Tensor | None = None
+    def forward(self, seg_images: torch.Tensor, depth_frames: torch.Tensor | None = None
                 ) -> dict[str, object]:
+        """seg_images (B_s, 3, H, W); depth_frames (B_d, 3, 3, H, W) = [x_{t-1}, x_t, x_{t+1}], gray values.
+
+        Returns ``seg_logits``; with depth frames also ``disp`` and ``sigma`` (scale → (B_d, 1, h_s, w_s)) for
+        x_t and ``poses`` {-1: T_{t→t-1}, 1: T_{t→t+1}}.
+        """
         _check_size(self.seg_head, seg_images)
         n_seg = seg_images.shape[0]
-        if depth_images is not None and not self.has_depth:
+        if depth_frames is not None and not self.has_depth:
             raise MtkitError("this model has no depth task; build it with tasks [segmentation, depth]")
+        depth_images = None if depth_frames is None else depth_frames[:, 1]
         x = seg_images if depth_images is None else torch.cat([seg_images, depth_images], 0)
         feats = self.encoder(self.normalize(x))
         size = tuple(seg_images.shape[-2:])
@@ -103,6 +110,7 @@ class MultiTaskNet(nn.Module):
         sigmas = self.depth_head(depth_feats, tuple(depth_images.shape[-2:]))  # type: ignore[misc]
         out["disp"] = {s: disp_to_depth(v, self.cfg.min_depth, self.cfg.max_depth)[0] for s, v in sigmas.items()}
         out["sigma"] = sigmas
+        out["poses"] = self.predict_poses([depth_frames[:, 0], depth_frames[:, 1], depth_frames[:, 2]])
         return out
 
     def predict_depth(self, images: torch.Tensor) -> torch.Tensor:

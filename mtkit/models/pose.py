@@ -71,9 +71,9 @@ class PoseNet(nn.Module):
 
     def __init__(self, backbone: str = "resnet18", pretrained: bool | str = False,
                  mean: tuple[float, ...] = (123.675, 116.28, 103.53),
-                 std: tuple[float, ...] = (58.395, 57.12, 57.375)) -> None:
+                 std: tuple[float, ...] = (58.395, 57.12, 57.375), **backbone_kwargs: object) -> None:
         super().__init__()
-        self.encoder = build_backbone(backbone, pretrained=pretrained, in_chans=6)
+        self.encoder = build_backbone(backbone, pretrained=pretrained, in_chans=6, **backbone_kwargs)
         self.decoder = PoseDecoder(self.encoder.channels[-1])
         self.register_buffer("mean", torch.tensor(mean * 2).view(1, 6, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std * 2).view(1, 6, 1, 1), persistent=False)

@@ -1,0 +1,194 @@
+"""The ``mtkit`` command line: a thin layer over ``mtkit.api``.
+
+User mistakes (bad recipe, missing dataset, unknown name) print one line and exit with code 2; ``--debug``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import MtkitError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Context:
+    debug = False
+
+
+def _recipe(path: str, overrides: tuple[str, ...]):
+    from .config import load_recipe
+
+    return load_recipe(path, list(overrides))
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise MtkitError(f"--seeds expects comma-separated integers like 0,1,2, got '{text}'") from None
+
+
+def _floats(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise MtkitError(f"--eps expects comma-separated numbers like 0.25,1,4, got '{text}'") from None
+
+
+override_opt = click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
+                            help="override a recipe key, e.g. -o train.lr=1e-4 (repeatable)")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mtkit")
+@click.option("--debug", is_flag=True, help="show tracebacks for errors")
+def cli(debug: bool) -> None:
+    """mtkit: robust semantic segmentation by multi-task training with self-supervised depth."""
+    Context.debug = debug
+
+
+@cli.command("list")
+@click.argument("kind", required=False)
+def list_cmd(kind: str | None) -> None:
+    """List registered backbones, heads, losses, perturbations, datasets, tasks and metrics."""
+    from .api import list_entries, plugin_failures
+
+    table = Table(title="mtkit registry")
+    for col in ("name", "kind", "origin", "description"):
+        table.add_column(col)
+    for e in list_entries(kind):
+        table.add_row(e["name"], e["kind"], e["origin"], e["doc"])
+    console.print(table)
+    for failure in plugin_failures():
+        err_console.print(f"[yellow]warning:[/yellow] {failure}")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path())
+@override_opt
+@click.option("--force", is_flag=True, help="rerun every stage, ignoring cached results")
+@click.option("--seeds", help="comma-separated seeds to repeat the run with, e.g. 0,1,2")
+@click.option("--out", "out_dir", type=click.Path(), help="run folder (default <output_dir>/<name>)")
+@click.option("--no-progress", is_flag=True, help="no progress bars")
+def run(recipe: str, overrides: tuple[str, ...], force: bool, seeds: str | None, out_dir: str | None,
+        no_progress: bool) -> None:
+    """Run the whole protocol of RECIPE: train, evaluate, sweep perturbations, report."""
+    from . import api
+    from .report import rich_tables
+
+    r = _recipe(recipe, overrides)
+    res = api.run(r, force=force, seeds=_seeds(seeds), progress=not no_progress, run_dir=out_dir,
+                  log=lambda m: console.print(m, markup=False))
+    for t in rich_tables(res.results):
+        console.print(t)
+    console.print(f"stages run: {len(res.stages_run)}, cached: {len(res.stages_cached)}, "
+                  f"{res.results['seconds']:.0f} s")
+    console.print(f"report: {res.paths['report']}")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path())
+@override_opt
+@click.option("--model", "model_name", help="which model of the recipe (default: all, one after the other)")
+@click.option("--seed", type=int, help="seed (default: the recipe's)")
+@click.option("--out", "out_dir", type=click.Path(), help="folder for checkpoints (default <output_dir>/<name>/train)")
+@click.option("--resume", is_flag=True, help="continue from the folder's last.pt")
+@click.option("--no-progress", is_flag=True)
+def train(recipe: str, overrides: tuple[str, ...], model_name: str | None, seed: int | None, out_dir: str | None,
+          resume: bool, no_progress: bool) -> None:
+    """Train the models of RECIPE (torchrun --nproc_per_node N -m mtkit train ... for DDP)."""
+    from . import api
+
+    r = _recipe(recipe, overrides)
+    specs = [m.name for m in r.models] if model_name is None else [model_name]
+    base = Path(out_dir) if out_dir else Path(r.output_dir) / r.name / "train"
+    for name in specs:
+        folder = base / name if (model_name is None or out_dir is None) else base
+        res = api.train(r, name, folder, seed=seed, resume=resume, progress=not no_progress)
+        console.print(f"{name}: {res.steps} steps, val mIoU {100 * res.val_miou:.1f} % "
+                      f"(best {100 * res.best_val_miou:.1f} %), checkpoints in {res.run_dir}")
+
+
+@cli.command("eval")
+@click.argument("recipe", type=click.Path())
+@override_opt
+@click.option("--checkpoint", "checkpoints", multiple=True, required=True, type=click.Path(),
+              help="a trained checkpoint (repeatable)")
+@click.option("--perturbation", "perturbations", multiple=True, help="perturbation name (repeatable)")
+@click.option("--eps", help="comma-separated ε values in gray values")
+@click.option("--dataset", "datasets", multiple=True, help="key of data.eval (repeatable)")
+@click.option("--out", "out_dir", type=click.Path(), default="runs/eval", show_default=True)
+@click.option("--no-progress", is_flag=True)
+def eval_cmd(recipe: str, overrides: tuple[str, ...], checkpoints: tuple[str, ...], perturbations: tuple[str, ...],
+             eps: str | None, datasets: tuple[str, ...], out_dir: str, no_progress: bool) -> None:
+    """Evaluate checkpoints' robustness on RECIPE's evaluation sets; writes JSON, CSV, tables, plots."""
+    from . import api
+    from .report import rich_tables, write_report
+
+    r = _recipe(recipe, overrides)
+    res = api.evaluate(r, list(checkpoints), list(perturbations) or None, _floats(eps), list(datasets) or None,
+                       progress=not no_progress)
+    res["recipe_name"], res["recipe_source"] = r.name, r.source
+    paths = write_report(res, Path(out_dir))
+    for t in rich_tables(res):
+        console.print(t)
+    console.print(f"results: {paths['json']}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.argument("output", type=click.Path())
+@click.option("--height", type=int, default=192, show_default=True)
+@click.option("--width", type=int, default=640, show_default=True)
+def export(checkpoint: str, output: str, height: int, width: int) -> None:
+    """Export the segmentation network of CHECKPOINT to ONNX (checked with onnxruntime)."""
+    from . import api
+
+    path = api.export_onnx(checkpoint, output, height, width)
+    console.print(f"wrote {path} (onnxruntime matches PyTorch)")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path())
+@override_opt
+def show(recipe: str, overrides: tuple[str, ...]) -> None:
+    """Print RECIPE resolved (extends and overrides applied) and validated, as JSON."""
+    console.print_json(json.dumps(_recipe(recipe, overrides).to_dict()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except MtkitError as exc:
+        if Context.debug:
+            raise
+        msg = str(exc)
+        err_console.print(f"error: {msg}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Results as JSON, CSV, rich tables shaped like the paper's Tables 2-4, PNG plots like Figures 5-6, and a
+markdown report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def _fmt(mean: float, sd: float, n: int) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.1f}" if n <= 1 else f"{mean:.1f} ± {sd:.1f}"
+
+
+def aggregate(results: dict[str, Any]) -> dict[str, Any]:
+    """Mean and spread over seeds: clean mIoU per (model, dataset), Q per (model, dataset, perturbation, ε)."""
+    clean = defaultdict(list)
+    for r in results["clean"]:
+        clean[(r["model"], r["dataset"])].append(100 * r["miou"])
+    q = defaultdict(list)
+    eps_meas = defaultdict(list)
+    for r in results["robustness"]:
+        key = (r["model"], r["dataset"], r["perturbation"], r["epsilon"])
+        q[key].append(100 * r["q"])
+        eps_meas[key].append(r["epsilon_measured"])
+    return {"clean": {k: (*_mean_sd(v), len(v)) for k, v in clean.items()},
+            "q": {k: (*_mean_sd(v), len(v)) for k, v in q.items()},
+            "eps_measured": {k: statistics.fmean(v) for k, v in eps_meas.items()}}
+
+
+def _axes(results: dict[str, Any]) -> tuple[list[str], list[str], list[str], list[float]]:
+    models = list(results["models"])
+    datasets = sorted({r["dataset"] for r in results["clean"]})
+    perts = list(dict.fromkeys(r["perturbation"] for r in results["robustness"]))
+    eps = sorted({r["epsilon"] for r in results["robustness"]})
+    return models, datasets, perts, eps
+
+
+def _label(results: dict[str, Any], model: str) -> str:
+    m = results["models"][model]
+    return f"{model} (λ={m['lambda']:g})" if "depth" in m["tasks"] else f"{model} (single-task)"
+
+
+def rich_tables(results: dict[str, Any]) -> list[Table]:
+    agg = aggregate(results)
+    models, datasets, perts, eps = _axes(results)
+    tables = []
+    t = Table(title="Table 2: mIoU [%]")
+    t.add_column("model")
+    for d in datasets:
+        t.add_column(f"mIoU {d}", justify="right")
+    for m in models:
+        t.add_row(_label(results, m), *[_fmt(*agg["clean"].get((m, d), (math.nan, 0, 0))) for d in datasets])
+    tables.append(t)
+    for p in perts:
+        for d in datasets:
+            t = Table(title=f"Q [%] under {p} on {d} (Tables 3-4)")
+            t.add_column("ε")
+            for e in eps:
+                t.add_column(f"{e:g}", justify="right")
+            for m in models:
+                t.add_row(f"Q ({_label(results, m)})",
+                          *[_fmt(*agg["q"].get((m, d, p, e), (math.nan, 0, 0))) for e in eps])
+            meas = [agg["eps_measured"].get((models[0], d, p, e), math.nan) for e in eps]
+            t.add_row("[dim]measured ε[/dim]", *[f"[dim]{v:.3g}[/dim]" for v in meas])
+            tables.append(t)
+    return tables
+
+
+def markdown_tables(results: dict[str, Any]) -> str:
+    agg = aggregate(results)
+    models, datasets, perts, eps = _axes(results)
+    out = ["### Table 2-style: segmentation mIoU [%]", "",
+           "| model | " + " | ".join(f"mIoU {d}" for d in datasets) + " |",
+           "|---|" + "---:|" * len(datasets)]
+    for m in models:
+        out.append(f"| {_label(results, m)} | " + " | ".join(
+            _fmt(*agg["clean"].get((m, d), (math.nan, 0, 0))) for d in datasets) + " |")
+    for p in perts:
+        for d in datasets:
+            out += ["", f"### Table 3/4-style: Q [%] under **{p}** on {d}", "",
+                    "| ε | " + " | ".join(f"{e:g}" for e in eps) + " |", "|---|" + "---:|" * len(eps)]
+            for m in models:
+                out.append(f"| Q ({_label(results, m)}) | " + " | ".join(
+                    _fmt(*agg["q"].get((m, d, p, e), (math.nan, 0, 0))) for e in eps) + " |")
+            out.append("| measured ε | " + " | ".join(
+                f"{agg['eps_measured'].get((models[0], d, p, e), math.nan):.3g}" for e in eps) + " |")
+    return "\n".join(out)
+
+
+def write_csv(results: dict[str, Any], path: Path) -> None:
+    buf = io.StringIO()
+    fields = ["model", "seed", "dataset", "perturbation", "epsilon", "epsilon_measured", "miou", "miou_clean", "q",
+              "seconds_sweep", "backward_passes_per_batch"]
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for r in results["robustness"]:
+        w.writerow(r)
+    atomic_write_text(path, buf.getvalue())
+
+
+def plot_figure5(results: dict[str, Any], path: Path) -> Path:
+    """One panel per perturbation type: Q [%] over ε (log axis), one curve per model and dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(results)
+    models, datasets, perts, eps = _axes(results)
+    fig, axes = plt.subplots(1, len(perts), figsize=(4.2 * len(perts), 3.8), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    for ax, p in zip(axes[0], perts):
+        for mi, m in enumerate(models):
+            for di, d in enumerate(datasets):
+                ys = [agg["q"].get((m, d, p, e), (math.nan, 0, 0)) for e in eps]
+                ax.errorbar(eps, [y[0] for y in ys], yerr=[y[1] for y in ys], marker="o", ms=3,
+                            linestyle=styles[di % len(styles)], color=f"C{mi}", capsize=2,
+                            label=f"{_label(results, m)} {d}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(eps, [f"{e:g}" for e in eps])
+        ax.set_ylim(0, 105)
+        ax.set_xlabel("ε (gray values, RMS)")
+        ax.set_ylabel("Q [%]")
+        ax.set_title(p)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("Robustness: mIoU ratio Q over perturbation strength (Figure 5)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_figure6(results: dict[str, Any], path: Path, perturbation: str = "fgsm") -> Path | None:
+    """FGSM (or another perturbation) for several λ: one panel per dataset, one curve per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(results)
+    models, datasets, perts, eps = _axes(results)
+    if perturbation not in perts:
+        return None
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.8), squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        for mi, m in enumerate(models):
+            ys = [agg["q"].get((m, d, perturbation, e), (math.nan, 0, 0))[0] for e in eps]
+            ax.plot(eps, ys, marker="o", ms=3, color=f"C{mi}", label=_label(results, m))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(eps, [f"{e:g}" for e in eps])
+        ax.set_ylim(0, 105)
+        ax.set_xlabel("ε (gray values, RMS)")
+        ax.set_ylabel("Q [%]")
+        ax.set_title(f"{perturbation.upper()} on {d}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle("Q for several gradient scales λ (Figure 6)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def verdict(results: dict[str, Any]) -> list[str]:
+    """Plain sentences: was the multi-task model more robust than the single-task one, with numbers."""
+    agg = aggregate(results)
+    models, datasets, perts, eps = _axes(results)
+    singles = [m for m in models if "depth" not in results["models"][m]["tasks"]]
+    multis = [m for m in models if "depth" in results["models"][m]["tasks"]]
+    if not singles or not multis:
+        return ["The run has no single-task/multi-task pair to compare."]
+    s = singles[0]
+    lines = []
+    for m in multis:
+        wins, total = 0, 0
+        for d in datasets:
+            parts = []
+            for p in perts:
+                diffs = []
+                for e in eps:
+                    qs, qm = agg["q"].get((s, d, p, e)), agg["q"].get((m, d, p, e))
+                    if qs and qm and not math.isnan(qs[0]) and not math.isnan(qm[0]):
+                        diffs.append(qm[0] - qs[0])
+                if diffs:
+                    mean = statistics.fmean(diffs)
+                    wins += mean > 0
+                    total += 1
+                    parts.append(f"{p} {mean:+.1f} pt")
+            clean_s = agg["clean"].get((s, d), (math.nan,))[0]
+            clean_m = agg["clean"].get((m, d), (math.nan,))[0]
+            lines.append(f"- **{d}**: mIoU {_label(results, m)} {clean_m:.1f} % vs single-task {clean_s:.1f} %; "
+                         f"mean Q difference (multi − single) over ε: " + ", ".join(parts) + ".")
+        if total:
+            word = "more robust" if wins > total / 2 else ("as robust" if wins == total / 2 else "less robust")
+            lines.insert(len(lines) - len(datasets),
+                         f"**{_label(results, m)} was {word} than the single-task model on this run**: higher mean "
+                         f"Q in {wins} of {total} (perturbation, dataset) pairs.")
+    return lines
+
+
+def write_report(results: dict[str, Any], run_dir: Path) -> dict[str, Path]:
+    """report.md, results.json, results.csv and the plots in ``run_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": run_dir / "results.json", "csv": run_dir / "results.csv", "report": run_dir / "report.md"}
+    atomic_write_text(paths["json"], json.dumps(results, indent=2, sort_keys=False))
+    write_csv(results, paths["csv"])
+    fig5 = plot_figure5(results, run_dir / "figure5_robustness.png") if results["robustness"] else None
+    fig6 = plot_figure6(results, run_dir / "figure6_fgsm_lambda.png") if results["robustness"] else None
+    seeds = results.get("seeds", [])
+    md = [f"# mtkit report: {results.get('recipe_name', '')}", "",
+          f"Recipe `{results.get('recipe_source', '')}`, seeds {seeds}"
+          + (" (mean ± standard deviation over seeds)" if len(seeds) > 1 else "")
+          + f", device {results.get('environment', {}).get('device', '?')}.", "",
+          "## Verdict", "", *verdict(results), "", "## Results", "", markdown_tables(results), ""]
+    if fig5:
+        paths["figure5"] = fig5
+        md += ["## Figure 5: Q over ε per perturbation", "", f"![Figure 5]({fig5.name})", ""]
+    if fig6:
+        paths["figure6"] = fig6
+        md += ["## Figure 6: FGSM for several λ", "", f"![Figure 6]({fig6.name})", ""]
+    md += ["## Notes", "",
+           "- ε is the RMS of the perturbation in gray values (eq. 7); 'measured ε' is the RMS after clipping "
+           "the perturbed image to [0, 255], over the whole evaluation set.",
+           "- mIoU sums TP, FP and FN over all images before dividing (eq. 9); Q = mIoU_adv / mIoU_clean "
+           "(eq. 10).", ""]
+    atomic_write_text(paths["report"], "\n".join(md))
+    return paths

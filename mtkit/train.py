@@ -1,0 +1,393 @@
+"""Training engine: single-task (segmentation) and multi-task (segmentation + self-supervised depth) models.
+
+Epochs: one epoch is one pass over the segmentation training set (``len(seg_set) // global seg batch`` steps,
+or ``train.steps_per_epoch``); the depth set is drawn alongside from its own shuffled stream, reshuffled
+whenever it runs out, so the two datasets may differ in size. Shuffling is seeded by (seed, epoch), so an epoch's
+batches are known in advance; a resumed run skips the steps already done and continues bit for bit on the CPU.
+DDP: start with ``torchrun --nproc_per_node N -m mtkit train RECIPE``; DistributedSampler shards each global
+batch over the ranks, rank 0 writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from . import checkpoint as ckpt
+from .config import ModelSpec, Recipe
+from .data.datasets import build_dataset, class_weights
+from .errors import MtkitError, TrainingDiverged
+from .losses import weighted_cross_entropy
+from .models import MultiTaskNet, build_model
+from .runtime import Dist, init_distributed, resolve_device, seed_everything
+
+
+@dataclass
+class TrainResult:
+    model_name: str
+    run_dir: Path
+    best: Path
+    last: Path
+    epochs: int
+    steps: int
+    val_miou: float
+    best_val_miou: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _batches(n: int, batch: int, steps: int, seed: int, epoch: int, d: Dist) -> list[list[int]]:
+    """This rank's index batches for one epoch: a DistributedSampler permutation (seeded by seed and epoch),
+    cycled with fresh permutations when ``steps`` global batches need more samples than one pass gives."""
+    local = batch // d.world
+    out: list[int] = []
+    rnd = 0
+    while len(out) < steps * local:
+        sampler = DistributedSampler(range(n), num_replicas=d.world, rank=d.rank, shuffle=True,
+                                     seed=seed, drop_last=True)
+        sampler.set_epoch(epoch * 1000 + rnd)
+        out.extend(iter(sampler))
+        rnd += 1
+    return [out[i * local:(i + 1) * local] for i in range(steps)]
+
+
+def _collate_loader(dataset, batches: list[list[int]], workers: int) -> Iterator[dict[str, torch.Tensor]]:
+    return iter(DataLoader(dataset, batch_sampler=batches, num_workers=workers))
+
+
+def build_class_weights(recipe: Recipe, seg_train) -> torch.Tensor | None:
+    cw = recipe.loss.class_weights
+    if cw == "none":
+        return None
+    if isinstance(cw, list):
+        if len(cw) != recipe.model.num_classes:
+            raise MtkitError(f"loss.class_weights has {len(cw)} values, model.num_classes is "
+                             f"{recipe.model.num_classes}")
+        return torch.tensor(cw, dtype=torch.float32)
+    ds_cfg = recipe.data.segmentation
+    key = f"{ds_cfg.name}-{ds_cfg.split}-{ds_cfg.root}-{ds_cfg.height}x{ds_cfg.width}-{ds_cfg.limit}-" \
+          f"{json.dumps(ds_cfg.options, sort_keys=True)}-{recipe.model.num_classes}"
+    return class_weights(seg_train, recipe.model.num_classes, key)
+
+
+@torch.no_grad()
+def confusion_on(segmenter: torch.nn.Module, dataset, num_classes: int, batch_size: int,
+                 device: torch.device) -> torch.Tensor:
+    from .metrics import confusion_matrix
+
+    segmenter.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        pred = segmenter(batch["image"].to(device)).argmax(1).cpu()
+        conf += confusion_matrix(pred, batch["label"], num_classes)
+    return conf
+
+
+class Trainer:
+    """Trains one model spec of a recipe into ``run_dir`` (best.pt, last.pt, metrics.jsonl)."""
+
+    def __init__(self, recipe: Recipe, spec: ModelSpec, run_dir: str | Path, seed: int | None = None,
+                 progress: bool = True) -> None:
+        self.recipe = recipe
+        self.spec = spec
+        self.run_dir = Path(run_dir)
+        self.seed = recipe.seed if seed is None else seed
+        self.show_progress = progress
+        self.device = resolve_device(recipe.device)
+        self.dist = init_distributed(self.device)
+        self.multitask = "depth" in spec.tasks
+        t = recipe.train
+        self.seg_batch = t.seg_batch_size if self.multitask else t.batch_size
+        self.depth_batch = t.depth_batch_size if self.multitask else 0
+        for name, b in (("segmentation", self.seg_batch), ("depth", self.depth_batch)):
+            if b % self.dist.world:
+                raise MtkitError(f"the {name} batch ({b}) must divide evenly over {self.dist.world} processes")
+        cuda = self.device.type == "cuda"
+        self.amp = t.amp == "bf16" or (t.amp == "auto" and cuda)
+        self.channels_last = t.channels_last == "on" or (t.channels_last == "auto" and cuda)
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        r = self.recipe
+        seed_everything(self.seed)
+        self.seg_train = build_dataset(r.data.segmentation, train=True, augment=r.data.augment)
+        self.seg_val = build_dataset(r.data.segmentation_val, train=False)
+        self.depth_train = build_dataset(r.data.depth, train=True, augment=r.data.augment) if self.multitask \
+            else None
+        if len(self.seg_train) < self.seg_batch:
+            raise MtkitError(f"the segmentation training set has {len(self.seg_train)} samples, fewer than one "
+                             f"batch of {self.seg_batch}")
+        if self.depth_train is not None and len(self.depth_train) < self.depth_batch:
+            raise MtkitError(f"the depth training set has {len(self.depth_train)} samples, fewer than one "
+                             f"batch of {self.depth_batch}")
+        self.steps_per_epoch = r.train.steps_per_epoch or max(1, len(self.seg_train) // self.seg_batch)
+        self.weights = build_class_weights(r, self.seg_train)
+        torch.manual_seed(self.seed)  # identical initial weights on every rank and for every data set-up
+        self.model: MultiTaskNet = build_model(r.model, self.spec.tasks, self.spec.lam, r.loss.num_scales)
+        self.model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        from .plugins import get_registry
+
+        self.depth_loss = None
+        if self.multitask:
+            self.depth_loss = get_registry().get("loss", r.loss.depth)(
+                alpha=r.loss.ssim_alpha, smoothness_weight=r.loss.smoothness, num_scales=r.loss.num_scales,
+                automask=r.loss.automask, min_depth=r.model.min_depth, max_depth=r.model.max_depth)
+        self.cw = None if self.weights is None else self.weights.to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=r.train.lr)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, r.train.lr_drop_epochs,
+                                                              r.train.lr_drop_factor)
+        self.net: torch.nn.Module = self.model
+        if self.dist.enabled:
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if
+                                               self.device.type == "cuda" else None)
+        if r.train.compile:
+            self.net = torch.compile(self.net)
+        self.epoch = 0
+        self.step = 0
+        self.step_in_epoch = 0
+        self.best = -math.inf
+        self.history: list[dict[str, Any]] = []
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best.pt"
+
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "format": "mtkit-checkpoint-1",
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": ckpt.scheduler_state(self.scheduler),
+            "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
+            "best": self.best if math.isfinite(self.best) else None,
+            "rng": ckpt.rng_state(),
+            "recipe": self.recipe.to_dict(),
+            "spec": self.spec.model_dump(by_alias=True),
+            "seed": self.seed,
+            "class_weights": self.weights,
+            "history": self.history,
+        }
+
+    def save(self, path: Path) -> None:
+        if self.dist.main:
+            ckpt.atomic_torch_save(self._payload(), path)
+
+    def _resume(self) -> bool:
+        if not self.last_path.is_file():
+            return False
+        data = ckpt.load_checkpoint(self.last_path)
+        self.model.load_state_dict(data["model"])
+        self.optimizer.load_state_dict(data["optimizer"])
+        ckpt.load_scheduler_state(self.scheduler, data["scheduler"])
+        self.epoch, self.step, self.step_in_epoch = data["epoch"], data["step"], data["step_in_epoch"]
+        self.best = -math.inf if data["best"] is None else data["best"]
+        self.history = list(data.get("history", []))
+        ckpt.set_rng_state(data["rng"])
+        return True
+
+    # ----------------------------------------------------------------------------------------- one step
+    def _step(self, seg: dict[str, torch.Tensor], dep: dict[str, torch.Tensor] | None) -> dict[str, float]:
+        dev = self.device
+        x = seg["image"].to(dev, non_blocking=True)
+        y = seg["label"].to(dev, non_blocking=True)
+        frames = None if dep is None else dep["frames"].to(dev, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        with autocast:
+            out = self.net(x, frames)
+        terms: dict[str, torch.Tensor] = {"seg": weighted_cross_entropy(out["seg_logits"].float(), y, self.cw)}
+        total = terms["seg"]
+        if dep is not None:
+            raw = dep["frames_raw"].to(dev)
+            disp = {s: v.float() for s, v in out["disp"].items()}
+            poses = {k: v.float() for k, v in out["poses"].items()}
+            d = self.depth_loss(disp, [raw[:, 0], raw[:, 1], raw[:, 2]], dep["K"].to(dev), poses)
+            terms.update(depth=d.total, photometric=d.photometric, smoothness=d.smoothness)
+            # eq. 5: each decoder sees its own unscaled loss, the encoder (1-λ)·g_depth + λ·g_seg
+            total = total + d.total
+        for name, value in terms.items():
+            if not torch.isfinite(value):
+                raise TrainingDiverged(
+                    f"loss term '{name}' is {float(value)} at step {self.step + 1} (epoch {self.epoch + 1}); "
+                    f"training stopped, the last good checkpoint is kept at {self.last_path}"
+                    + ("" if self.last_path.is_file() else " (none written yet)"))
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.recipe.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip)
+        self.optimizer.step()
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    def validate(self) -> float:
+        from .metrics import miou
+
+        conf = confusion_on(self.model.segmenter(), self.seg_val, self.recipe.model.num_classes,
+                            self.recipe.robustness.batch_size, self.device)
+        self.model.train()
+        return miou(conf)
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False) -> TrainResult:
+        self._setup()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = resume and self._resume()
+        if not resumed and self.last_path.exists() and self.dist.main:
+            # a fresh run must not mix with an old one's files
+            for p in (self.last_path, self.best_path, self.run_dir / "metrics.jsonl"):
+                p.unlink(missing_ok=True)
+        t = self.recipe.train
+        log = MetricsLog(self.run_dir / "metrics.jsonl", self.dist.main, t.tensorboard)
+        from .plugins import get_plugins
+
+        hooks = get_plugins().hook
+        total_steps = t.epochs * self.steps_per_epoch
+        progress = Progress(self.show_progress and self.dist.main, total_steps, self.step,
+                            f"{self.spec.name}")
+        images_per_step = self.seg_batch + self.depth_batch
+        self.model.train()
+        with progress:
+            while self.epoch < t.epochs:
+                seg_b = _batches(len(self.seg_train), self.seg_batch, self.steps_per_epoch, self.seed, self.epoch,
+                                 self.dist)
+                dep_b = _batches(len(self.depth_train), self.depth_batch, self.steps_per_epoch, self.seed + 7919,
+                                 self.epoch, self.dist) if self.depth_train is not None else None
+                skip = self.step_in_epoch
+                seg_it = _collate_loader(self.seg_train, seg_b[skip:], self.recipe.data.num_workers)
+                dep_it = _collate_loader(self.depth_train, dep_b[skip:], self.recipe.data.num_workers) \
+                    if dep_b is not None else None
+                sums: dict[str, float] = {}
+                tick = time.perf_counter()
+                for seg in seg_it:
+                    dep = next(dep_it) if dep_it is not None else None
+                    terms = self._step(seg, dep)
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    rate = images_per_step * self.dist.world / max(time.perf_counter() - tick, 1e-9)
+                    tick = time.perf_counter()
+                    progress.update(self.epoch + 1, t.epochs, terms, rate)
+                    if self.step % t.log_every == 0:
+                        log.write({"type": "step", "model": self.spec.name, "epoch": self.epoch + 1,
+                                   "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+                                   "images_per_s": rate, **terms})
+                    if t.checkpoint_every and self.step % t.checkpoint_every == 0 \
+                            and self.step_in_epoch < self.steps_per_epoch:
+                        self.save(self.last_path)
+                n = max(self.step_in_epoch - skip, 1)
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self.scheduler.step()
+                val = self.validate()
+                record = {"type": "epoch", "model": self.spec.name, "epoch": self.epoch, "step": self.step,
+                          "val_miou": val, **{f"train_{k}": v / n for k, v in sums.items()}}
+                self.history.append(record)
+                log.write(record)
+                if val > self.best:
+                    self.best = val
+                    self.save(self.best_path)
+                self.save(self.last_path)
+                if self.dist.main:
+                    hooks.mtkit_after_epoch(run_dir=str(self.run_dir), model_name=self.spec.name,
+                                            epoch=self.epoch, metrics=record)
+        log.close()
+        if self.dist.enabled:
+            dist.barrier()
+        last_val = self.history[-1]["val_miou"] if self.history else float("nan")
+        return TrainResult(self.spec.name, self.run_dir, self.best_path, self.last_path, self.epoch, self.step,
+                           last_val, self.best, self.history)
+
+
+class MetricsLog:
+    """Appends JSON lines (rank 0); mirrors scalars to TensorBoard when asked and installed."""
+
+    def __init__(self, path: Path, enabled: bool, tensorboard: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+            except ImportError:
+                import warnings
+
+                warnings.warn("train.tensorboard is on but tensorboard is not installed: pip install tensorboard",
+                              stacklevel=2)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, int | float) and k != "step":
+                    self.tb.add_scalar(f"{record['type']}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Progress:
+    """A rich progress bar: epoch, step, each loss term, images/s and ETA."""
+
+    def __init__(self, enabled: bool, total: int, done: int, name: str) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+        from rich.progress import Progress as RichProgress
+
+        self.bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                TimeRemainingColumn(), transient=False)
+        self.task = self.bar.add_task(name, total=total, completed=done, info="")
+        self.name = name
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+    def update(self, epoch: int, epochs: int, terms: dict[str, float], rate: float) -> None:
+        if not self.enabled:
+            return
+        info = " ".join(f"{k}={v:.3f}" for k, v in terms.items()) + f" {rate:.1f} img/s"
+        self.bar.update(self.task, advance=1, description=f"{self.name} epoch {epoch}/{epochs}", info=info)
+
+
+def train(recipe: Recipe, spec: ModelSpec | str, run_dir: str | Path, seed: int | None = None,
+          resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train one model of ``recipe`` (by spec or name) into ``run_dir``."""
+    if isinstance(spec, str):
+        names = [m.name for m in recipe.models]
+        if spec not in names:
+            raise MtkitError(f"no model '{spec}' in the recipe; its models are {names}")
+        spec = recipe.models[names.index(spec)]
+    return Trainer(recipe, spec, run_dir, seed, progress).fit(resume=resume)
