@@ -13,15 +13,16 @@ DECODER_CHANNELS = (16, 32, 64, 128, 256)
 
 
 class Conv3x3(nn.Module):
-    """3x3 convolution with reflection padding."""
+    """3x3 convolution with reflection padding (replicate padding for maps of one pixel in height or width,
+    which cannot be reflected, e.g. the bottleneck of a 32-pixel-high input)."""
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        self.pad = nn.ReflectionPad2d(1)
         self.conv = nn.Conv2d(cin, cout, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.pad(x))
+        mode = "reflect" if min(x.shape[-2:]) > 1 else "replicate"
+        return self.conv(F.pad(x, (1, 1, 1, 1), mode=mode))
 
 
 class ConvBlock(nn.Sequential):

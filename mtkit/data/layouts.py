@@ -1,0 +1,66 @@
+"""Write synthetic data in the real Cityscapes, KITTI raw and KITTI 2015 folder layouts, so the real loaders run
+end to end on it (tests, demos)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .datasets import trainids_to_labelids
+
+
+def _png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def write_cityscapes(root: Path, data: dict[str, np.ndarray], split: str = "train", city: str = "synthcity") -> list[Path]:
+    """leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png + gtFine/..._gtFine_labelIds.png."""
+    out = []
+    for i, (img, lab) in enumerate(zip(data["images"], data["labels"])):
+        stem = f"{city}_{int(data['sequence'][i]):06d}_{int(data['frame'][i]):06d}"
+        p = Path(root) / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
+        _png(p, img)
+        _png(Path(root) / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", trainids_to_labelids(lab))
+        out.append(p)
+    return out
+
+
+def write_kitti_raw(root: Path, data: dict[str, np.ndarray], date: str = "2011_09_26", side: str = "l",
+                    split: str = "train") -> Path:
+    """<date>/<date>_drive_<seq>_sync/image_02/data/<frame>.png, <date>/calib_cam_to_cam.txt, and the split
+    file splits/<split>_files.txt listing every frame (the first and last of each drive lack a neighbour)."""
+    root = Path(root)
+    cam = "02" if side == "l" else "03"
+    h, w = data["images"].shape[1:3]
+    k = data["K"]
+    p_rect = np.zeros((3, 4))
+    p_rect[:3, :3] = k[:3, :3]
+    calib = root / date / "calib_cam_to_cam.txt"
+    calib.parent.mkdir(parents=True, exist_ok=True)
+    calib.write_text(f"calib_time: synthetic\nS_rect_{cam}: {w:.6e} {h:.6e}\n"
+                     f"P_rect_{cam}: {' '.join(f'{v:.6e}' for v in p_rect.flatten())}\n")
+    lines = []
+    for i, img in enumerate(data["images"]):
+        folder = f"{date}/{date}_drive_{int(data['sequence'][i]):04d}_sync"
+        frame = int(data["frame"][i])
+        _png(root / folder / f"image_{cam}" / "data" / f"{frame:010d}.png", img)
+        lines.append(f"{folder} {frame} {side}")
+    split_file = root / "splits" / f"{split}_files.txt"
+    split_file.parent.mkdir(parents=True, exist_ok=True)
+    split_file.write_text("\n".join(lines) + "\n")
+    return split_file
+
+
+def write_kitti2015(root: Path, data: dict[str, np.ndarray]) -> list[Path]:
+    """data_semantics/training/image_2/<id>_10.png and semantic/<id>_10.png (labelIds)."""
+    base = Path(root) / "data_semantics" / "training"
+    out = []
+    for i, (img, lab) in enumerate(zip(data["images"], data["labels"])):
+        p = base / "image_2" / f"{i:06d}_10.png"
+        _png(p, img)
+        _png(base / "semantic" / f"{i:06d}_10.png", trainids_to_labelids(lab))
+        out.append(p)
+    return out

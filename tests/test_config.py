@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import ROOT, tiny_recipe
+
+from mtkit.config import apply_overrides, load_recipe, validate
+from mtkit.errors import RecipeError
+
+
+def write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_paper_and_quickstart_recipes_validate():
+    paper = load_recipe(ROOT / "recipes" / "paper.yaml")
+    assert paper.model.backbone == "resnet18"
+    assert (paper.train.lr, paper.train.lr_drop_epochs, paper.train.epochs) == (1e-4, [30], 40)
+    assert (paper.train.batch_size, paper.train.seg_batch_size, paper.train.depth_batch_size) == (12, 6, 6)
+    lams = sorted(m.lam for m in paper.models if "depth" in m.tasks)
+    assert lams == [0.1, 0.2, 0.3, 0.5, 0.6, 0.9]
+    assert paper.robustness.epsilons == [0.25, 0.5, 1, 2, 4, 8, 16]
+    assert (paper.data.segmentation.height, paper.data.segmentation.width) == (192, 640)
+    quick = load_recipe(ROOT / "recipes" / "quickstart.yaml")
+    assert quick.data.segmentation.name == "synthetic"
+    assert quick.loss.ssim_alpha == 0.85 and quick.train.seg_batch_size == 6  # inherited from paper.yaml
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("train.lrr", 1, r"unknown key 'train.lrr'; did you mean 'lr'\?"),
+        ("train.lr", "fast", r"key 'train.lr': Input should be a valid number"),
+        ("robustness.epsilons", [], r"key 'robustness.epsilons': the ε list is empty"),
+        ("robustness.epsilons", [-1, 2], r"ε must be positive"),
+        ("models", [{"name": "x", "tasks": ["depth"]}], r"key 'models.0.tasks'"),
+    ],
+)
+def test_validation_errors_name_the_key_path(tmp_path, key, value, message):
+    data = apply_overrides(tiny_recipe(), [])
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node[p]
+    node[parts[-1]] = value
+    path = write(tmp_path / "r.yaml", data)
+    with pytest.raises(RecipeError, match=message) as info:
+        load_recipe(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_required_key(tmp_path):
+    data = tiny_recipe()
+    del data["data"]["segmentation_val"]
+    with pytest.raises(RecipeError, match="missing required key 'data.segmentation_val'"):
+        load_recipe(write(tmp_path / "r.yaml", data))
+
+
+def test_extends_merges_and_overrides(tmp_path):
+    write(tmp_path / "base.yaml", tiny_recipe())
+    write(tmp_path / "child.yaml", {"extends": "base.yaml", "name": "child", "train": {"epochs": 3},
+                                    "models": [{"name": "only", "tasks": ["segmentation"]}]})
+    r = load_recipe(tmp_path / "child.yaml", ["train.lr=1e-3", "models.0.name=renamed", "data.augment.hflip=false"])
+    assert r.name == "child"
+    assert r.train.epochs == 3  # child wins
+    assert r.train.steps_per_epoch == 2  # merged from base
+    assert r.train.lr == pytest.approx(1e-3)  # override, "1e-3" parsed as a number
+    assert [m.name for m in r.models] == ["renamed"]  # lists are replaced, then overridden by index
+    assert r.data.augment.hflip is False
+
+
+def test_extends_cycle_and_bad_override(tmp_path):
+    write(tmp_path / "a.yaml", {"extends": "b.yaml"})
+    write(tmp_path / "b.yaml", {"extends": "a.yaml"})
+    with pytest.raises(RecipeError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+    write(tmp_path / "ok.yaml", tiny_recipe())
+    with pytest.raises(RecipeError, match="dotted.key=value"):
+        load_recipe(tmp_path / "ok.yaml", ["train.lr"])
+    with pytest.raises(RecipeError, match="list index"):
+        load_recipe(tmp_path / "ok.yaml", ["models.7.name=x"])
+
+
+def test_depth_model_needs_depth_data():
+    data = tiny_recipe()
+    del data["data"]["depth"]
+    with pytest.raises(RecipeError, match="data.depth is not set"):
+        validate(data)
+
+
+def test_cli_recipe_error_is_one_line_exit_2(tmp_path):
+    path = write(tmp_path / "r.yaml", tiny_recipe())
+    out = subprocess.run([sys.executable, "-m", "mtkit", "show", str(path), "-o", "train.epochz=2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "unknown key 'train.epochz'; did you mean 'epochs'?" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "mtkit", "--debug", "show", str(path), "-o", "train.epochz=2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_cli_version_and_missing_dataset_message(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mtkit", "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "mtkit" in out.stdout
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("CITYSCAPES_ROOT", "KITTI_ROOT", "KITTI2015_ROOT")}
+    out = subprocess.run([sys.executable, "-m", "mtkit", "run", str(ROOT / "recipes" / "paper.yaml"), "--out",
+                          str(tmp_path / "run")], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2
+    assert "CITYSCAPES_ROOT" in out.stderr and "KITTI_ROOT" in out.stderr and "quickstart.yaml" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from plugin_utils import BROKEN_PLUGIN, GOOD_PLUGIN, make_dist
+
+from mtkit.errors import MtkitError
+from mtkit.plugins import load_plugins
+from mtkit.registry import KINDS, Registry
+
+
+def test_lookup_and_did_you_mean():
+    reg = Registry()
+    reg.add("perturbation", "gaussian", object)
+    reg.add("perturbation", "salt_pepper", int)
+    assert reg.get("perturbation", "gaussian") is object
+    with pytest.raises(MtkitError, match=r"unknown perturbation 'gausian'; did you mean 'gaussian'"):
+        reg.get("perturbation", "gausian")
+    with pytest.raises(MtkitError, match="Installed perturbations: gaussian, salt_pepper"):
+        reg.get("perturbation", "zzz")
+    with pytest.raises(MtkitError, match="unknown registry kind"):
+        reg.get("attack", "fgsm")
+
+
+def test_duplicate_names_are_refused():
+    reg = Registry()
+    reg.add("loss", "a", int)
+    with pytest.raises(MtkitError, match="registered twice"):
+        reg.add("loss", "a", float, origin="plugin-x 1.0")
+
+
+def test_builtins_cover_every_kind():
+    plugins = load_plugins(entry_points=False)
+    reg = plugins.registry
+    for kind in KINDS:
+        assert reg.names(kind), kind
+    assert {"gaussian", "salt_pepper", "fgsm", "pgd"} <= set(reg.names("perturbation"))
+    assert reg.entry("perturbation", "fgsm").origin == "builtin"
+
+
+def test_known_provider_is_named_when_missing():
+    reg = load_plugins(entry_points=False).registry
+    with pytest.raises(MtkitError, match="provided by the plugin package 'mtkit-attacks'"):
+        reg.get("perturbation", "segpgd")
+
+
+def test_entry_point_plugin_registers_with_origin(tmp_path, monkeypatch):
+    site = make_dist(tmp_path / "site", "mtkit-testplugin", "1.2.3", "mtkit_testplugin", GOOD_PLUGIN)
+    monkeypatch.syspath_prepend(str(site))
+    plugins = load_plugins()
+    entry = plugins.registry.entry("perturbation", "uniform_noise")
+    assert entry.origin == "mtkit-testplugin 1.2.3"
+    assert plugins.failures == []
+
+
+def test_broken_plugin_is_reported_and_others_work(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    make_dist(site, "mtkit-testplugin", "1.2.3", "mtkit_testplugin", GOOD_PLUGIN)
+    make_dist(site, "mtkit-broken", "0.1", "mtkit_broken", BROKEN_PLUGIN)
+    monkeypatch.syspath_prepend(str(site))
+    plugins = load_plugins()
+    assert [f.name for f in plugins.failures] == ["mtkit_broken"]
+    assert "broken on purpose" in str(plugins.failures[0]) and "mtkit-broken 0.1" in str(plugins.failures[0])
+    assert ("perturbation", "uniform_noise") in plugins.registry
+    assert ("perturbation", "fgsm") in plugins.registry
+
+
+def test_cli_list_shows_plugin_origin_and_survives_broken_plugin(tmp_path):
+    site = tmp_path / "site"
+    make_dist(site, "mtkit-testplugin", "1.2.3", "mtkit_testplugin", GOOD_PLUGIN)
+    make_dist(site, "mtkit-broken", "0.1", "mtkit_broken", BROKEN_PLUGIN)
+    env = {**os.environ, "PYTHONPATH": str(site), "COLUMNS": "200"}
+    out = subprocess.run([sys.executable, "-m", "mtkit", "list", "perturbation"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if "uniform_noise" in ln)
+    assert "mtkit-testplugin 1.2.3" in line
+    assert "fgsm" in out.stdout and "builtin" in out.stdout
+    assert "mtkit_broken" in out.stderr and "broken on purpose" in out.stderr
+    assert "Traceback" not in out.stderr
