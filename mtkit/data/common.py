@@ -32,7 +32,7 @@ def read_image(path: Path, mode: str = "RGB") -> np.ndarray:
 
 def to_image_tensor(rgb: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 → (3, H, W) float32 gray values 0..255."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
+    return torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1).float()
 
 
 def resize_image(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from mtkit.config import AugmentConfig, DatasetConfig
+from mtkit.data import layouts, synthetic
+from mtkit.data.datasets import (build_dataset, class_weights, labelids_to_trainids, parse_split_file,
+                                 synthetic_arrays)
+from mtkit.data.transforms import Augment, augment_segmentation, augment_triplet
+from mtkit.errors import DatasetError
+
+
+@pytest.fixture(scope="module")
+def city():
+    return synthetic.generate(synthetic.SyntheticSpec("city", sequences=2, frames=4, height=64, width=128, seed=5))
+
+
+@pytest.fixture(scope="module")
+def drive():
+    return synthetic.generate(synthetic.SyntheticSpec("drive", sequences=2, frames=5, height=48, width=160, seed=6))
+
+
+def test_synthetic_is_deterministic_and_complete(city):
+    again = synthetic.generate(synthetic.SyntheticSpec("city", sequences=2, frames=4, height=64, width=128, seed=5))
+    for key in city:
+        assert np.array_equal(city[key], again[key]), key
+    other = synthetic.generate(synthetic.SyntheticSpec("city", sequences=2, frames=4, height=64, width=128, seed=6))
+    assert not np.array_equal(city["images"], other["images"])
+    assert city["images"].dtype == np.uint8 and city["images"].shape == (8, 64, 128, 3)
+    classes = set(np.unique(city["labels"]).tolist())
+    assert {synthetic.ROAD, synthetic.SIDEWALK, synthetic.BUILDING, synthetic.SKY} <= classes
+    assert classes <= set(range(19))
+    sky = city["labels"] == synthetic.SKY
+    assert (city["depth"][sky] == 0).all() and (city["depth"][~sky] > 0).all()
+    assert city["poses"].shape == (8, 4, 4)
+    # the camera drives forward: z of consecutive frames of a clip increases
+    assert (np.diff(city["poses"][:4, 2, 3]) > 0).all()
+
+
+def test_domains_differ(city):
+    drive = synthetic.generate(synthetic.SyntheticSpec("drive", sequences=2, frames=4, height=64, width=128, seed=5))
+    road_c = city["images"][city["labels"] == synthetic.ROAD].mean(0)
+    road_d = drive["images"][drive["labels"] == synthetic.ROAD].mean(0)
+    assert np.abs(road_c - road_d).max() > 10
+
+
+def test_synthetic_generation_is_cached(monkeypatch):
+    cfg = DatasetConfig(name="synthetic", split="val", height=32, width=64, options={"sequences": 1, "frames": 3})
+    first = synthetic_arrays(cfg, "city")
+    monkeypatch.setattr(synthetic, "generate", lambda spec: (_ for _ in ()).throw(AssertionError("regenerated")))
+    second = synthetic_arrays(cfg, "city")
+    assert np.array_equal(first["images"], second["images"])
+
+
+def test_official_label_table():
+    ids = np.array([0, 7, 8, 11, 21, 23, 24, 26, 33, 255], np.uint8)
+    assert labelids_to_trainids(ids).tolist() == [255, 0, 1, 2, 8, 10, 11, 13, 18, 255]
+
+
+def test_cityscapes_layout_roundtrip(tmp_path, city):
+    layouts.write_cityscapes(tmp_path, city, "train")
+    layouts.write_cityscapes(tmp_path, city, "val")
+    val = build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path), split="val", height=64, width=128))
+    assert len(val) == 8
+    item = val[3]
+    assert item["image"].shape == (3, 64, 128) and item["label"].dtype == torch.int64
+    assert torch.equal(item["label"], torch.from_numpy(city["labels"][3].astype(np.int64)))
+    assert torch.allclose(item["image"], torch.from_numpy(city["images"][3]).permute(2, 0, 1).float())
+    # training: downscale by 2, then random crop to the configured size
+    train = build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path), split="train", height=24, width=48),
+                          train=True, augment=None)
+    random.seed(0)
+    sample = train[0]
+    assert sample["image"].shape == (3, 24, 48) and sample["label"].shape == (24, 48)
+    half = torch.nn.functional.interpolate(torch.from_numpy(city["labels"][0].astype(np.float32))[None, None],
+                                           size=(32, 64), mode="nearest")[0, 0].long()
+    found = any(torch.equal(half[y:y + 24, x:x + 48], sample["label"]) for y in range(9) for x in range(17))
+    assert found
+
+
+def test_cityscapes_errors(tmp_path, city):
+    with pytest.raises(DatasetError, match="folder not found: .*leftImg8bit/val.*Expected layout"):
+        build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path / "nope"), split="val"))
+    with pytest.raises(DatasetError, match="CITYSCAPES_ROOT"):
+        build_dataset(DatasetConfig(name="cityscapes", split="val"))
+    paths = layouts.write_cityscapes(tmp_path, city, "val")
+    paths[2].write_bytes(paths[2].read_bytes()[:60])  # truncated PNG
+    ds = build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path), split="val", height=64, width=128))
+    with pytest.raises(DatasetError, match=f"cannot read image {paths[2]}"):
+        ds[2]
+    ds = build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path), split="val", height=64, width=128,
+                                     options={"skip_bad_images": True}))
+    assert ds[2]["image"].shape == (3, 64, 128) and ds.skipped == 1
+    with pytest.raises(DatasetError, match="unknown options"):
+        build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path), split="val", options={"dowscale": 2}))
+
+
+def test_kitti_raw_layout(tmp_path, drive):
+    split = layouts.write_kitti_raw(tmp_path, drive)
+    assert len(parse_split_file(split)) == 10
+    ds = build_dataset(DatasetConfig(name="kitti_raw", root=str(tmp_path), split="train", height=24, width=80))
+    assert len(ds) == 6 and ds.dropped == 4  # first and last frame of each of the 2 drives lack a neighbour
+    item = ds[0]
+    assert item["frames"].shape == (3, 3, 24, 80) and item["K"].shape == (4, 4)
+    k = drive["K"]
+    assert item["K"][0, 0].item() == pytest.approx(k[0, 0] / 160 * 80, rel=1e-5)
+    assert item["K"][1, 1].item() == pytest.approx(k[1, 1] / 48 * 24, rel=1e-5)
+    assert item["K"][0, 2].item() == pytest.approx(k[0, 2] / 160 * 80, rel=1e-5)
+    full = build_dataset(DatasetConfig(name="kitti_raw", root=str(tmp_path), split="train", height=48, width=160))
+    assert torch.allclose(full[0]["frames"][1], torch.from_numpy(drive["images"][1]).permute(2, 0, 1).float())
+    split.write_text("2011_09_26/2011_09_26_drive_0000_sync 1 l\nbroken line\n")
+    with pytest.raises(DatasetError, match=r"train_files.txt:2: expected"):
+        build_dataset(DatasetConfig(name="kitti_raw", root=str(tmp_path), split="train"))
+    with pytest.raises(DatasetError, match="split file not found"):
+        build_dataset(DatasetConfig(name="kitti_raw", root=str(tmp_path), split="val"))
+
+
+def test_kitti2015_layout(tmp_path, drive):
+    layouts.write_kitti2015(tmp_path, drive)
+    ds = build_dataset(DatasetConfig(name="kitti2015", root=str(tmp_path), split="test", height=48, width=160))
+    assert len(ds) == 10
+    assert torch.equal(ds[4]["label"], torch.from_numpy(drive["labels"][4].astype(np.int64)))
+    with pytest.raises(DatasetError, match="image_2.*Expected layout"):
+        build_dataset(DatasetConfig(name="kitti2015", root=str(tmp_path / "x"), split="test"))
+
+
+def test_triplet_augmentation_is_consistent():
+    torch.manual_seed(0)
+    base = torch.rand(3, 16, 24) * 255
+    frames = torch.stack([base, base, base])
+    k = torch.eye(4)
+    k[0, 2] = 10.0
+    aug = Augment(AugmentConfig(), random.Random(1))
+    flips = 0
+    for _ in range(8):
+        out, raw, k2 = augment_triplet(frames, k, aug)
+        assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])  # same parameters for every frame
+        flipped = torch.equal(raw[0], base.flip(-1))
+        assert flipped or torch.equal(raw[0], base)  # raw frames: no colour change
+        assert not torch.allclose(out[1], raw[1])  # the network sees jittered colours
+        assert k2[0, 2].item() == pytest.approx(23 - 10 if flipped else 10)
+        flips += flipped
+    assert 0 < flips < 8
+
+
+def test_segmentation_augmentation_keeps_labels_aligned():
+    torch.manual_seed(0)
+    image = torch.zeros(3, 8, 10)
+    image[:, :, :3] = 255
+    label = (image[0] > 0).long()
+    aug = Augment(AugmentConfig(brightness=0, contrast=0, saturation=0, hue=0), random.Random(0))
+    for _ in range(6):
+        img, lab = augment_segmentation(image, label, aug)
+        assert torch.equal((img[0] > 127).long(), lab)
+
+
+def test_class_weights_cached(tmp_path, city):
+    layouts.write_cityscapes(tmp_path, city, "train")
+    ds = build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path), split="train", height=32, width=64))
+    w = class_weights(ds, 19, "cw-test")
+    counts = torch.zeros(19, dtype=torch.float64)
+    for lab in city["labels"]:
+        counts += torch.bincount(torch.from_numpy(lab.astype(np.int64)).flatten(), minlength=19).double()
+    p = counts / counts.sum()
+    assert torch.allclose(w, (1 / torch.log(1.02 + p)).float())
+    t0 = time.perf_counter()
+    assert torch.equal(class_weights(ds, 19, "cw-test"), w)
+    assert time.perf_counter() - t0 < 0.5
