@@ -61,8 +61,10 @@ def _batches(n: int, batch: int, steps: int, seed: int, epoch: int, d: Dist) -> 
     return [out[i * local:(i + 1) * local] for i in range(steps)]
 
 
-def _collate_loader(dataset, batches: list[list[int]], workers: int) -> Iterator[dict[str, torch.Tensor]]:
-    return iter(DataLoader(dataset, batch_sampler=batches, num_workers=workers))
+def _collate_loader(dataset, batches: list[list[int]], workers: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    # a private generator: creating the iterator must not draw from the global RNG (exact resume)
+    return iter(DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                           generator=torch.Generator().manual_seed(seed)))
 
 
 def build_class_weights(recipe: Recipe, seg_train) -> torch.Tensor | None:
@@ -223,10 +225,13 @@ class Trainer:
             terms.update(depth=d.total, photometric=d.photometric, smoothness=d.smoothness)
             # eq. 5: each decoder sees its own unscaled loss, the encoder (1-λ)·g_depth + λ·g_seg
             total = total + d.total
-        for name, value in terms.items():
-            if not torch.isfinite(value):
+        finite = torch.stack([torch.isfinite(v.detach()) for v in terms.values()]).float()
+        if self.dist.enabled:  # every rank stops together (no rank left waiting in an all-reduce)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        for (name, value), ok in zip(terms.items(), finite.tolist()):
+            if not ok:
                 raise TrainingDiverged(
-                    f"loss term '{name}' is {float(value)} at step {self.step + 1} (epoch {self.epoch + 1}); "
+                    f"loss term '{name}' is {float(value.detach())} at step {self.step + 1} (epoch {self.epoch + 1}); "
                     f"training stopped, the last good checkpoint is kept at {self.last_path}"
                     + ("" if self.last_path.is_file() else " (none written yet)"))
         self.optimizer.zero_grad(set_to_none=True)
@@ -234,7 +239,11 @@ class Trainer:
         if self.recipe.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip)
         self.optimizer.step()
-        return {k: float(v.detach()) for k, v in terms.items()}
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        if self.dist.enabled:  # log the mean over ranks, i.e. over the global batch
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+            values /= self.dist.world
+        return dict(zip(terms, values.tolist()))
 
     def validate(self) -> float:
         from .metrics import miou
@@ -270,8 +279,10 @@ class Trainer:
                 dep_b = _batches(len(self.depth_train), self.depth_batch, self.steps_per_epoch, self.seed + 7919,
                                  self.epoch, self.dist) if self.depth_train is not None else None
                 skip = self.step_in_epoch
-                seg_it = _collate_loader(self.seg_train, seg_b[skip:], self.recipe.data.num_workers)
-                dep_it = _collate_loader(self.depth_train, dep_b[skip:], self.recipe.data.num_workers) \
+                workers = self.recipe.data.num_workers
+                loader_seed = self.seed * 100003 + self.epoch * 1009
+                seg_it = _collate_loader(self.seg_train, seg_b[skip:], workers, loader_seed)
+                dep_it = _collate_loader(self.depth_train, dep_b[skip:], workers, loader_seed + 1) \
                     if dep_b is not None else None
                 sums: dict[str, float] = {}
                 tick = time.perf_counter()

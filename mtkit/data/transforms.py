@@ -17,7 +17,8 @@ class Augment:
 
     def __init__(self, cfg: AugmentConfig, rng: random.Random | None = None) -> None:
         self.cfg = cfg
-        self.rng = rng or random.Random()
+        # default: the global generators (seeded by the trainer and saved in checkpoints)
+        self.rng = rng or random
         self.jitter = ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
 
     def sample(self) -> dict:

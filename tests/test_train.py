@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_recipe
+
+import mtkit.train as train_mod
+from mtkit.checkpoint import load_checkpoint
+from mtkit.config import validate
+from mtkit.errors import CheckpointError, TrainingDiverged
+from mtkit.train import Trainer, train
+
+
+def _write(tmp_path, data, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _cli(*args, env_extra=None, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "mtkit", *args], capture_output=True, text=True, env=env,
+                          timeout=600, **kw)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    data = tiny_recipe(**{"train.epochs": 2, "train.steps_per_epoch": 4, "train.checkpoint_every": 1})
+    recipe = _write(tmp_path, data)
+    full = _cli("train", str(recipe), "--model", "multi", "--out", str(tmp_path / "full"), "--no-progress")
+    assert full.returncode == 0, full.stderr
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "mtkit", "train", str(recipe), "--model", "multi", "--out",
+                             str(run), "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    step = 0
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "last.pt").is_file():
+            try:
+                step = load_checkpoint(run / "last.pt")["step"]
+            except CheckpointError:
+                step = 0
+            if step >= 2:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = load_checkpoint(run / "last.pt")["step"]
+    assert 2 <= killed_at < 8
+    resumed = _cli("train", str(recipe), "--model", "multi", "--out", str(run), "--resume", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(run / "last.pt")
+    assert a["step"] == b["step"] == 8
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key].float(), b["model"][key].float(), atol=1e-5, rtol=1e-4), key
+    for ra, rb in zip(a["history"], b["history"]):
+        assert ra["val_miou"] == pytest.approx(rb["val_miou"], abs=1e-6)
+        assert ra["train_seg"] == pytest.approx(rb["train_seg"], rel=1e-4) or ra["epoch"] == 1 and killed_at < 4
+        assert ra["train_depth"] == pytest.approx(rb["train_depth"], rel=1e-4) or ra["epoch"] == 1 and killed_at < 4
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, monkeypatch):
+    recipe = validate(tiny_recipe(**{"train.steps_per_epoch": 5, "train.checkpoint_every": 1}))
+    real = train_mod.weighted_cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kw):
+        calls["n"] += 1
+        loss = real(*args, **kw)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train_mod, "weighted_cross_entropy", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss term 'seg' is nan at step 3 .*last good checkpoint is kept"):
+        train(recipe, "multi", tmp_path / "run", progress=False)
+    kept = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert kept["step"] == 2
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_checkpoint_refuses_pickle_payload(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"model": {}, "x": Evil()}, fh)
+    with pytest.raises(CheckpointError, match="not a safe checkpoint"):
+        load_checkpoint(path)
+    torch.save({"model": {}, "x": Evil()}, tmp_path / "evil2.pt")
+    with pytest.raises(CheckpointError, match="not a safe checkpoint"):
+        load_checkpoint(tmp_path / "evil2.pt")
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_batch_composition_and_gradient_scaling_are_wired(tmp_path, monkeypatch):
+    data = tiny_recipe(**{"train.steps_per_epoch": 1})
+    for key in ("batch_size", "seg_batch_size", "depth_batch_size"):
+        del data["train"][key]  # the paper's defaults: 12 single-task, 6 + 6 multi-task
+    data["data"]["segmentation"]["options"]["sequences"] = 4
+    data["data"]["depth"]["options"]["sequences"] = 4
+    recipe = validate(data)
+    seen = []
+    real_step = Trainer._step
+
+    def spy(self, seg, dep):
+        seen.append((self.spec.name, seg["image"].shape[0], None if dep is None else dep["frames"].shape[0]))
+        return real_step(self, seg, dep)
+
+    scales = []
+    import mtkit.models.multitask as mt
+
+    real_scale = mt.scale_features
+    monkeypatch.setattr(mt, "scale_features", lambda f, s: scales.append((len(f), s)) or real_scale(f, s))
+    monkeypatch.setattr(Trainer, "_step", spy)
+    train(recipe, "single", tmp_path / "s", progress=False)
+    train(recipe, "multi", tmp_path / "m", progress=False)
+    assert seen == [("single", 12, None), ("multi", 6, 6)]
+    # eq. 5 on every encoder→decoder connection: 5 feature maps scaled by λ (seg) and 1-λ (depth)
+    assert scales == [(5, 0.1), (5, pytest.approx(0.9))]
+
+
+def test_ddp_two_processes_match_single_process(tmp_path):
+    data = tiny_recipe(**{"train.epochs": 1, "train.steps_per_epoch": 3, "train.seg_batch_size": 4,
+                          "train.depth_batch_size": 2})
+    data["model"]["backbone_kwargs"] = {"norm_layer": "groupnorm"}  # no batch statistics: exact comparison
+    data["data"]["augment"] = {"hflip": False, "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0}
+    recipe = _write(tmp_path, data)
+    single = _cli("train", str(recipe), "--model", "multi", "--out", str(tmp_path / "single"), "--no-progress")
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "mtkit", "train", str(recipe), "--model", "multi", "--out", str(tmp_path / "ddp"),
+                          "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = load_checkpoint(tmp_path / "single" / "last.pt"), load_checkpoint(tmp_path / "ddp" / "last.pt")
+    assert a["step"] == b["step"] == 3
+    diffs = {k: (a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]
+             if a["model"][k].is_floating_point()}
+    assert max(diffs.values()) < 1e-4, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    moved = load_checkpoint(tmp_path / "single" / "last.pt")["model"]["seg_head.out.0.conv.weight"]
+    assert moved.abs().sum() > 0
+    assert a["history"][0]["val_miou"] == pytest.approx(b["history"][0]["val_miou"], abs=1e-6)
+    assert a["history"][0]["train_seg"] == pytest.approx(b["history"][0]["train_seg"], rel=1e-4)
