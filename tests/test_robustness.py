@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_recipe
+
+from mtkit.config import validate
+from mtkit.data.datasets import build_dataset
+from mtkit.errors import MtkitError
+from mtkit.evaluate import build_perturbations, load_model, robustness_sweep
+from mtkit.metrics import confusion_matrix, iou_per_class, miou, q_ratio
+from mtkit.perturbations import (FGSM, PGD, AttackContext, Perturbation, build_perturbation, fgsm,
+                                 fgsm_direction, gaussian_noise, measured_epsilon, pgd, pgd_iterations,
+                                 salt_and_pepper)
+from mtkit.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny segmenter trained for a few dozen steps on the synthetic city data, and its eval data."""
+    data = tiny_recipe(**{"train.epochs": 1, "train.steps_per_epoch": 30, "train.lr": 1e-3, "train.batch_size": 8})
+    data["data"]["segmentation"]["options"]["sequences"] = 4
+    recipe = validate(data)
+    run = tmp_path_factory.mktemp("trained")
+    train(recipe, "single", run, progress=False)
+    loaded = load_model(run / "last.pt")
+    ds = build_dataset(recipe.data.eval["CS"])
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    return loaded, ds, batch["image"], batch["label"]
+
+
+def _ctx(loaded, seed=0):
+    return AttackContext(loaded.segmenter, loaded.class_weights, torch.Generator().manual_seed(seed))
+
+
+def test_gaussian_epsilon_is_the_standard_deviation():
+    x = torch.full((4, 3, 64, 64), 128.0)
+    g = torch.Generator().manual_seed(0)
+    for eps in (0.25, 1.0, 16.0):
+        assert measured_epsilon(gaussian_noise(x, eps, g), x) == pytest.approx(eps, rel=0.02)
+
+
+def test_salt_and_pepper_hits_requested_epsilon():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 64, 96) * 255
+    g = torch.Generator().manual_seed(1)
+    for eps in (0.25, 0.5, 1, 2, 4, 8, 16):
+        adv = salt_and_pepper(x, eps, g)
+        assert measured_epsilon(adv, x) == pytest.approx(eps, rel=0.02), eps
+        changed = (adv != x).any(1)
+        vals = adv.permute(0, 2, 3, 1)[changed]
+        assert ((vals == 0).all(1) | (vals == 255).all(1)).all()  # whole pixels set to 0 or 255
+    frac = ((salt_and_pepper(x, 16, g) != x).any(1)).float().mean()
+    assert 0 < frac < 0.05
+
+
+def test_fgsm_moves_every_element_by_exactly_epsilon_and_raises_loss(trained):
+    loaded, _, x, y = trained
+    ctx = _ctx(loaded)
+    direction = fgsm_direction(ctx.input_gradient(x, y))
+    for eps in (0.25, 4.0):
+        adv = fgsm(x, direction, eps)
+        assert torch.equal((adv - x).abs(), torch.full_like(x, eps))  # before clipping: exactly ±ε
+        assert measured_epsilon(adv, x) == pytest.approx(eps, rel=1e-6)
+    with torch.no_grad():
+        clean = ctx.loss(x, y)
+        adv_loss = ctx.loss(FGSM().sweep(ctx, x, y, [4.0])[4.0], y)
+    assert adv_loss > clean
+
+
+def test_pgd_stays_in_ball_and_beats_fgsm(trained):
+    loaded, _, x, y = trained
+    ctx = _ctx(loaded)
+    eps = 4.0
+    adv = pgd(ctx, x, y, eps)
+    assert (adv - x).abs().max() <= eps + 1e-4
+    assert adv.min() >= 0 and adv.max() <= 255
+    with torch.no_grad():
+        l_fgsm = ctx.loss(FGSM().sweep(ctx, x, y, [eps])[eps], y)
+        l_pgd = ctx.loss(adv, y)
+    assert l_pgd > l_fgsm
+    start = PGD(random_start=True).sweep(_ctx(loaded, 3), x, y, [2.0])[2.0]
+    assert (start - x).abs().max() <= 2.0 + 1e-4
+    assert [pgd_iterations(e) for e in (0.25, 0.5, 1, 2, 4, 8, 16)] == [1, 1, 2, 3, 5, 10, 20]
+
+
+def test_confusion_miou_hand_example_and_torchmetrics():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 2]])
+    conf = confusion_matrix(pred, target, 3)
+    assert conf.tolist() == [[1, 1, 0], [0, 2, 1], [1, 0, 1]]  # void pixel ignored
+    # class 0: TP 1 FP 1 FN 1 -> 1/3; class 1: TP 2 FP 1 FN 1 -> 1/2; class 2: TP 1 FP 1 FN 1 -> 1/3
+    assert iou_per_class(conf).tolist() == pytest.approx([1 / 3, 1 / 2, 1 / 3])
+    assert miou(conf) == pytest.approx((1 / 3 + 1 / 2 + 1 / 3) / 3)
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    tm = MulticlassJaccardIndex(num_classes=3, average="macro", ignore_index=255)
+    assert miou(conf) == pytest.approx(tm(pred, target).item(), abs=1e-6)
+    # counts are summed over images before dividing (eq. 9), not averaged per image
+    a = confusion_matrix(torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 0, 0]), 2)
+    b = confusion_matrix(torch.tensor([1]), torch.tensor([1]), 2)
+    assert miou(a + b) == pytest.approx((3 / 4 + 1 / 2) / 2)
+    assert q_ratio(0.3, 0.6) == 0.5
+
+
+class Identity(Perturbation):
+    def sweep(self, ctx, x, y, epsilons):
+        return {e: x.clone() for e in epsilons}
+
+
+def test_sweep_q_of_unperturbed_is_one_and_fgsm_costs_one_backward(trained):
+    loaded, ds, _, _ = trained
+    perts = {"identity": Identity(), "fgsm": FGSM(), "pgd": PGD(iterations=2)}
+    eps = [0.25, 0.5, 1, 2, 4, 8, 16]
+    out = robustness_sweep(loaded.segmenter, ds, perts, eps, 19, loaded.class_weights, batch_size=2)
+    rows = {(r["perturbation"], r["epsilon"]): r for r in out["rows"]}
+    assert out["clean"]["miou"] > 0
+    for e in eps:
+        assert rows[("identity", e)]["q"] == 1.0
+        assert rows[("fgsm", e)]["backward_passes_per_batch"] == 1  # one gradient serves all 7 ε
+        assert rows[("pgd", e)]["backward_passes_per_batch"] == 2 * len(eps)
+        assert rows[("fgsm", e)]["epsilon_measured"] <= e + 1e-9  # clipping can only shrink it
+        assert rows[("fgsm", e)]["epsilon_measured"] > 0.9 * e
+    assert rows[("fgsm", 16)]["q"] < rows[("fgsm", 0.25)]["q"] <= 1.0 + 1e-9
+
+
+def test_bad_input_errors(trained):
+    loaded, ds, x, _ = trained
+    with pytest.raises(MtkitError, match="unknown perturbation 'fgsn'; did you mean 'fgsm'"):
+        build_perturbation("fgsn")
+    with pytest.raises(MtkitError, match="empty"):
+        robustness_sweep(loaded.segmenter, ds, {"fgsm": FGSM()}, [], 19)
+    with pytest.raises(MtkitError, match="positive"):
+        robustness_sweep(loaded.segmenter, ds, {"fgsm": FGSM()}, [-1.0], 19)
+    with pytest.raises(MtkitError, match="needs ground-truth labels"):
+        FGSM().sweep(_ctx(loaded), x, None, [1.0])
+    with pytest.raises(MtkitError, match="not in the perturbation list"):
+        build_perturbations(["fgsm"], {"pgd": {"step": 1}})
+    with pytest.raises(MtkitError, match="takes no options"):
+        build_perturbation("gaussian", {"sigma": 2})
