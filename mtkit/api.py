@@ -15,8 +15,8 @@ from .pipeline import RunResult, run
 from .plugins import get_plugins, get_registry
 from .train import TrainResult, train
 
-__all__ = ["Recipe", "RunResult", "TrainResult", "evaluate", "export_onnx", "list_entries", "load_recipe", "run",
-           "train"]
+__all__ = ["Recipe", "RunResult", "TrainResult", "bench", "evaluate", "export_onnx", "list_entries", "load_recipe",
+           "run", "train"]
 
 
 def list_entries(kind: str | None = None) -> list[dict[str, str]]:
@@ -70,3 +70,11 @@ def export_onnx(checkpoint: str | Path, output: str | Path, height: int, width: 
     from .export import export_segmenter
 
     return export_segmenter(checkpoint, output, height, width)
+
+
+def bench(save: str | None = None, compare_with: str | None = None, fail_over: float = 10.0,
+          select: str | None = None, path: str | Path | None = None):
+    """Run the benchmark suite; optionally save it as a baseline and compare with a stored one."""
+    from .bench import run_bench
+
+    return run_bench(save, compare_with, fail_over, select, path)

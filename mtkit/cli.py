@@ -163,6 +163,43 @@ def export(checkpoint: str, output: str, height: int, width: int) -> None:
 
 
 @cli.command()
+@click.option("--save", metavar="NAME", help="store this run as baseline NAME (benchmarks/baselines/NAME.json)")
+@click.option("--compare", "compare_with", metavar="BASELINE", help="compare with a stored baseline (name or file)")
+@click.option("--fail-over", type=float, default=10.0, show_default=True, metavar="PCT",
+              help="with --compare: exit 1 when a benchmark's median is slower by more than PCT %")
+@click.option("-k", "select", metavar="EXPR", help="run only the benchmarks matching this pytest -k expression")
+@click.option("--path", type=click.Path(), help="the benchmarks folder (default ./benchmarks)")
+def bench(save: str | None, compare_with: str | None, fail_over: float, select: str | None,
+          path: str | None) -> None:
+    """Run the throughput benchmarks (pytest-benchmark); save a baseline, compare with one."""
+    from . import api
+    from .bench import summary_rows
+
+    res = api.bench(save=save, compare_with=compare_with, fail_over=fail_over, select=select, path=path)
+    table = Table(title="mtkit benchmarks")
+    for col in ("benchmark", "median [ms]", "throughput", "side by side"):
+        table.add_column(col)
+    for row in summary_rows(res.data):
+        table.add_row(*row)
+    console.print(table)
+    if res.saved:
+        console.print(f"saved baseline {res.saved}")
+    if res.comparisons:
+        t = Table(title=f"compared with {compare_with} (fail over +{fail_over:g} %)")
+        for col in ("benchmark", "baseline [ms]", "now [ms]", "change", ""):
+            t.add_column(col)
+        for c in res.comparisons:
+            bad = c in res.regressions
+            t.add_row(c.name, f"{1000 * c.baseline_s:.1f}", f"{1000 * c.current_s:.1f}", f"{c.change_pct:+.1f} %",
+                      "[red]REGRESSION[/red]" if bad else "ok")
+        console.print(t)
+        if res.regressions:
+            err_console.print(f"error: {len(res.regressions)} benchmark(s) slower than {compare_with} by more than "
+                              f"{fail_over:g} %", style="bold red", markup=False)
+            sys.exit(1)
+
+
+@cli.command()
 @click.argument("recipe", type=click.Path())
 @override_opt
 def show(recipe: str, overrides: tuple[str, ...]) -> None:

@@ -115,6 +115,8 @@ class ModelSpec(Strict):
     name: str
     tasks: list[str] = Field(default_factory=lambda: ["segmentation"])
     lam: float = Field(1.0, alias="lambda", ge=0, le=1, description="eq. 5 gradient scale")
+    task_scales: dict[str, float] = Field(default_factory=dict,
+                                          description="plugin task -> encoder gradient scale (default 1-λ)")
 
     @field_validator("tasks")
     @classmethod
@@ -122,6 +124,13 @@ class ModelSpec(Strict):
         if "segmentation" not in v:
             raise ValueError("every model needs the 'segmentation' task (it is what robustness evaluates)")
         return v
+
+    @model_validator(mode="after")
+    def _scales(self) -> ModelSpec:
+        unknown = sorted(set(self.task_scales) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"task_scales names {unknown}, which are not among the model's tasks {self.tasks}")
+        return self
 
 
 class RobustnessConfig(Strict):

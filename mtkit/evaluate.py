@@ -35,7 +35,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     data = load_checkpoint(path)
     recipe = validate(data["recipe"], f"{path} (embedded recipe)")
     spec = ModelSpec.model_validate(data["spec"])
-    model = build_model(recipe.model, spec.tasks, spec.lam, recipe.loss.num_scales)
+    model = build_model(recipe.model, spec.tasks, spec.lam, recipe.loss.num_scales, spec.task_scales)
     try:
         model.load_state_dict(data["model"])
     except RuntimeError as exc:
@@ -45,13 +45,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
 
 
 class CountingContext(AttackContext):
-    """AttackContext that counts backward passes (one per input_gradient call per batch)."""
+    """AttackContext that counts backward passes (one per gradient call per batch)."""
 
     backward_passes = 0
 
-    def input_gradient(self, x, y):
+    def gradient(self, x, loss_fn):
         self.backward_passes += 1
-        return super().input_gradient(x, y)
+        return super().gradient(x, loss_fn)
 
 
 def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Perturbation],
@@ -60,8 +60,9 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
                      progress: bool = False, label: str = "") -> dict[str, Any]:
     """Evaluate one model on one dataset: the clean pass and every (perturbation, ε).
 
-    Returns {"clean": {miou, per_class_iou}, "rows": [...]} where each row holds the requested ε, the measured
-    RMS ε after clipping (eq. 7, over the whole set), mIoU, Q, seconds and backward passes of its perturbation.
+    Returns {"clean": {miou, per_class_iou}, "rows": [...]} where each row holds the requested ε (or, for a
+    perturbation with another ``level_kind`` such as a corruption's severity, that level), the measured RMS ε after
+    clipping (eq. 7, over the whole set), mIoU, Q, seconds and backward passes of its perturbation.
     """
     if not epsilons:
         raise MtkitError("the ε list is empty: give at least one strength")
@@ -72,8 +73,9 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
     gen = torch.Generator().manual_seed(seed)
     cw = None if class_weights is None else class_weights.to(device)
     conf_clean = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    conf = {(p, e): torch.zeros_like(conf_clean) for p in perturbations for e in epsilons}
-    sq = {(p, e): 0.0 for p in perturbations for e in epsilons}
+    levels = {p: pert.levels(list(epsilons)) for p, pert in perturbations.items()}
+    conf = {(p, e): torch.zeros_like(conf_clean) for p in perturbations for e in levels[p]}
+    sq = dict.fromkeys(conf, 0.0)
     seconds = dict.fromkeys(perturbations, 0.0)
     backward = dict.fromkeys(perturbations, 0)
     elements = 0
@@ -91,7 +93,7 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
                 ctx = CountingContext(segmenter, cw, gen)
                 t0 = time.perf_counter()
                 advs = pert.sweep(ctx, x, y, list(epsilons))
-                for e in epsilons:
+                for e in levels[name]:
                     xa = advs[e]
                     with torch.no_grad():
                         pred = segmenter(xa).argmax(1).cpu()
@@ -106,8 +108,10 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
     rows = []
     for (name, e), c in conf.items():
         m = miou(c)
+        kind = perturbations[name].level_kind
         rows.append({
-            "perturbation": name, "epsilon": e, "epsilon_measured": (sq[(name, e)] / max(elements, 1)) ** 0.5,
+            "perturbation": name, "level_kind": kind, "level": e, "epsilon": e if kind == "epsilon" else None,
+            "epsilon_measured": (sq[(name, e)] / max(elements, 1)) ** 0.5,
             "miou": m, "miou_clean": clean, "q": q_ratio(m, clean),
             "per_class_iou": _nan_to_none(iou_per_class(c).tolist()),
             "seconds_sweep": seconds[name], "backward_passes_per_batch": backward[name] / max(batches, 1),

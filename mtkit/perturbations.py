@@ -12,6 +12,7 @@ depend on ε, so one backward pass serves the whole sweep).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,14 +37,18 @@ class AttackContext:
         """J^ce of eq. 1 against the ground truth (void ignored)."""
         return weighted_cross_entropy(self.model(x), y, self.class_weights)
 
-    def input_gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """∇_x J^ce(ȳ, y(x)) (one forward and one backward pass)."""
-        if y is None:
-            raise MtkitError("a gradient attack needs ground-truth labels; this dataset gives none")
+    def gradient(self, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """∇_x loss_fn(model(x)) (one forward and one backward pass): the one place attacks differentiate."""
         x = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad(self.loss(x, y), x)
+            (grad,) = torch.autograd.grad(loss_fn(self.model(x)), x)
         return grad
+
+    def input_gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """∇_x J^ce(ȳ, y(x)) of eq. 1 against the ground truth (void ignored)."""
+        if y is None:
+            raise MtkitError("a gradient attack needs ground-truth labels; this dataset gives none")
+        return self.gradient(x, lambda logits: weighted_cross_entropy(logits, y, self.class_weights))
 
 
 def clip_image(x: torch.Tensor) -> torch.Tensor:
@@ -117,19 +122,30 @@ def pgd(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, eps: float, step: 
         noise = torch.rand(x.shape, generator=ctx.generator, dtype=x.dtype, device="cpu").to(x.device)
         x_adv = clip_image(x + (2 * noise - 1) * eps)
     for _ in range(iterations):
-        x_adv = x_adv + step * fgsm_direction(ctx.input_gradient(x_adv, y))
-        x_adv = clip_image(torch.maximum(torch.minimum(x_adv, x + eps), x - eps))
+        x_adv = project(x_adv + step * fgsm_direction(ctx.input_gradient(x_adv, y)), x, eps)
     return x_adv
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Projection onto the L∞ ε-ball around x, then onto real images [0, 255] (PGD's projection step)."""
+    return clip_image(torch.maximum(torch.minimum(x_adv, x + eps), x - eps))
 
 
 class Perturbation:
     """Base class of the registry's perturbations. Subclasses set ``needs_gradient`` and implement ``sweep``."""
 
     needs_gradient = False
+    #: what the sweep's keys are: "epsilon" (requested RMS ε in gray values, eq. 7) or another level such as a
+    #: corruption's "severity", whose ε is only measured (recorded per row as ``epsilon_measured``)
+    level_kind = "epsilon"
 
     def __init__(self, **options: Any) -> None:
         if options:
             raise MtkitError(f"perturbation '{type(self).__name__}' takes no options, got {sorted(options)}")
+
+    def levels(self, epsilons: list[float]) -> list[float]:
+        """The keys this perturbation's ``sweep`` returns for the recipe's ε list (by default the ε list)."""
+        return list(epsilons)
 
     def sweep(self, ctx: AttackContext, x: torch.Tensor, y: torch.Tensor | None,
               epsilons: list[float]) -> dict[float, torch.Tensor]:

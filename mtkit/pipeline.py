@@ -93,8 +93,8 @@ def environment(device: str) -> dict[str, Any]:
 def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, progress: bool = True,
         run_dir: str | Path | None = None, log=print) -> RunResult:
     """Run every stage of ``recipe`` into ``run_dir`` (default ``<output_dir>/<name>``)."""
-    from .evaluate import build_perturbations, load_model, robustness_sweep
     from .data.datasets import build_dataset
+    from .evaluate import build_perturbations, load_model, robustness_sweep
     from .plugins import get_plugins
     from .runtime import resolve_device
     from .train import train

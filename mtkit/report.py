@@ -44,7 +44,7 @@ def aggregate(results: dict[str, Any]) -> dict[str, Any]:
     q = defaultdict(list)
     eps_meas = defaultdict(list)
     for r in results["robustness"]:
-        key = (r["model"], r["dataset"], r["perturbation"], r["epsilon"])
+        key = (r["model"], r["dataset"], r["perturbation"], _level(r))
         q[key].append(100 * r["q"])
         eps_meas[key].append(r["epsilon_measured"])
     return {"clean": {k: (*_mean_sd(v), len(v)) for k, v in clean.items()},
@@ -52,12 +52,32 @@ def aggregate(results: dict[str, Any]) -> dict[str, Any]:
             "eps_measured": {k: statistics.fmean(v) for k, v in eps_meas.items()}}
 
 
+def _level(row: dict[str, Any]) -> float:
+    """The sweep key of a result row: the requested ε, or another level (a corruption's severity)."""
+    return row.get("level", row["epsilon"])
+
+
+def _is_eps(row: dict[str, Any]) -> bool:
+    return row.get("level_kind", "epsilon") == "epsilon"
+
+
 def _axes(results: dict[str, Any]) -> tuple[list[str], list[str], list[str], list[float]]:
+    """Models, datasets, and the perturbations swept over requested ε with their ε values."""
     models = list(results["models"])
     datasets = sorted({r["dataset"] for r in results["clean"]})
-    perts = list(dict.fromkeys(r["perturbation"] for r in results["robustness"]))
-    eps = sorted({r["epsilon"] for r in results["robustness"]})
+    rows = [r for r in results["robustness"] if _is_eps(r)]
+    perts = list(dict.fromkeys(r["perturbation"] for r in rows))
+    eps = sorted({r["epsilon"] for r in rows})
     return models, datasets, perts, eps
+
+
+def _other_axes(results: dict[str, Any]) -> dict[str, tuple[str, list[float]]]:
+    """Perturbations swept over another level (e.g. corruption severity): name → (level kind, levels)."""
+    out: dict[str, tuple[str, set[float]]] = {}
+    for r in results["robustness"]:
+        if not _is_eps(r):
+            out.setdefault(r["perturbation"], (r["level_kind"], set()))[1].add(r["level"])
+    return {p: (kind, sorted(levels)) for p, (kind, levels) in out.items()}
 
 
 def _label(results: dict[str, Any], model: str) -> str:
@@ -88,6 +108,18 @@ def rich_tables(results: dict[str, Any]) -> list[Table]:
             meas = [agg["eps_measured"].get((models[0], d, p, e), math.nan) for e in eps]
             t.add_row("[dim]measured ε[/dim]", *[f"[dim]{v:.3g}[/dim]" for v in meas])
             tables.append(t)
+    for p, (kind, levels) in _other_axes(results).items():
+        for d in datasets:
+            t = Table(title=f"Q [%] under {p} on {d} (by {kind}; ε measured)")
+            t.add_column(kind)
+            for lv in levels:
+                t.add_column(f"{lv:g}", justify="right")
+            for m in models:
+                t.add_row(f"Q ({_label(results, m)})",
+                          *[_fmt(*agg["q"].get((m, d, p, lv), (math.nan, 0, 0))) for lv in levels])
+            meas = [agg["eps_measured"].get((models[0], d, p, lv), math.nan) for lv in levels]
+            t.add_row("[dim]measured ε[/dim]", *[f"[dim]{v:.3g}[/dim]" for v in meas])
+            tables.append(t)
     return tables
 
 
@@ -109,12 +141,22 @@ def markdown_tables(results: dict[str, Any]) -> str:
                     _fmt(*agg["q"].get((m, d, p, e), (math.nan, 0, 0))) for e in eps) + " |")
             out.append("| measured ε | " + " | ".join(
                 f"{agg['eps_measured'].get((models[0], d, p, e), math.nan):.3g}" for e in eps) + " |")
+    for p, (kind, levels) in _other_axes(results).items():
+        for d in datasets:
+            out += ["", f"### Q [%] under **{p}** on {d} (by {kind}; ε measured)", "",
+                    f"| {kind} | " + " | ".join(f"{lv:g}" for lv in levels) + " |", "|---|" + "---:|" * len(levels)]
+            for m in models:
+                out.append(f"| Q ({_label(results, m)}) | " + " | ".join(
+                    _fmt(*agg["q"].get((m, d, p, lv), (math.nan, 0, 0))) for lv in levels) + " |")
+            out.append("| measured ε | " + " | ".join(
+                f"{agg['eps_measured'].get((models[0], d, p, lv), math.nan):.3g}" for lv in levels) + " |")
     return "\n".join(out)
 
 
 def write_csv(results: dict[str, Any], path: Path) -> None:
     buf = io.StringIO()
-    fields = ["model", "seed", "dataset", "perturbation", "epsilon", "epsilon_measured", "miou", "miou_clean", "q",
+    fields = ["model", "seed", "dataset", "perturbation", "level_kind", "level", "epsilon", "epsilon_measured", "miou",
+              "miou_clean", "q",
               "seconds_sweep", "backward_passes_per_batch"]
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
@@ -123,7 +165,7 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def plot_figure5(results: dict[str, Any], path: Path) -> Path:
+def plot_figure5(results: dict[str, Any], path: Path) -> Path | None:
     """One panel per perturbation type: Q [%] over ε (log axis), one curve per model and dataset."""
     import matplotlib
 
@@ -132,6 +174,8 @@ def plot_figure5(results: dict[str, Any], path: Path) -> Path:
 
     agg = aggregate(results)
     models, datasets, perts, eps = _axes(results)
+    if not perts:
+        return None
     fig, axes = plt.subplots(1, len(perts), figsize=(4.2 * len(perts), 3.8), squeeze=False)
     styles = ["-", "--", ":", "-."]
     for ax, p in zip(axes[0], perts):
@@ -179,6 +223,40 @@ def plot_figure6(results: dict[str, Any], path: Path, perturbation: str = "fgsm"
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
     fig.suptitle("Q for several gradient scales λ (Figure 6)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_other_levels(results: dict[str, Any], path: Path) -> Path | None:
+    """Perturbations swept by another level (corruptions by severity) on the paper's SNR axis: Q [%] over the
+    measured ε, one panel per dataset, one colour per perturbation, one line style per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = _other_axes(results)
+    if not others:
+        return None
+    agg = aggregate(results)
+    models, datasets, _, _ = _axes(results)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.4), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    for ax, d in zip(axes[0], datasets):
+        for pi, (p, (_, levels)) in enumerate(others.items()):
+            for mi, m in enumerate(models):
+                xs = [agg["eps_measured"].get((m, d, p, lv), math.nan) for lv in levels]
+                ys = [agg["q"].get((m, d, p, lv), (math.nan, 0, 0))[0] for lv in levels]
+                ax.plot(xs, ys, marker="o", ms=3, color=f"C{pi % 10}", linestyle=styles[mi % len(styles)],
+                        label=f"{p} {m}")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 105)
+        ax.set_xlabel("measured ε (gray values, RMS)")
+        ax.set_ylabel("Q [%]")
+        ax.set_title(f"corruptions on {d}")
+        ax.grid(True, alpha=0.3)
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle("Q over the measured ε of each severity (same SNR axis as Figure 5)")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -239,6 +317,7 @@ def write_report(results: dict[str, Any], run_dir: Path) -> dict[str, Path]:
     write_csv(results, paths["csv"])
     fig5 = plot_figure5(results, run_dir / "figure5_robustness.png") if results["robustness"] else None
     fig6 = plot_figure6(results, run_dir / "figure6_fgsm_lambda.png") if results["robustness"] else None
+    figc = plot_other_levels(results, run_dir / "figure_corruptions.png")
     seeds = results.get("seeds", [])
     md = [f"# mtkit report: {results.get('recipe_name', '')}", "",
           f"Recipe `{results.get('recipe_source', '')}`, seeds {seeds}"
@@ -251,6 +330,9 @@ def write_report(results: dict[str, Any], run_dir: Path) -> dict[str, Path]:
     if fig6:
         paths["figure6"] = fig6
         md += ["## Figure 6: FGSM for several λ", "", f"![Figure 6]({fig6.name})", ""]
+    if figc:
+        paths["figure_corruptions"] = figc
+        md += ["## Corruptions on the same SNR axis", "", f"![Corruptions]({figc.name})", ""]
     md += ["## Notes", "",
            "- ε is the RMS of the perturbation in gray values (eq. 7); 'measured ε' is the RMS after clipping "
            "the perturbed image to [0, 255], over the whole evaluation set.",

@@ -133,9 +133,15 @@ class Trainer:
             raise MtkitError(f"the depth training set has {len(self.depth_train)} samples, fewer than one "
                              f"batch of {self.depth_batch}")
         self.steps_per_epoch = r.train.steps_per_epoch or max(1, len(self.seg_train) // self.seg_batch)
-        self.weights = build_class_weights(r, self.seg_train)
+        self.build(build_class_weights(r, self.seg_train))
+
+    def build(self, class_weights: torch.Tensor | None) -> None:
+        """Model, losses, optimizer and schedule (no data: benchmarks drive ``_step`` with their own batches)."""
+        r = self.recipe
+        self.weights = class_weights
         torch.manual_seed(self.seed)  # identical initial weights on every rank and for every data set-up
-        self.model: MultiTaskNet = build_model(r.model, self.spec.tasks, self.spec.lam, r.loss.num_scales)
+        self.model: MultiTaskNet = build_model(r.model, self.spec.tasks, self.spec.lam, r.loss.num_scales,
+                                              self.spec.task_scales)
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -217,6 +223,9 @@ class Trainer:
             out = self.net(x, frames)
         terms: dict[str, torch.Tensor] = {"seg": weighted_cross_entropy(out["seg_logits"].float(), y, self.cw)}
         total = terms["seg"]
+        for name, task in self.model.aux_tasks.items():  # plugin tasks, on the segmentation batch's images
+            terms[name] = task.loss(out["aux"][name].float(), x)
+            total = total + terms[name]
         if dep is not None:
             raw = dep["frames_raw"].to(dev)
             disp = {s: v.float() for s, v in out["disp"].items()}
@@ -367,8 +376,7 @@ class Progress:
         self.enabled = enabled
         if not enabled:
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
 
         self.bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -57,3 +57,22 @@ def tiny_recipe(**over: Any) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return recipe
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny segmenter trained for a few dozen steps on the synthetic city data, and its eval data."""
+    data = tiny_recipe(**{"train.epochs": 1, "train.steps_per_epoch": 30, "train.lr": 1e-3, "train.batch_size": 8})
+    data["data"]["segmentation"]["options"]["sequences"] = 4
+    from mtkit.config import validate
+    from mtkit.data.datasets import build_dataset
+    from mtkit.evaluate import load_model
+    from mtkit.train import train
+
+    recipe = validate(data)
+    run = tmp_path_factory.mktemp("trained")
+    train(recipe, "single", run, progress=False)
+    loaded = load_model(run / "last.pt")
+    ds = build_dataset(recipe.data.eval["CS"])
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    return loaded, ds, batch["image"], batch["label"]

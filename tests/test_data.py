@@ -9,8 +9,7 @@ import torch
 
 from mtkit.config import AugmentConfig, DatasetConfig
 from mtkit.data import layouts, synthetic
-from mtkit.data.datasets import (build_dataset, class_weights, labelids_to_trainids, parse_split_file,
-                                 synthetic_arrays)
+from mtkit.data.datasets import build_dataset, class_weights, labelids_to_trainids, parse_split_file, synthetic_arrays
 from mtkit.data.transforms import Augment, augment_segmentation, augment_triplet
 from mtkit.errors import DatasetError
 

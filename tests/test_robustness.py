@@ -2,31 +2,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_recipe
 
-from mtkit.config import validate
-from mtkit.data.datasets import build_dataset
 from mtkit.errors import MtkitError
-from mtkit.evaluate import build_perturbations, load_model, robustness_sweep
+from mtkit.evaluate import build_perturbations, robustness_sweep
 from mtkit.metrics import confusion_matrix, iou_per_class, miou, q_ratio
-from mtkit.perturbations import (FGSM, PGD, AttackContext, Perturbation, build_perturbation, fgsm,
-                                 fgsm_direction, gaussian_noise, measured_epsilon, pgd, pgd_iterations,
-                                 salt_and_pepper)
-from mtkit.train import train
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny segmenter trained for a few dozen steps on the synthetic city data, and its eval data."""
-    data = tiny_recipe(**{"train.epochs": 1, "train.steps_per_epoch": 30, "train.lr": 1e-3, "train.batch_size": 8})
-    data["data"]["segmentation"]["options"]["sequences"] = 4
-    recipe = validate(data)
-    run = tmp_path_factory.mktemp("trained")
-    train(recipe, "single", run, progress=False)
-    loaded = load_model(run / "last.pt")
-    ds = build_dataset(recipe.data.eval["CS"])
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
-    return loaded, ds, batch["image"], batch["label"]
+from mtkit.perturbations import (
+    FGSM,
+    PGD,
+    AttackContext,
+    Perturbation,
+    build_perturbation,
+    fgsm,
+    fgsm_direction,
+    gaussian_noise,
+    measured_epsilon,
+    pgd,
+    pgd_iterations,
+    salt_and_pepper,
+)
 
 
 def _ctx(loaded, seed=0):

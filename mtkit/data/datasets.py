@@ -22,8 +22,7 @@ from ..config import AugmentConfig, DatasetConfig, expand_root
 from ..errors import DatasetError
 from ..registry import register
 from . import synthetic
-from .common import (atomic_save_npz, cache_dir, read_image, require_dir, resize_image, resize_label,
-                     to_image_tensor)
+from .common import atomic_save_npz, cache_dir, read_image, require_dir, resize_image, resize_label, to_image_tensor
 from .transforms import Augment, augment_segmentation, augment_triplet
 
 

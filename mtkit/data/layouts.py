@@ -16,7 +16,8 @@ def _png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path)
 
 
-def write_cityscapes(root: Path, data: dict[str, np.ndarray], split: str = "train", city: str = "synthcity") -> list[Path]:
+def write_cityscapes(root: Path, data: dict[str, np.ndarray], split: str = "train",
+                     city: str = "synthcity") -> list[Path]:
     """leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png + gtFine/..._gtFine_labelIds.png."""
     out = []
     for i, (img, lab) in enumerate(zip(data["images"], data["labels"])):

@@ -68,7 +68,7 @@ def load_local_weights(body: nn.Module, path: Path, in_chans: int = 3) -> None:
     state = _read_state_dict(path)
     own = body.state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    extra = [k for k in state if k not in own and not k.split(".")[0] in ("fc", "head", "classifier", "global_pool")]
+    extra = [k for k in state if k not in own and k.split(".")[0] not in ("fc", "head", "classifier", "global_pool")]
     missing = [k for k in own if k not in state]
     if missing or extra:
         raise CheckpointError(

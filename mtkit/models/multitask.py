@@ -65,8 +65,10 @@ class MultiTaskNet(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, tasks: tuple[str, ...] = ("segmentation",), lam: float = 1.0,
-                 num_scales: int = 4) -> None:
+                 num_scales: int = 4, task_scales: dict[str, float] | None = None) -> None:
         super().__init__()
+        from ..tasks import BUILTIN_TASKS, auxiliary_task
+
         self.cfg = cfg
         self.tasks = tuple(tasks)
         self.lam = float(lam)
@@ -80,6 +82,10 @@ class MultiTaskNet(nn.Module):
             self.depth_head = _build_head(cfg.depth_head, channels, cfg, num_scales=num_scales)
             self.pose_net = PoseNet(cfg.pose_backbone, cfg.pose_pretrained, cfg.mean, cfg.std,
                                     **cfg.backbone_kwargs)
+        # plugin tasks: a head each on the segmentation batch's features, gradient scale task_scales or 1-λ
+        self.aux_tasks = {t: auxiliary_task(t) for t in self.tasks if t not in BUILTIN_TASKS}
+        self.aux_heads = nn.ModuleDict({t: task.build_head(channels, cfg) for t, task in self.aux_tasks.items()})
+        self.aux_scales = {t: float((task_scales or {}).get(t, 1.0 - self.lam)) for t in self.aux_tasks}
 
     @property
     def has_depth(self) -> bool:
@@ -90,7 +96,7 @@ class MultiTaskNet(nn.Module):
         """seg_images (B_s, 3, H, W); depth_frames (B_d, 3, 3, H, W) = [x_{t-1}, x_t, x_{t+1}], gray values.
 
         Returns ``seg_logits``; with depth frames also ``disp`` and ``sigma`` (scale → (B_d, 1, h_s, w_s)) for
-        x_t and ``poses`` {-1: T_{t→t-1}, 1: T_{t→t+1}}.
+        x_t and ``poses`` {-1: T_{t→t-1}, 1: T_{t→t+1}}; with auxiliary (plugin) tasks ``aux`` {task: output}.
         """
         _check_size(self.seg_head, seg_images)
         n_seg = seg_images.shape[0]
@@ -102,10 +108,15 @@ class MultiTaskNet(nn.Module):
         size = tuple(seg_images.shape[-2:])
         seg_feats = [f[:n_seg] for f in feats]
         out: dict[str, object] = {}
-        if depth_images is None:
+        if self.aux_heads:
+            out["aux"] = {t: head(scale_features(seg_feats, self.aux_scales[t]), size)
+                          for t, head in self.aux_heads.items()}
+        if depth_images is None and not self.aux_heads:
             out["seg_logits"] = self.seg_head(seg_feats, size)
             return out
         out["seg_logits"] = self.seg_head(scale_features(seg_feats, self.lam), size)
+        if depth_images is None:
+            return out
         depth_feats = scale_features([f[n_seg:] for f in feats], 1.0 - self.lam)
         sigmas = self.depth_head(depth_feats, tuple(depth_images.shape[-2:]))  # type: ignore[misc]
         out["disp"] = {s: disp_to_depth(v, self.cfg.min_depth, self.cfg.max_depth)[0] for s, v in sigmas.items()}
@@ -134,12 +145,6 @@ class MultiTaskNet(nn.Module):
 
 
 def build_model(cfg: ModelConfig, tasks: list[str] | tuple[str, ...] = ("segmentation",), lam: float = 1.0,
-                num_scales: int = 4) -> MultiTaskNet:
-    """The network for one model spec of a recipe."""
-    unknown = [t for t in tasks if t not in ("segmentation", "depth")]
-    if unknown:
-        from ..plugins import get_registry
-
-        for t in unknown:
-            get_registry().entry("task", t)  # clear error when the task is not registered
-    return MultiTaskNet(cfg, tuple(tasks), lam, num_scales)
+                num_scales: int = 4, task_scales: dict[str, float] | None = None) -> MultiTaskNet:
+    """The network for one model spec of a recipe (plugin tasks are looked up in the task registry)."""
+    return MultiTaskNet(cfg, tuple(tasks), lam, num_scales, task_scales)

@@ -1,0 +1,188 @@
+"""Throughput benchmarks (pytest-benchmark). ``mtkit bench`` runs them with timing on, saves and compares; the
+test suite runs them once with ``--benchmark-disable`` so they keep working.
+
+Side-by-side comparisons are measured in the same run, interleaved, and reported as ratios in ``extra_info``:
+the toolkit's training step vs a hand-written plain-PyTorch step of the same network and losses, the FGSM sweep
+vs 7 independent FGSM runs, and PGD vs torchattacks' PGD on the same model and inputs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SIZES, make_trainer, rounds
+
+from mtkit.losses import IGNORE_INDEX, MonodepthLoss
+from mtkit.models.decoders import disp_to_depth
+from mtkit.perturbations import FGSM, AttackContext, fgsm, fgsm_direction, pgd
+
+EPSILONS = [0.25, 0.5, 1, 2, 4, 8, 16]
+
+
+class UnitRange(torch.nn.Module):
+    """The segmenter on images in [0, 1] (torchattacks' convention); mtkit's attacks use gray values 0..255."""
+
+    def __init__(self, segmenter: torch.nn.Module) -> None:
+        super().__init__()
+        self.segmenter = segmenter
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.segmenter(z * 255.0)
+
+
+def _median_seconds(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _interleaved(a, b, n: int) -> tuple[float, float]:
+    """Median seconds of a and b, measured alternately (after a warm-up call each when n > 1), so drift hits
+    both alike."""
+    if n > 1:
+        a(), b()
+    ta, tb = [], []
+    for _ in range(n):
+        ta.append(_median_seconds(a, 1))
+        tb.append(_median_seconds(b, 1))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def plain_pytorch_step(model, depth_loss: MonodepthLoss, optimizer, seg, dep, lam: float, cw) -> float:
+    """The same network and losses, written by hand: one encoder pass over both batches, gradient hooks for eq. 5,
+    weighted cross-entropy (eq. 1), the depth loss (eq. 2-4), Adam."""
+    x, y = seg["image"], seg["label"]
+    n = x.shape[0]
+    size = tuple(x.shape[-2:])
+    inputs = x if dep is None else torch.cat([x, dep["frames"][:, 1]])
+    feats = model.encoder(model.normalize(inputs))
+    seg_feats = [f[:n] for f in feats]
+    if dep is not None:
+        for f in seg_feats:
+            f.register_hook(lambda g: g * lam)
+    logits = model.seg_head(seg_feats, size)
+    ce = F.cross_entropy(logits, y, weight=cw, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = ce / (y != IGNORE_INDEX).sum().clamp_min(1)
+    if dep is not None:
+        depth_feats = [f[n:] for f in feats]
+        for f in depth_feats:
+            f.register_hook(lambda g: g * (1 - lam))
+        sigmas = model.depth_head(depth_feats, size)
+        disp = {s: disp_to_depth(v, model.cfg.min_depth, model.cfg.max_depth)[0] for s, v in sigmas.items()}
+        frames = dep["frames"]
+        poses = {-1: model.pose_net(frames[:, 1], frames[:, 0], other_is_past=True),
+                 1: model.pose_net(frames[:, 1], frames[:, 2], other_is_past=False)}
+        raw = dep["frames_raw"]
+        loss = loss + depth_loss(disp, [raw[:, 0], raw[:, 1], raw[:, 2]], dep["K"], poses).total
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+@pytest.mark.parametrize("size", ["quick", "paper"])
+@pytest.mark.parametrize("multitask", [True, False], ids=["multitask", "single"])
+def test_train_step(benchmark, size, multitask):
+    """One training step of the toolkit's trainer (images/s); ratio vs the plain-PyTorch step of the same net."""
+    s = make_trainer(size, multitask)
+    tr = s.trainer
+    n = 5 if size == "quick" else 2
+    toolkit, plain = _interleaved(lambda: tr._step(s.seg, s.dep),
+                                  lambda: plain_pytorch_step(tr.model, tr.depth_loss, tr.optimizer, s.seg, s.dep,
+                                                             tr.spec.lam, tr.cw),
+                                  rounds(benchmark, n))
+    benchmark.extra_info.update(images_per_step=s.images, overhead_vs_plain_pytorch=toolkit / plain - 1,
+                                plain_pytorch_images_per_s=s.images / plain)
+    benchmark.pedantic(tr._step, args=(s.seg, s.dep), rounds=n, iterations=1, warmup_rounds=0)
+    benchmark.extra_info["images_per_s"] = s.images / benchmark.stats.stats.median if benchmark.stats else None
+
+
+def test_segmenter_inference(benchmark, trained_segmenter):
+    """Segmentation network inference at the quickstart size (images/s)."""
+    seg, x, _ = trained_segmenter
+
+    def infer():
+        with torch.inference_mode():
+            return seg(x)
+
+    out = benchmark(infer)
+    assert out.shape == (x.shape[0], 19, *x.shape[-2:])
+    benchmark.extra_info["images"] = x.shape[0]
+
+
+def test_photometric_loss(benchmark, injected_sleep):
+    """The depth loss alone (eq. 2-4, 4 scales, two source frames) at the quickstart size, batch 6."""
+    h, w = SIZES["quick"]
+    g = torch.Generator().manual_seed(0)
+    b = 6
+    disps = {s: torch.rand(b, 1, h // 2**s, w // 2**s, generator=g) + 0.1 for s in range(4)}
+    frames = [torch.rand(b, 3, h, w, generator=g) * 255 for _ in range(3)]
+    k = torch.eye(4).repeat(b, 1, 1)
+    k[:, 0, 0], k[:, 1, 1], k[:, 0, 2], k[:, 1, 2] = 0.58 * w, 1.92 * h, w / 2, h / 2
+    pose = torch.eye(4).repeat(b, 1, 1)
+    pose[:, 2, 3] = 0.5
+    loss = MonodepthLoss()
+    out = benchmark(loss, disps, frames, k, {-1: pose, 1: pose})
+    assert torch.isfinite(out.total)
+
+
+def test_fgsm_sweep(benchmark, trained_segmenter):
+    """One FGSM sweep over the paper's 7 ε (one backward pass) vs 7 independent FGSM runs (7 backward passes)."""
+    seg, x, y = trained_segmenter
+    ctx = AttackContext(seg, None, torch.Generator().manual_seed(0))
+
+    def independent():
+        return {e: fgsm(x, fgsm_direction(ctx.input_gradient(x, y)), e).clamp(0, 255) for e in EPSILONS}
+
+    sweep, seven = _interleaved(lambda: FGSM().sweep(ctx, x, y, EPSILONS), independent, rounds(benchmark, 3))
+    benchmark.extra_info["speedup_vs_7_independent_runs"] = seven / sweep
+    out = benchmark(FGSM().sweep, ctx, x, y, EPSILONS)
+    assert sorted(out) == EPSILONS
+
+
+def test_pgd_iteration(benchmark, trained_segmenter):
+    """One PGD iteration (forward, backward, projection); ratio vs torchattacks' PGD when it is installed."""
+    seg, x, y = trained_segmenter
+    ctx = AttackContext(seg, None, torch.Generator().manual_seed(0))
+    eps = 4.0
+    try:
+        import torchattacks
+    except ImportError:
+        torchattacks = None
+    if torchattacks is not None:
+        # torchattacks works on images in [0, 1] with nn.CrossEntropyLoss (no void label): same model, same step
+        attack = torchattacks.PGD(UnitRange(seg), eps=eps / 255, alpha=1 / 255, steps=1, random_start=False)
+        y_valid = y.clamp_max(18)
+        ours, theirs = _interleaved(lambda: pgd(ctx, x, y_valid, eps, iterations=1),
+                                    lambda: attack(x / 255.0, y_valid), rounds(benchmark, 5))
+        benchmark.extra_info["ratio_vs_torchattacks"] = ours / theirs
+    out = benchmark(pgd, ctx, x, y, eps, 1.0, 1)
+    assert (out - x).abs().max() <= eps + 1e-4
+
+
+def test_data_loading(benchmark, tmp_path_factory):
+    """Images/s through the real Cityscapes loader from PNG files on disk (written in the official layout)."""
+    from mtkit.config import AugmentConfig, DatasetConfig
+    from mtkit.data.datasets import build_dataset, synthetic_arrays
+    from mtkit.data.layouts import write_cityscapes
+
+    root = tmp_path_factory.mktemp("cityscapes")
+    cfg = DatasetConfig(name="synthetic", split="train", height=192, width=640, options={"sequences": 4})
+    write_cityscapes(root, synthetic_arrays(cfg, "city"), "train")
+    ds = build_dataset(DatasetConfig(name="cityscapes", root=str(root), split="train", height=96, width=320),
+                       train=True, augment=AugmentConfig())
+    loader = torch.utils.data.DataLoader(ds, batch_size=12, shuffle=False)
+
+    def load_all():
+        return sum(b["image"].shape[0] for b in loader)
+
+    n = benchmark(load_all)
+    assert n == len(ds)
+    benchmark.extra_info["images"] = n

@@ -1,0 +1,40 @@
+"""Tasks: what a model learns besides segmentation. ``segmentation`` (eq. 1) and ``depth`` (eq. 2-4, with its
+own video batch and pose network) are built into the trainer; any other task is an ``AuxiliaryTask`` that a
+plugin registers in the ``task`` registry and a recipe names in ``models[].tasks``.
+
+An auxiliary task gets its own head on the shared encoder, fed by the segmentation batch's features. Its gradient
+is scaled where it meets the encoder like the depth task's (eq. 5 generalised): by ``models[].task_scales[name]``,
+default 1-λ, so the encoder receives λ·g_seg + (1-λ)·g_depth + Σ_k s_k·g_k while each head trains unscaled.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import MtkitError
+
+BUILTIN_TASKS = ("segmentation", "depth")
+
+
+class AuxiliaryTask:
+    """Base class of a plugin task: ``build_head`` (a module mapping encoder features and the image size to an
+    output) and ``loss`` (a scalar from that output and the input images in gray values 0..255)."""
+
+    def build_head(self, enc_channels: list[int], cfg: ModelConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, output: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def auxiliary_task(name: str) -> AuxiliaryTask:
+    """The registered task ``name`` as an instance (a clear error if it is unknown or not an AuxiliaryTask)."""
+    from .plugins import get_registry
+
+    entry = get_registry().entry("task", name)
+    obj = entry.obj() if isinstance(entry.obj, type) else entry.obj
+    if not isinstance(obj, AuxiliaryTask):
+        raise MtkitError(f"task '{name}' ({entry.origin}) is not an mtkit.tasks.AuxiliaryTask")
+    return obj

@@ -1,0 +1,229 @@
+"""mtkit-attacks: MI-FGSM, SegPGD and a universal adversarial perturbation as mtkit perturbations.
+
+Every attack follows mtkit's convention: images in gray values 0..255, strength ε in gray values (the L∞ budget of
+the projection, so the RMS of the perturbation, eq. 7, is at most ε and is measured and recorded by the
+evaluation), the result clipped to [0, 255]. Gradients go through ``AttackContext.gradient`` so the evaluation
+counts backward passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mtkit import hookimpl
+from mtkit.errors import MtkitError
+from mtkit.losses import IGNORE_INDEX
+from mtkit.perturbations import AttackContext, Perturbation, clip_image, fgsm_direction, pgd_iterations, project
+
+__version__ = "0.1.0"
+
+
+def _labels_required(y: torch.Tensor | None, name: str) -> torch.Tensor:
+    if y is None:
+        raise MtkitError(f"{name} needs ground-truth labels; this evaluation dataset gives none")
+    return y
+
+
+# --------------------------------------------------------------------------------------------------- MI-FGSM
+
+def mifgsm(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, eps: float, iterations: int = 10,
+           decay: float = 1.0) -> torch.Tensor:
+    """MI-FGSM (Dong et al., CVPR 2018): g ← μ·g + ∇/‖∇‖₁ (per image), x ← Π_ε(x + α·sign(g)), α = ε/T."""
+    alpha = eps / iterations
+    g = torch.zeros_like(x)
+    x_adv = x.clone()
+    for _ in range(iterations):
+        grad = ctx.input_gradient(x_adv, y)
+        g = decay * g + grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+        x_adv = project(x_adv + alpha * fgsm_direction(g), x, eps)
+    return x_adv
+
+
+class MIFGSM(Perturbation):
+    """MI-FGSM (Dong et al. 2018): momentum iterative FGSM; options iterations (10), decay (1.0)."""
+
+    needs_gradient = True
+
+    def __init__(self, iterations: int = 10, decay: float = 1.0) -> None:
+        if iterations < 1:
+            raise MtkitError(f"mifgsm iterations must be at least 1, got {iterations}")
+        self.iterations = iterations
+        self.decay = decay
+
+    def sweep(self, ctx, x, y, epsilons):
+        y = _labels_required(y, "mifgsm")
+        return {e: mifgsm(ctx, x, y, e, self.iterations, self.decay) for e in epsilons}
+
+
+# ---------------------------------------------------------------------------------------------------- SegPGD
+
+def segpgd_loss(logits: torch.Tensor, y: torch.Tensor, lam: float, weights: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """SegPGD's loss (Gu et al., ECCV 2022, eq. 5): (1-λ)/|I|·Σ_{correct} L_i + λ/|I|·Σ_{wrong} L_i.
+
+    L_i is the (class-weighted, as eq. 1 of Klingner et al.) cross-entropy of pixel i; void pixels are left out.
+    """
+    per_pixel = F.cross_entropy(logits, y, weight=weights, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = y != IGNORE_INDEX
+    correct = (logits.argmax(1) == y) & valid
+    wrong = ~correct & valid
+    n = valid.sum().clamp_min(1)
+    return ((1 - lam) * per_pixel[correct].sum() + lam * per_pixel[wrong].sum()) / n
+
+
+def segpgd(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, eps: float, step: float = 1.0,
+           iterations: int | None = None) -> torch.Tensor:
+    """SegPGD: PGD steps on ``segpgd_loss`` with λ_t = (t-1)/(2T), t = 1..T, L∞ projection and clipping."""
+    iterations = pgd_iterations(eps) if iterations is None else iterations
+    x_adv = x.clone()
+    for t in range(iterations):
+        lam = t / (2 * iterations)
+        grad = ctx.gradient(x_adv, lambda logits, lam=lam: segpgd_loss(logits, y, lam, ctx.class_weights))
+        x_adv = project(x_adv + step * fgsm_direction(grad), x, eps)
+    return x_adv
+
+
+class SegPGD(Perturbation):
+    """SegPGD (Gu et al. 2022): PGD re-weighting correct/wrong pixels; options step (1), iterations."""
+
+    needs_gradient = True
+
+    def __init__(self, step: float = 1.0, iterations: int | None = None) -> None:
+        if step <= 0:
+            raise MtkitError(f"segpgd step must be positive gray values, got {step}")
+        self.step = step
+        self.iterations = iterations
+
+    def sweep(self, ctx, x, y, epsilons):
+        y = _labels_required(y, "segpgd")
+        return {e: segpgd(ctx, x, y, e, self.step, self.iterations) for e in epsilons}
+
+
+# ------------------------------------------------------------------------------- universal perturbation
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's weights: a saved perturbation is only reused for the model it was learnt on."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def learn_uap(ctx: AttackContext, dataset, eps: float, epochs: int = 5, batch_size: int = 8,
+              step: float | None = None, images: int | None = None) -> torch.Tensor:
+    """A universal adversarial perturbation ξ (3, H, W) for segmentation (Metzen et al., ICCV 2017 style).
+
+    Maximises the mean J^ce (eq. 1) of the images x + ξ over the training set: each batch takes a signed gradient
+    step on ξ (size ``step``, default ε/10), ξ is projected onto the L∞ ε-ball, x + ξ is clipped to [0, 255].
+    """
+    step = eps / 10 if step is None else step
+    n = len(dataset) if images is None else min(images, len(dataset))
+    if n == 0:
+        raise MtkitError("uap: the training dataset is empty")
+    xi: torch.Tensor | None = None
+    device = next(ctx.model.parameters()).device
+    for _ in range(epochs):
+        order = torch.randperm(len(dataset), generator=ctx.generator)[:n].tolist()
+        for i in range(0, n, batch_size):
+            batch = [dataset[j] for j in order[i:i + batch_size]]
+            x = torch.stack([b["image"] for b in batch]).to(device)
+            y = torch.stack([b["label"] for b in batch]).to(device)
+            if xi is None:
+                xi = torch.zeros(x.shape[1:], device=device)
+            grad = ctx.input_gradient(clip_image(x + xi), y).sum(0)
+            xi = (xi + step * fgsm_direction(grad)).clamp(-eps, eps)
+    assert xi is not None
+    return xi
+
+
+def save_uap(path: Path, xi: torch.Tensor, eps: float, fingerprint: str, meta: dict[str, Any]) -> Path:
+    from mtkit.checkpoint import atomic_torch_save
+
+    atomic_torch_save({"perturbation": xi.cpu(), "epsilon": eps, "model": fingerprint, "meta": meta}, path)
+    return path
+
+
+def load_uap(path: Path, fingerprint: str | None = None) -> torch.Tensor:
+    """A saved perturbation (weights_only load); refuses one learnt on another model."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise MtkitError(f"cannot read universal perturbation {path}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(data, dict) or "perturbation" not in data:
+        raise MtkitError(f"{path} is not a universal perturbation file (no 'perturbation' entry)")
+    if fingerprint is not None and data.get("model") != fingerprint:
+        raise MtkitError(f"{path} was learnt on another model ({data.get('model')}, this one is {fingerprint}); "
+                         "delete it or point options.folder elsewhere")
+    return data["perturbation"]
+
+
+class UniversalPerturbation(Perturbation):
+    """Universal adversarial perturbation (Metzen et al. 2017 style): learnt over options.dataset, saved, added."""
+
+    needs_gradient = True
+
+    def __init__(self, dataset: dict[str, Any] | None = None, epochs: int = 5, images: int | None = 64,
+                 batch_size: int = 8, step: float | None = None, folder: str | None = None) -> None:
+        if dataset is None:
+            raise MtkitError("uap needs robustness.options.uap.dataset: the training images to learn the "
+                             "perturbation on, e.g. {name: synthetic, split: train, options: {domain: city}}")
+        from pydantic import ValidationError
+
+        from mtkit.config import DatasetConfig
+
+        try:
+            self.dataset_cfg = DatasetConfig.model_validate(dataset)
+        except ValidationError as exc:
+            raise MtkitError(f"robustness.options.uap.dataset: {exc.errors()[0]['msg']} "
+                             f"at {'.'.join(map(str, exc.errors()[0]['loc']))}") from None
+        self.epochs, self.images, self.batch_size, self.step = epochs, images, batch_size, step
+        self.folder = Path(folder) if folder else None
+        self._cache: dict[tuple[str, float, int, int], torch.Tensor] = {}
+        self._fingerprints: dict[int, str] = {}
+        self.files: list[Path] = []
+
+    def _folder(self) -> Path:
+        from mtkit.data.common import cache_dir
+
+        return self.folder or cache_dir() / "uap"
+
+    def perturbation_for(self, ctx: AttackContext, eps: float, size: tuple[int, int]) -> torch.Tensor:
+        """The perturbation for this model, ε and image size: from memory, from its file, or learnt and saved."""
+        from mtkit.config import config_hash
+        from mtkit.data.datasets import build_dataset
+
+        fp = self._fingerprints.get(id(ctx.model)) or model_fingerprint(ctx.model)
+        self._fingerprints[id(ctx.model)] = fp
+        key = (fp, eps, *size)
+        if key in self._cache:
+            return self._cache[key]
+        cfg = self.dataset_cfg.model_copy(update={"height": size[0], "width": size[1]})
+        meta = {"dataset": cfg.model_dump(), "epochs": self.epochs, "images": self.images,
+                "batch_size": self.batch_size, "step": self.step}
+        path = self._folder() / f"uap-{fp}-{config_hash(meta, eps)}.pt"
+        if path.is_file():
+            xi = load_uap(path, fp)
+        else:
+            xi = learn_uap(ctx, build_dataset(cfg), eps, self.epochs, self.batch_size, self.step, self.images)
+            save_uap(path, xi, eps, fp, meta)
+        self.files.append(path)
+        device = next(ctx.model.parameters()).device
+        self._cache[key] = xi.to(device)
+        return self._cache[key]
+
+    def sweep(self, ctx, x, y, epsilons):
+        size = (x.shape[-2], x.shape[-1])
+        return {e: clip_image(x + self.perturbation_for(ctx, e, size)) for e in epsilons}
+
+
+@hookimpl
+def mtkit_register(registry) -> None:
+    registry.add("perturbation", "mifgsm", MIFGSM)
+    registry.add("perturbation", "segpgd", SegPGD)
+    registry.add("perturbation", "uap", UniversalPerturbation)

@@ -1,0 +1,168 @@
+"""The plugin packages under plugins/, installed into the test environment (tools/with-env.sh installs them) and
+reached only through their distributions' entry points."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import pytest
+import torch
+from conftest import tiny_recipe
+
+from mtkit.config import validate
+from mtkit.errors import MtkitError
+from mtkit.evaluate import CountingContext, robustness_sweep
+from mtkit.perturbations import FGSM, Gaussian, build_perturbation, measured_epsilon
+from mtkit.plugins import get_registry, load_plugins
+
+PACKAGES = {"mtkit-attacks": "attacks", "mtkit-corruptions": "corruptions", "mtkit-edges": "edges"}
+
+
+def _ctx(loaded, seed=0):
+    return CountingContext(loaded.segmenter, loaded.class_weights, torch.Generator().manual_seed(seed))
+
+
+def test_plugin_distributions_are_installed_and_found_through_entry_points():
+    eps = {ep.name: ep for ep in metadata.entry_points(group="mtkit")}
+    for dist, ep_name in PACKAGES.items():
+        assert ep_name in eps, f"{dist} is not installed (pip install ./plugins/{dist})"
+        assert eps[ep_name].dist.metadata["Name"] == dist
+    plugins = load_plugins()
+    assert plugins.failures == []
+    reg = plugins.registry
+    version = metadata.version("mtkit-attacks")
+    for name in ("mifgsm", "segpgd", "uap"):
+        assert reg.entry("perturbation", name).origin == f"mtkit-attacks {version}"
+    assert reg.entry("perturbation", "corrupt_fog").origin.startswith("mtkit-corruptions ")
+    assert reg.entry("task", "edges").origin.startswith("mtkit-edges ")
+    # without entry points the same names are unknown, and the error names the package that provides them
+    bare = load_plugins(entry_points=False).registry
+    with pytest.raises(MtkitError, match="pip install mtkit-attacks"):
+        bare.get("perturbation", "mifgsm")
+
+
+@pytest.mark.parametrize("name", ["mifgsm", "segpgd"])
+def test_iterative_attacks_stay_in_the_ball_and_raise_the_loss(trained, name):
+    loaded, _, x, y = trained
+    ctx = _ctx(loaded)
+    eps = 4.0
+    adv = build_perturbation(name).sweep(ctx, x, y, [eps])[eps]
+    assert (adv - x).abs().max() <= eps + 1e-4
+    assert adv.min() >= 0 and adv.max() <= 255
+    assert measured_epsilon(adv, x) <= eps + 1e-6
+    assert ctx.backward_passes > 1
+    with torch.no_grad():
+        clean, attacked = ctx.loss(x, y), ctx.loss(adv, y)
+        fgsm = ctx.loss(FGSM().sweep(ctx, x, y, [eps])[eps], y)
+    assert attacked > clean
+    if name == "mifgsm":
+        assert attacked > fgsm  # iterated with momentum: stronger than one step
+
+
+def test_segpgd_weights_wrong_pixels_more_over_the_iterations():
+    from mtkit_attacks import segpgd_loss
+
+    logits = torch.tensor([[[[4.0, -4.0]], [[0.0, 0.0]]]])  # pixel 0 predicted class 0, pixel 1 class 1
+    y = torch.tensor([[[0, 0]]])  # pixel 0 correct, pixel 1 wrong
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")[0, 0]
+    assert segpgd_loss(logits, y, 0.0) == pytest.approx(float(ce[0]) / 2)
+    assert segpgd_loss(logits, y, 0.5) == pytest.approx(float(ce[0] + ce[1]) / 4)
+
+
+def test_universal_perturbation_is_saved_and_transfers(trained, tmp_path):
+    loaded, ds, _, _ = trained
+    eps = 8.0
+    opts = {"dataset": {"name": "synthetic", "split": "train", "options": {"domain": "city", "sequences": 4,
+                                                                          "frames": 8}},
+            "epochs": 4, "images": 32, "folder": str(tmp_path)}
+    uap = build_perturbation("uap", opts)
+    held_out = robustness_sweep(loaded.segmenter, ds, {"uap": uap}, [eps], 19, loaded.class_weights, 4)
+    (row,) = held_out["rows"]
+    files = list(tmp_path.glob("uap-*.pt"))
+    assert len(files) == 1 and uap.files == files
+    xi = torch.load(files[0], weights_only=True)["perturbation"]
+    assert xi.shape == (3, 32, 64) and xi.abs().max() <= eps
+    # Gaussian noise at the UAP's measured ε hurts less on the same held-out images
+    gauss = robustness_sweep(loaded.segmenter, ds, {"gaussian": Gaussian()}, [row["epsilon_measured"]], 19,
+                             loaded.class_weights, 4)["rows"][0]
+    assert row["miou"] < gauss["miou"], (row["miou"], gauss["miou"])
+    # a second instance loads the file instead of learning again (no backward pass)
+    again = build_perturbation("uap", opts)
+    ctx = _ctx(loaded)
+    again.sweep(ctx, held_out_batch(ds), None, [eps])
+    assert ctx.backward_passes == 0
+
+
+def held_out_batch(ds):
+    return torch.stack([ds[i]["image"] for i in range(2)])
+
+
+def test_every_corruption_runs_and_reports_its_measured_epsilon(trained):
+    loaded, _, x, _ = trained
+    reg = get_registry()
+    names = [n for n in reg.names("perturbation") if n.startswith("corrupt_")]
+    assert len(names) == 19
+    ctx = _ctx(loaded)
+    for name in names:
+        pert = build_perturbation(name, {"severities": [1, 5]})
+        assert pert.level_kind == "severity" and pert.levels([1.0]) == [1.0, 5.0]
+        out = pert.sweep(ctx, x[:1], None, [1.0])
+        for sev, adv in out.items():
+            assert adv.shape == x[:1].shape and adv.min() >= 0 and adv.max() <= 255, (name, sev)
+    noise = build_perturbation("corrupt_gaussian_noise").sweep(ctx, x[:2], None, [])
+    eps = [measured_epsilon(noise[float(s)], x[:2]) for s in range(1, 6)]
+    assert eps == sorted(eps) and eps[0] > 1  # stronger severity, larger measured ε
+    with pytest.raises(MtkitError, match="severities must be among 1-5"):
+        build_perturbation("corrupt_fog", {"severities": [7]})
+
+
+def test_recipe_sweep_with_plugin_attacks_and_corruptions(tmp_path):
+    from mtkit.pipeline import run
+
+    data = tiny_recipe(**{"models": [{"name": "single", "tasks": ["segmentation"]}],
+                          "robustness.perturbations": ["fgsm", "mifgsm", "segpgd", "uap", "corrupt_fog",
+                                                       "corrupt_gaussian_noise"],
+                          "robustness.epsilons": [2.0, 8.0],
+                          "robustness.datasets": ["CS"],
+                          "robustness.options": {
+                              "mifgsm": {"iterations": 2}, "segpgd": {"iterations": 2},
+                              "uap": {"dataset": {"name": "synthetic", "split": "train",
+                                                  "options": {"domain": "city", "sequences": 2, "frames": 8}},
+                                      "epochs": 1, "images": 4, "folder": str(tmp_path / "uap")},
+                              "corrupt_fog": {"severities": [1, 3]}}})
+    res = run(validate(data), progress=False, run_dir=tmp_path / "run", log=lambda m: None)
+    rows = res.results["robustness"]
+    assert {r["perturbation"] for r in rows} == {"fgsm", "mifgsm", "segpgd", "uap", "corrupt_fog",
+                                                  "corrupt_gaussian_noise"}
+    fog = [r for r in rows if r["perturbation"] == "corrupt_fog"]
+    assert [(r["level_kind"], r["level"], r["epsilon"]) for r in fog] == [("severity", 1.0, None),
+                                                                         ("severity", 3.0, None)]
+    assert all(r["epsilon_measured"] > 0 for r in fog)
+    assert len([r for r in rows if r["perturbation"] == "corrupt_gaussian_noise"]) == 5
+    assert res.paths["figure_corruptions"].stat().st_size > 0
+    report = res.paths["report"].read_text()
+    assert "under **corrupt_fog** on CS (by severity; ε measured)" in report
+    assert "under **segpgd** on CS" in report
+
+
+def test_a_plugin_task_trains_through_a_recipe(tmp_path):
+    from mtkit.train import train
+
+    data = tiny_recipe(**{"models": [{"name": "edges", "tasks": ["segmentation", "edges"], "lambda": 0.9,
+                                      "task_scales": {"edges": 0.1}}],
+                          "train.steps_per_epoch": 12, "train.epochs": 1, "train.lr": 1e-3})
+    res = train(validate(data), "edges", tmp_path, progress=False)
+    steps = [r for r in map(__import__("json").loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+             if r["type"] == "step"]
+    assert len(steps) == 12 and all("edges" in s for s in steps)
+    first, last = sum(s["edges"] for s in steps[:3]), sum(s["edges"] for s in steps[-3:])
+    assert last < first
+    from mtkit.evaluate import load_model
+
+    model = load_model(res.last).model
+    assert set(model.aux_heads) == {"edges"} and model.aux_scales == {"edges": 0.1}
+    with pytest.raises(MtkitError, match="task_scales names"):
+        validate(tiny_recipe(**{"models": [{"name": "m", "tasks": ["segmentation"], "task_scales": {"x": 1}}]}))
+    with pytest.raises(MtkitError, match="unknown task 'edge'; did you mean 'edges'"):
+        train(validate(tiny_recipe(**{"models": [{"name": "m", "tasks": ["segmentation", "edge"]}]})), "m",
+              tmp_path / "x", progress=False)
