@@ -1,0 +1,97 @@
+"""``mtkit run``: a miniature of the whole protocol end to end, every artefact, stage caching and --force."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import tiny_recipe
+from PIL import Image
+
+from mtkit.config import load_recipe, validate
+from mtkit.errors import DatasetError
+from mtkit.pipeline import run
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipeline")
+    recipe_file = folder / "tiny.yaml"
+    recipe_file.write_text(yaml.safe_dump(tiny_recipe()))
+    recipe = load_recipe(recipe_file)
+    res = run(recipe, progress=False, run_dir=folder / "run", log=lambda m: None)
+    return recipe_file, recipe, res
+
+
+def test_every_artefact_exists_and_parses(first_run):
+    _, recipe, res = first_run
+    d = res.run_dir
+    assert res.stages_cached == []
+    assert len(res.stages_run) == 2 * (1 + 2)  # two models: train, evaluate on CS and K
+    results = json.loads((d / "results.json").read_text())
+    assert set(results["models"]) == {"single", "multi"}
+    assert {(c["model"], c["dataset"]) for c in results["clean"]} == {(m, k) for m in ("single", "multi")
+                                                                     for k in ("CS", "K")}
+    rows = list(csv.DictReader((d / "results.csv").open()))
+    assert len(rows) == 2 * 2 * 4 * 2  # models x datasets x perturbations x ε
+    assert {r["perturbation"] for r in rows} == {"gaussian", "salt_pepper", "fgsm", "pgd"}
+    for r in results["robustness"]:
+        assert 0 <= r["q"] <= 1.5 and r["epsilon_measured"] > 0
+    for png in ("figure5_robustness.png", "figure6_fgsm_lambda.png"):
+        with Image.open(d / png) as im:
+            assert im.size[0] > 400 and im.size[1] > 200
+    report = (d / "report.md").read_text()
+    assert "Table 2-style" in report and "![Figure 5](figure5_robustness.png)" in report
+    assert "Q [%] under **pgd** on K" in report
+    assert validate(yaml.safe_load((d / "recipe.yaml").read_text())).to_dict() == recipe.to_dict()
+    env = json.loads((d / "environment.json").read_text())
+    assert env["versions"]["torch"] and env["device"] == "cpu"
+    for summary in results["training"]:
+        assert summary["steps"] == 2 and summary["history"][-1]["val_miou"] >= 0
+
+
+def test_rerun_is_cached_and_a_changed_key_reruns_only_what_depends_on_it(first_run, tmp_path):
+    recipe_file, recipe, res = first_run
+    again = run(recipe, progress=False, run_dir=res.run_dir, log=lambda m: None)
+    assert again.stages_run == [] and len(again.stages_cached) == 6
+    assert again.results["robustness"] == res.results["robustness"]
+    # a robustness key shapes only the evaluation stages
+    changed = load_recipe(recipe_file, ["robustness.epsilons=[2.0]"])
+    part = run(changed, progress=False, run_dir=res.run_dir, log=lambda m: None)
+    assert all(s.startswith("evaluate") for s in part.stages_run) and len(part.stages_run) == 4
+    assert all(s.startswith("train") for s in part.stages_cached)
+    # λ of the multi-task model shapes its training and evaluation, not the single-task model's
+    lam = load_recipe(recipe_file, ["models.1.lambda=0.5"])
+    part = run(lam, progress=False, run_dir=res.run_dir, log=lambda m: None)
+    assert sorted(part.stages_run) == ["evaluate multi seed 0 on CS", "evaluate multi seed 0 on K",
+                                       "train multi seed 0"]
+    forced = run(recipe, force=True, progress=False, run_dir=res.run_dir, log=lambda m: None)
+    assert len(forced.stages_run) == 6 and forced.stages_cached == []
+
+
+def test_cli_run_uses_the_cache_and_prints_tables(first_run):
+    recipe_file, _, res = first_run
+    out = subprocess.run([sys.executable, "-m", "mtkit", "run", str(recipe_file), "--out", str(res.run_dir),
+                          "--no-progress"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "COLUMNS": "160"})
+    assert out.returncode == 0, out.stderr
+    assert "stages run: 0, cached: 6" in out.stdout and "Table 2: mIoU" in out.stdout
+
+
+def test_paper_recipe_without_datasets_stops_at_once_pointing_to_quickstart(monkeypatch, tmp_path):
+    for var in ("CITYSCAPES_ROOT", "KITTI_ROOT", "KITTI2015_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    from conftest import ROOT
+
+    recipe = load_recipe(ROOT / "recipes" / "paper.yaml", ["model.pretrained=false", "model.pose_pretrained=false"])
+    with pytest.raises(DatasetError) as err:
+        run(recipe, progress=False, run_dir=tmp_path, log=lambda m: None)
+    msg = str(err.value)
+    assert "data.segmentation (cityscapes)" in msg and "data.depth (kitti_raw)" in msg
+    assert "recipes/quickstart.yaml" in msg
+    assert not any(tmp_path.iterdir())  # nothing was started
