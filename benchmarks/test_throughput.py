@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SIZES, make_trainer, rounds
+from bench_support import SIZES, make_trainer, rounds
 
 from mtkit.losses import IGNORE_INDEX, MonodepthLoss
 from mtkit.models.decoders import disp_to_depth

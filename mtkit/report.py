@@ -85,79 +85,74 @@ def _label(results: dict[str, Any], model: str) -> str:
     return f"{model} (λ={m['lambda']:g})" if "depth" in m["tasks"] else f"{model} (single-task)"
 
 
-def rich_tables(results: dict[str, Any]) -> list[Table]:
+def q_sections(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One Q table per (perturbation, dataset): its level axis ("ε", or e.g. "severity" for corruptions), one row
+    of Q [%] per model (mean ± sd over seeds) and the measured ε per level."""
     agg = aggregate(results)
     models, datasets, perts, eps = _axes(results)
-    tables = []
+    axes = [(p, "ε", eps) for p in perts] + [(p, kind, lv) for p, (kind, lv) in _other_axes(results).items()]
+    sections = []
+    for p, kind, levels in axes:
+        for d in datasets:
+            sections.append({
+                "perturbation": p, "dataset": d, "kind": kind, "levels": levels,
+                "rows": [(f"Q ({_label(results, m)})",
+                          [_fmt(*agg["q"].get((m, d, p, lv), (math.nan, 0, 0))) for lv in levels]) for m in models],
+                "measured": [f"{agg['eps_measured'].get((models[0], d, p, lv), math.nan):.3g}" for lv in levels]})
+    return sections
+
+
+def _section_title(s: dict[str, Any], markdown: bool) -> str:
+    p = f"**{s['perturbation']}**" if markdown else s["perturbation"]
+    if s["kind"] == "ε":
+        return f"{'Table 3/4-style: ' if markdown else ''}Q [%] under {p} on {s['dataset']}"
+    return f"Q [%] under {p} on {s['dataset']} (by {s['kind']}; ε measured)"
+
+
+def rich_tables(results: dict[str, Any]) -> list[Table]:
+    agg = aggregate(results)
+    models, datasets, _, _ = _axes(results)
     t = Table(title="Table 2: mIoU [%]")
     t.add_column("model")
     for d in datasets:
         t.add_column(f"mIoU {d}", justify="right")
     for m in models:
         t.add_row(_label(results, m), *[_fmt(*agg["clean"].get((m, d), (math.nan, 0, 0))) for d in datasets])
-    tables.append(t)
-    for p in perts:
-        for d in datasets:
-            t = Table(title=f"Q [%] under {p} on {d} (Tables 3-4)")
-            t.add_column("ε")
-            for e in eps:
-                t.add_column(f"{e:g}", justify="right")
-            for m in models:
-                t.add_row(f"Q ({_label(results, m)})",
-                          *[_fmt(*agg["q"].get((m, d, p, e), (math.nan, 0, 0))) for e in eps])
-            meas = [agg["eps_measured"].get((models[0], d, p, e), math.nan) for e in eps]
-            t.add_row("[dim]measured ε[/dim]", *[f"[dim]{v:.3g}[/dim]" for v in meas])
-            tables.append(t)
-    for p, (kind, levels) in _other_axes(results).items():
-        for d in datasets:
-            t = Table(title=f"Q [%] under {p} on {d} (by {kind}; ε measured)")
-            t.add_column(kind)
-            for lv in levels:
-                t.add_column(f"{lv:g}", justify="right")
-            for m in models:
-                t.add_row(f"Q ({_label(results, m)})",
-                          *[_fmt(*agg["q"].get((m, d, p, lv), (math.nan, 0, 0))) for lv in levels])
-            meas = [agg["eps_measured"].get((models[0], d, p, lv), math.nan) for lv in levels]
-            t.add_row("[dim]measured ε[/dim]", *[f"[dim]{v:.3g}[/dim]" for v in meas])
-            tables.append(t)
+    tables = [t]
+    for s in q_sections(results):
+        t = Table(title=_section_title(s, markdown=False))
+        t.add_column(s["kind"])
+        for lv in s["levels"]:
+            t.add_column(f"{lv:g}", justify="right")
+        for label, cells in s["rows"]:
+            t.add_row(label, *cells)
+        t.add_row("[dim]measured ε[/dim]", *[f"[dim]{v}[/dim]" for v in s["measured"]])
+        tables.append(t)
     return tables
 
 
 def markdown_tables(results: dict[str, Any]) -> str:
     agg = aggregate(results)
-    models, datasets, perts, eps = _axes(results)
+    models, datasets, _, _ = _axes(results)
     out = ["### Table 2-style: segmentation mIoU [%]", "",
            "| model | " + " | ".join(f"mIoU {d}" for d in datasets) + " |",
            "|---|" + "---:|" * len(datasets)]
     for m in models:
         out.append(f"| {_label(results, m)} | " + " | ".join(
             _fmt(*agg["clean"].get((m, d), (math.nan, 0, 0))) for d in datasets) + " |")
-    for p in perts:
-        for d in datasets:
-            out += ["", f"### Table 3/4-style: Q [%] under **{p}** on {d}", "",
-                    "| ε | " + " | ".join(f"{e:g}" for e in eps) + " |", "|---|" + "---:|" * len(eps)]
-            for m in models:
-                out.append(f"| Q ({_label(results, m)}) | " + " | ".join(
-                    _fmt(*agg["q"].get((m, d, p, e), (math.nan, 0, 0))) for e in eps) + " |")
-            out.append("| measured ε | " + " | ".join(
-                f"{agg['eps_measured'].get((models[0], d, p, e), math.nan):.3g}" for e in eps) + " |")
-    for p, (kind, levels) in _other_axes(results).items():
-        for d in datasets:
-            out += ["", f"### Q [%] under **{p}** on {d} (by {kind}; ε measured)", "",
-                    f"| {kind} | " + " | ".join(f"{lv:g}" for lv in levels) + " |", "|---|" + "---:|" * len(levels)]
-            for m in models:
-                out.append(f"| Q ({_label(results, m)}) | " + " | ".join(
-                    _fmt(*agg["q"].get((m, d, p, lv), (math.nan, 0, 0))) for lv in levels) + " |")
-            out.append("| measured ε | " + " | ".join(
-                f"{agg['eps_measured'].get((models[0], d, p, lv), math.nan):.3g}" for lv in levels) + " |")
+    for s in q_sections(results):
+        out += ["", f"### {_section_title(s, markdown=True)}", "",
+                f"| {s['kind']} | " + " | ".join(f"{lv:g}" for lv in s["levels"]) + " |",
+                "|---|" + "---:|" * len(s["levels"])]
+        out += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in s["rows"]]
+        out.append("| measured ε | " + " | ".join(s["measured"]) + " |")
     return "\n".join(out)
 
 
 def write_csv(results: dict[str, Any], path: Path) -> None:
     buf = io.StringIO()
     fields = ["model", "seed", "dataset", "perturbation", "level_kind", "level", "epsilon", "epsilon_measured", "miou",
-              "miou_clean", "q",
-              "seconds_sweep", "backward_passes_per_batch"]
+              "miou_clean", "q", "seconds_sweep", "backward_passes_per_batch"]
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     for r in results["robustness"]:

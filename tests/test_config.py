@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT, tiny_recipe
+from support import ROOT, tiny_recipe
 
 from mtkit.config import apply_overrides, load_recipe, validate
 from mtkit.errors import RecipeError

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import tiny_recipe
+from support import tiny_recipe
 
 from mtkit.config import ModelConfig, ModelSpec, validate
 from mtkit.errors import CheckpointError, MtkitError

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import yaml
-from conftest import tiny_recipe
 from PIL import Image
+from support import tiny_recipe
 
 from mtkit.config import load_recipe, validate
 from mtkit.errors import DatasetError
@@ -86,7 +86,7 @@ def test_cli_run_uses_the_cache_and_prints_tables(first_run):
 def test_paper_recipe_without_datasets_stops_at_once_pointing_to_quickstart(monkeypatch, tmp_path):
     for var in ("CITYSCAPES_ROOT", "KITTI_ROOT", "KITTI2015_ROOT"):
         monkeypatch.delenv(var, raising=False)
-    from conftest import ROOT
+    from support import ROOT
 
     recipe = load_recipe(ROOT / "recipes" / "paper.yaml", ["model.pretrained=false", "model.pose_pretrained=false"])
     with pytest.raises(DatasetError) as err:

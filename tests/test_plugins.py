@@ -7,7 +7,7 @@ from importlib import metadata
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from support import tiny_recipe
 
 from mtkit.config import validate
 from mtkit.errors import MtkitError

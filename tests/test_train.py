@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import tiny_recipe
+from support import tiny_recipe
 
 import mtkit.train as train_mod
 from mtkit.checkpoint import load_checkpoint

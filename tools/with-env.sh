@@ -36,7 +36,8 @@ if [ ! -f "$venv/.complete" ]; then
   echo "mtkit: environment ready in $(( $(date +%s) - start )) s" >&2
 fi
 # (Re)point the editable installs at this clone (a venv reused by another clone): cheap, no dependencies touched.
-if ! "$venv/bin/python" - "$repo" "${plugins[@]}" <<'EOF' 2>/dev/null
+# (from /: a build folder's mtkit.egg-info in the clone would shadow the installed metadata)
+if ! (cd / && "$venv/bin/python" - "$repo" "${plugins[@]}") <<'EOF' 2>/dev/null
 import json, re, sys
 from importlib import metadata
 
