@@ -97,7 +97,7 @@ def test_train_step(benchmark, size, multitask):
     toolkit, plain = _interleaved(lambda: tr._step(s.seg, s.dep),
                                   lambda: plain_pytorch_step(tr.model, tr.depth_loss, tr.optimizer, s.seg, s.dep,
                                                              tr.spec.lam, tr.cw),
-                                  rounds(benchmark, n))
+                                  rounds(benchmark, 3 * n))
     benchmark.extra_info.update(images_per_step=s.images, overhead_vs_plain_pytorch=toolkit / plain - 1,
                                 plain_pytorch_images_per_s=s.images / plain)
     benchmark.pedantic(tr._step, args=(s.seg, s.dep), rounds=n, iterations=1, warmup_rounds=0)

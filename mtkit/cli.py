@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -180,7 +181,7 @@ def bench(save: str | None, compare_with: str | None, fail_over: float, select: 
     for col in ("benchmark", "median [ms]", "throughput", "side by side"):
         table.add_column(col)
     for row in summary_rows(res.data):
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))
     console.print(table)
     if res.saved:
         console.print(f"saved baseline {res.saved}")
@@ -190,7 +191,7 @@ def bench(save: str | None, compare_with: str | None, fail_over: float, select: 
             t.add_column(col)
         for c in res.comparisons:
             bad = c in res.regressions
-            t.add_row(c.name, f"{1000 * c.baseline_s:.1f}", f"{1000 * c.current_s:.1f}", f"{c.change_pct:+.1f} %",
+            t.add_row(escape(c.name), f"{1000 * c.baseline_s:.1f}", f"{1000 * c.current_s:.1f}", f"{c.change_pct:+.1f} %",
                       "[red]REGRESSION[/red]" if bad else "ok")
         console.print(t)
         if res.regressions:
