@@ -191,8 +191,8 @@ def bench(save: str | None, compare_with: str | None, fail_over: float, select: 
             t.add_column(col)
         for c in res.comparisons:
             bad = c in res.regressions
-            t.add_row(escape(c.name), f"{1000 * c.baseline_s:.1f}", f"{1000 * c.current_s:.1f}", f"{c.change_pct:+.1f} %",
-                      "[red]REGRESSION[/red]" if bad else "ok")
+            t.add_row(escape(c.name), f"{1000 * c.baseline_s:.1f}", f"{1000 * c.current_s:.1f}",
+                      f"{c.change_pct:+.1f} %", "[red]REGRESSION[/red]" if bad else "ok")
         console.print(t)
         if res.regressions:
             err_console.print(f"error: {len(res.regressions)} benchmark(s) slower than {compare_with} by more than "

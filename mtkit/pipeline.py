@@ -24,6 +24,7 @@ import yaml
 from .config import ModelSpec, Recipe, config_hash
 from .errors import DatasetError, MtkitError
 from .report import atomic_write_text, write_report
+from .tasks import BUILTIN_TASKS, auxiliary_task
 
 QUICKSTART_HINT = "to try the whole pipeline on the embedded synthetic data instead: mtkit run recipes/quickstart.yaml"
 
@@ -103,6 +104,10 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
     run_dir = Path(run_dir or Path(recipe.output_dir) / recipe.name)
     check_datasets(recipe)
     perts = build_perturbations(recipe.robustness.perturbations, recipe.robustness.options)
+    for spec in recipe.models:  # unknown plugin tasks fail now, not after the first models have trained
+        for task in spec.tasks:
+            if task not in BUILTIN_TASKS:
+                auxiliary_task(task)
     eval_keys = recipe.robustness.datasets or list(recipe.data.eval)
     if not eval_keys:
         raise MtkitError("the recipe has no evaluation datasets (data.eval)")

@@ -17,11 +17,14 @@ from .registry import _LIVE, BUILTIN, DECORATED, Registry, RegistryView, origin_
 
 ENTRY_POINT_GROUP = "mtkit"
 
-# Entries of plugins that users often ask for; named in the error when such a plugin is not installed.
+# Entries of plugins that users often ask for (name patterns, fnmatch); named in the error when such a plugin is
+# not installed.
 KNOWN_PROVIDERS = {
     ("perturbation", "mifgsm"): "mtkit-attacks",
     ("perturbation", "segpgd"): "mtkit-attacks",
     ("perturbation", "uap"): "mtkit-attacks",
+    ("perturbation", "corrupt_*"): "mtkit-corruptions",
+    ("task", "edges"): "mtkit-edges",
 }
 
 

@@ -7,6 +7,7 @@ plugin's ``mtkit_register`` hook; both end up here, each entry knowing where it 
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ class Registry:
     """Name → entry maps, one per kind."""
 
     entries: dict[str, dict[str, Entry]] = field(default_factory=lambda: {k: {} for k in KINDS})
-    # names that a known but uninstalled plugin would provide: (kind, name) -> distribution
+    # names that a known but uninstalled plugin would provide: (kind, name pattern) -> distribution
     known_providers: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def add(self, kind: str, name: str, obj: Any, origin: str = BUILTIN, provider: str = "") -> Any:
@@ -92,7 +93,8 @@ class Registry:
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         if close:
             msg += f"; did you mean {' or '.join(repr(c) for c in close)}?"
-        provider = self.known_providers.get((kind, name))
+        provider = next((dist for (k, pattern), dist in self.known_providers.items()
+                         if k == kind and fnmatch.fnmatchcase(name, pattern)), None)
         if provider:
             msg += f" It is provided by the plugin package '{provider}': pip install {provider}"
         else:

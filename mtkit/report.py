@@ -229,6 +229,7 @@ def plot_other_levels(results: dict[str, Any], path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     others = _other_axes(results)
     if not others:
@@ -246,6 +247,7 @@ def plot_other_levels(results: dict[str, Any], path: Path) -> Path | None:
                         label=f"{p} {m}")
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 105)
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.set_xlabel("measured ε (gray values, RMS)")
         ax.set_ylabel("Q [%]")
         ax.set_title(f"corruptions on {d}")

@@ -39,6 +39,10 @@ def test_plugin_distributions_are_installed_and_found_through_entry_points():
     bare = load_plugins(entry_points=False).registry
     with pytest.raises(MtkitError, match="pip install mtkit-attacks"):
         bare.get("perturbation", "mifgsm")
+    with pytest.raises(MtkitError, match="pip install mtkit-corruptions"):
+        bare.get("perturbation", "corrupt_snow")
+    with pytest.raises(MtkitError, match="Installed perturbations: fgsm, gaussian, pgd, salt_pepper"):
+        bare.get("perturbation", "my_own_attack")
 
 
 @pytest.mark.parametrize("name", ["mifgsm", "segpgd"])

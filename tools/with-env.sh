@@ -52,7 +52,11 @@ for name, path in wanted.items():
         sys.exit(1)
 EOF
 then
-  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation "${editables[@]}" >&2
+  echo "mtkit: pointing the environment's editable installs at $repo" >&2
+  log="$(mktemp)"
+  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation "${editables[@]}" >"$log" 2>&1 \
+    || { cat "$log" >&2; rm -f "$log"; exit 1; }
+  rm -f "$log"
 fi
 export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv"
 cd "$repo"
