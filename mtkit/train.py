@@ -177,25 +177,28 @@ class Trainer:
     def best_path(self) -> Path:
         return self.run_dir / "best.pt"
 
-    def _payload(self) -> dict[str, Any]:
-        return {
+    def _payload(self, resumable: bool = True) -> dict[str, Any]:
+        """What a checkpoint holds; ``resumable`` adds optimizer, scheduler and RNG states (last.pt), which the
+        best weights (best.pt, for evaluation and deployment) do without: a third of the size with Adam."""
+        payload = {
             "format": "mtkit-checkpoint-1",
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": ckpt.scheduler_state(self.scheduler),
             "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
             "best": self.best if math.isfinite(self.best) else None,
-            "rng": ckpt.rng_state(),
             "recipe": self.recipe.to_dict(),
             "spec": self.spec.model_dump(by_alias=True),
             "seed": self.seed,
             "class_weights": self.weights,
             "history": self.history,
         }
+        if resumable:
+            payload.update(optimizer=self.optimizer.state_dict(), scheduler=ckpt.scheduler_state(self.scheduler),
+                           rng=ckpt.rng_state())
+        return payload
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, resumable: bool = True) -> None:
         if self.dist.main:
-            ckpt.atomic_torch_save(self._payload(), path)
+            ckpt.atomic_torch_save(self._payload(resumable), path)
 
     def _resume(self) -> bool:
         if not self.last_path.is_file():
@@ -323,7 +326,7 @@ class Trainer:
                 log.write(record)
                 if val > self.best:
                     self.best = val
-                    self.save(self.best_path)
+                    self.save(self.best_path, resumable=False)
                 self.save(self.last_path)
                 if self.dist.main:
                     hooks.mtkit_after_epoch(run_dir=str(self.run_dir), model_name=self.spec.name,

@@ -53,6 +53,13 @@ def test_every_artefact_exists_and_parses(first_run):
     assert env["versions"]["torch"] and env["device"] == "cpu"
     for summary in results["training"]:
         assert summary["steps"] == 2 and summary["history"][-1]["val_miou"] >= 0
+    from mtkit.checkpoint import load_checkpoint
+    from mtkit.evaluate import load_model
+
+    for folder in (d / "train").iterdir():
+        last, best = load_checkpoint(folder / "last.pt"), load_checkpoint(folder / "best.pt")
+        assert {"optimizer", "scheduler", "rng"} <= set(last) and not {"optimizer", "rng"} & set(best)
+        assert load_model(folder / "best.pt").spec.name in ("single", "multi")
 
 
 def test_rerun_is_cached_and_a_changed_key_reruns_only_what_depends_on_it(first_run, tmp_path):
