@@ -151,8 +151,14 @@ def _advance(bar, what: str) -> None:
 
 
 def build_perturbations(names: list[str], options: dict[str, dict[str, Any]]) -> dict[str, Perturbation]:
-    unknown_opts = set(options) - set(names)
-    if unknown_opts:
-        raise MtkitError(f"robustness.options names {sorted(unknown_opts)}, which are not in the perturbation "
-                         f"list {names}")
-    return {n: build_perturbation(n, options.get(n)) for n in names}
+    """The recipe's perturbations with their options. Options of a registered perturbation that the list leaves
+    out are kept for later (a recipe that extends another may shorten the list); options under a name that is
+    no perturbation at all are a mistake."""
+    from .plugins import get_registry
+
+    perts = {n: build_perturbation(n, options.get(n)) for n in names}
+    reg = get_registry()
+    stray = sorted(k for k in options if k not in names and ("perturbation", k) not in reg)
+    if stray:
+        reg.get("perturbation", stray[0])  # unknown name: the registry's error with suggestions
+    return perts

@@ -127,7 +127,10 @@ def test_bad_input_errors(trained):
         robustness_sweep(loaded.segmenter, ds, {"fgsm": FGSM()}, [-1.0], 19)
     with pytest.raises(MtkitError, match="needs ground-truth labels"):
         FGSM().sweep(_ctx(loaded), x, None, [1.0])
-    with pytest.raises(MtkitError, match="not in the perturbation list"):
-        build_perturbations(["fgsm"], {"pgd": {"step": 1}})
+    assert list(build_perturbations(["fgsm"], {"pgd": {"step": 1}})) == ["fgsm"]  # kept for an extending recipe
+    with pytest.raises(MtkitError, match="unknown perturbation 'pdg'; did you mean 'pgd'"):
+        build_perturbations(["fgsm"], {"pdg": {"step": 1}})
+    with pytest.raises(MtkitError, match="unknown perturbation 'fgsmm'"):
+        build_perturbations(["fgsmm"], {"pgd": {"step": 1}})
     with pytest.raises(MtkitError, match="takes no options"):
         build_perturbation("gaussian", {"sigma": 2})
