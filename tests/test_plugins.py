@@ -170,3 +170,31 @@ def test_a_plugin_task_trains_through_a_recipe(tmp_path):
     with pytest.raises(MtkitError, match="unknown task 'edge'; did you mean 'edges'"):
         train(validate(tiny_recipe(**{"models": [{"name": "m", "tasks": ["segmentation", "edge"]}]})), "m",
               tmp_path / "x", progress=False)
+
+
+def test_plugin_task_gradient_is_scaled_where_it_meets_the_encoder():
+    """Eq. 5 generalised: the encoder gets λ·g_seg + s·g_edges, each head its unscaled gradient."""
+    from mtkit.config import ModelConfig
+    from mtkit.losses import weighted_cross_entropy
+    from mtkit.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), ["segmentation", "edges"], 0.7, task_scales={"edges": 0.2}).double().train()
+    x = torch.rand(2, 3, 32, 64, dtype=torch.float64) * 255
+    y = torch.randint(0, 19, (2, 32, 64))
+    task = model.aux_tasks["edges"]
+
+    def grads(lam: float, scale: float, which: str) -> dict[str, torch.Tensor]:
+        model.lam, model.aux_scales["edges"] = lam, scale
+        model.zero_grad()
+        out = model(x)
+        losses = {"seg": weighted_cross_entropy(out["seg_logits"], y), "edges": task.loss(out["aux"]["edges"], x)}
+        (losses["seg"] + losses["edges"] if which == "both" else losses[which]).backward()
+        return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+
+    g_seg, g_edges, g_total = grads(1.0, 1.0, "seg"), grads(1.0, 1.0, "edges"), grads(0.7, 0.2, "both")
+    for name, g in g_total.items():
+        part = name.split(".")[0]
+        expected = {"encoder": 0.7 * g_seg[name] + 0.2 * g_edges[name], "seg_head": g_seg[name],
+                    "aux_heads": g_edges[name]}[part]
+        assert torch.allclose(g, expected, atol=1e-6, rtol=1e-6), name
