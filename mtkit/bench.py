@@ -34,7 +34,6 @@ class Comparison:
 @dataclass
 class BenchResult:
     data: dict[str, Any]
-    json_path: Path
     comparisons: list[Comparison] = field(default_factory=list)
     regressions: list[Comparison] = field(default_factory=list)
     saved: Path | None = None
@@ -90,21 +89,18 @@ def run_bench(save: str | None = None, compare_with: str | None = None, fail_ove
     """Run the suite with timing on (in a subprocess, as pytest runs it), then save and/or compare."""
     bench_dir = find_benchmarks(path)
     baseline = load_baseline(baseline_path(bench_dir, compare_with)) if compare_with else None
-    out_dir = Path(tempfile.mkdtemp(prefix="mtkit-bench-"))
-    json_path = out_dir / "benchmark.json"
-    cmd = [sys.executable, "-m", "pytest", str(bench_dir), "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-           "--benchmark-enable", f"--benchmark-json={json_path}", "--benchmark-columns=min,median,mean,rounds",
-           "--benchmark-sort=fullname"]
-    if select:
-        cmd += ["-k", select]
-    cmd += list(extra or [])
-    proc = subprocess.run(cmd, cwd=bench_dir.parent, env={**os.environ})
-    if proc.returncode != 0 or not json_path.is_file():
-        raise MtkitError(f"the benchmark suite failed (pytest exit code {proc.returncode}); see its output above")
-    data = json.loads(json_path.read_text())
+    with tempfile.TemporaryDirectory(prefix="mtkit-bench-") as tmp:
+        json_path = Path(tmp) / "benchmark.json"
+        cmd = [sys.executable, "-m", "pytest", str(bench_dir), "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+               "--benchmark-enable", f"--benchmark-json={json_path}", "--benchmark-columns=min,median,mean,rounds",
+               "--benchmark-sort=fullname", *(["-k", select] if select else []), *(extra or [])]
+        proc = subprocess.run(cmd, cwd=bench_dir.parent, env={**os.environ})
+        if proc.returncode != 0 or not json_path.is_file():
+            raise MtkitError(f"the benchmark suite failed (pytest exit code {proc.returncode}); see its output above")
+        data = json.loads(json_path.read_text())
     if not data.get("benchmarks"):
         raise MtkitError(f"no benchmark ran{f' for -k {select!r}' if select else ''}")
-    result = BenchResult(data, json_path)
+    result = BenchResult(data)
     if save:
         result.saved = baseline_path(bench_dir, save)
         atomic_write_text(result.saved, json.dumps(data, indent=2))

@@ -19,7 +19,7 @@ key="$(cd "$repo" && cat constraints.txt pyproject.toml plugins/*/pyproject.toml
 root="${MTKIT_VENV_ROOT:-$HOME/.cache/mtkit}"
 venv="$root/venv-$key"
 export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
-unset PIP_FIND_LINKS PIP_EXTRA_INDEX_URL PIP_NO_INDEX PIP_INDEX_URL_LOCAL || true
+unset PIP_FIND_LINKS PIP_EXTRA_INDEX_URL PIP_NO_INDEX || true
 editables=(-e "$repo[test]")
 for p in "${plugins[@]}"; do editables+=(-e "$p"); done
 if [ ! -f "$venv/.complete" ]; then

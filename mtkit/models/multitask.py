@@ -107,14 +107,13 @@ class MultiTaskNet(nn.Module):
         feats = self.encoder(self.normalize(x))
         size = tuple(seg_images.shape[-2:])
         seg_feats = [f[:n_seg] for f in feats]
-        out: dict[str, object] = {}
+        # eq. 5 scaling only where another task shares the encoder (a single-task model trains unscaled)
+        shared = depth_images is not None or bool(self.aux_heads)
+        out: dict[str, object] = {"seg_logits": self.seg_head(scale_features(seg_feats, self.lam) if shared
+                                                              else seg_feats, size)}
         if self.aux_heads:
             out["aux"] = {t: head(scale_features(seg_feats, self.aux_scales[t]), size)
                           for t, head in self.aux_heads.items()}
-        if depth_images is None and not self.aux_heads:
-            out["seg_logits"] = self.seg_head(seg_feats, size)
-            return out
-        out["seg_logits"] = self.seg_head(scale_features(seg_feats, self.lam), size)
         if depth_images is None:
             return out
         depth_feats = scale_features([f[n_seg:] for f in feats], 1.0 - self.lam)
