@@ -23,7 +23,7 @@ class Setup:
 
 
 def make_trainer(size: str, multitask: bool) -> Setup:
-    from mtkit.config import validate
+    from mtkit.recipe import validate
     from mtkit.train import Trainer
 
     h, w = SIZES[size]

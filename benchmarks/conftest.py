@@ -20,8 +20,8 @@ torch.set_num_threads(int(os.environ.get("MTKIT_BENCH_THREADS", "2")))
 @pytest.fixture(scope="session")
 def trained_segmenter():
     """A segmenter (random weights: throughput does not depend on them) with images and labels at quickstart size."""
+    from mtkit.build import build_model
     from mtkit.config import ModelConfig
-    from mtkit.models import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig()).eval()

@@ -94,13 +94,13 @@ def test_train_step(benchmark, size, multitask):
     s = make_trainer(size, multitask)
     tr = s.trainer
     n = 5 if size == "quick" else 2
-    toolkit, plain = _interleaved(lambda: tr._step(s.seg, s.dep),
+    toolkit, plain = _interleaved(lambda: tr.train_step(s.seg, s.dep),
                                   lambda: plain_pytorch_step(tr.model, tr.depth_loss, tr.optimizer, s.seg, s.dep,
-                                                             tr.spec.lam, tr.cw),
+                                                             tr.spec.lam, tr.seg_loss.weights),
                                   rounds(benchmark, 3 * n))
     benchmark.extra_info.update(images_per_step=s.images, overhead_vs_plain_pytorch=toolkit / plain - 1,
                                 plain_pytorch_images_per_s=s.images / plain)
-    benchmark.pedantic(tr._step, args=(s.seg, s.dep), rounds=n, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(tr.train_step, args=(s.seg, s.dep), rounds=n, iterations=1, warmup_rounds=0)
     benchmark.extra_info["images_per_s"] = s.images / benchmark.stats.stats.median if benchmark.stats else None
 
 
@@ -169,13 +169,14 @@ def test_pgd_iteration(benchmark, trained_segmenter):
 
 def test_data_loading(benchmark, tmp_path_factory):
     """Images/s through the real Cityscapes loader from PNG files on disk (written in the official layout)."""
+    from mtkit.build import build_dataset
     from mtkit.config import AugmentConfig, DatasetConfig
-    from mtkit.data.datasets import build_dataset, synthetic_arrays
     from mtkit.data.layouts import write_cityscapes
+    from mtkit.data.synthetic_sets import synthetic_arrays
 
     root = tmp_path_factory.mktemp("cityscapes")
     cfg = DatasetConfig(name="synthetic", split="train", height=192, width=640, options={"sequences": 4})
-    write_cityscapes(root, synthetic_arrays(cfg, "city"), "train")
+    write_cityscapes(root, synthetic_arrays(cfg), "train")
     ds = build_dataset(DatasetConfig(name="cityscapes", root=str(root), split="train", height=96, width=320),
                        train=True, augment=AugmentConfig())
     loader = torch.utils.data.DataLoader(ds, batch_size=12, shuffle=False)

@@ -7,16 +7,25 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
 
-from .config import Recipe, load_recipe
+from .bench import run_bench
+from .build import build_dataset
+from .config import Recipe
+from .depth_eval import evaluate_depth_model
+from .errors import MtkitError
+from .evaluate import evaluate_checkpoint, load_model
+from .export import export_segmenter
 from .pipeline import RunResult, run
 from .plugins import get_plugins, get_registry
+from .recipe import apply_overrides, load_recipe, validate
+from .results import DepthRow, ModelInfo, RunResults
+from .runtime import resolve_device
 from .train import TrainResult, train
 
-__all__ = ["Recipe", "RunResult", "TrainResult", "bench", "evaluate", "export_onnx", "list_entries", "load_recipe",
-           "run", "train"]
+__all__ = ["Recipe", "RunResult", "RunResults", "TrainResult", "bench", "evaluate", "evaluate_depth", "export_onnx",
+           "list_entries", "load_recipe", "run", "train", "with_overrides"]
 
 
 def list_entries(kind: str | None = None) -> list[dict[str, str]]:
@@ -32,49 +41,71 @@ def plugin_failures() -> list[str]:
     return [str(f) for f in get_plugins().failures]
 
 
+def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """The recipe with ``-o``-style overrides applied and validated again (the one place values are checked)."""
+    return validate(apply_overrides(recipe.to_dict(), overrides), recipe.source or "<recipe>")
+
+
 def evaluate(recipe: Recipe, checkpoints: list[str | Path], perturbations: list[str] | None = None,
              epsilons: list[float] | None = None, datasets: list[str] | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True) -> RunResults:
     """Robustness sweeps of trained checkpoints on the recipe's evaluation sets (clean pass once per pair)."""
-    from .data.datasets import build_dataset
-    from .errors import MtkitError
-    from .evaluate import build_perturbations, load_model, robustness_sweep
-    from .runtime import resolve_device
-
-    rob = recipe.robustness
-    names = perturbations or rob.perturbations
-    eps = rob.epsilons if epsilons is None else epsilons
-    if not eps:
-        raise MtkitError("the ε list is empty: give at least one strength")
-    perts = build_perturbations(names, {k: v for k, v in rob.options.items() if k in names})
-    keys = datasets or rob.datasets or list(recipe.data.eval)
-    for k in keys:
-        if k not in recipe.data.eval:
-            raise MtkitError(f"no evaluation dataset '{k}' in the recipe; it has {list(recipe.data.eval)}")
+    overrides = []
+    if perturbations:
+        overrides.append(f"robustness.perturbations={json.dumps(list(perturbations))}")
+    if epsilons is not None:
+        overrides.append(f"robustness.epsilons={json.dumps(list(epsilons))}")
+    if datasets:
+        overrides.append(f"robustness.datasets={json.dumps(list(datasets))}")
+    recipe = with_overrides(recipe, overrides) if overrides else recipe
+    keys = recipe.robustness.datasets or list(recipe.data.eval)
+    if not keys:
+        raise MtkitError("the recipe has no evaluation datasets (data.eval)")
     device = resolve_device(recipe.device)
-    out: dict[str, Any] = {"models": {}, "clean": [], "robustness": [], "seeds": [recipe.seed]}
+    out = RunResults(recipe_name=recipe.name, recipe_source=recipe.source, seeds=[recipe.seed])
     for ck in checkpoints:
         loaded = load_model(ck, device)
-        name = loaded.spec.name
-        out["models"][name] = {"tasks": loaded.spec.tasks, "lambda": loaded.spec.lam, "checkpoint": str(ck)}
-        for k in keys:
-            ev = robustness_sweep(loaded.segmenter, build_dataset(recipe.data.eval[k]), perts, sorted(eps),
-                                  recipe.model.num_classes, loaded.class_weights, rob.batch_size, recipe.seed,
-                                  device, progress, label=f"{name}/{k}")
-            out["clean"].append({"model": name, "seed": recipe.seed, "dataset": k, **ev["clean"]})
-            out["robustness"] += [{"model": name, "seed": recipe.seed, "dataset": k, **r} for r in ev["rows"]]
+        out.extend(evaluate_checkpoint(loaded, recipe, keys, recipe.seed, device, progress, str(ck)))
+    return out
+
+
+def evaluate_depth(recipe: Recipe, checkpoints: list[str | Path], datasets: list[str] | None = None,
+                   skip_missing: bool = False, progress: bool = True) -> RunResults:
+    """Depth metrics of multi-task checkpoints on the recipe's ``data.depth_eval`` sets (KITTI Eigen split with
+    Velodyne ground truth, or the synthetic data's exact depth); ``skip_missing`` leaves out split lines whose
+    scan, calibration or image is missing and counts them."""
+    keys = datasets or list(recipe.data.depth_eval)
+    if not keys:
+        raise MtkitError("the recipe has no depth evaluation sets: add data.depth_eval, e.g. "
+                         "{Eigen: {name: kitti_eigen, split: test, height: 192, width: 640}}")
+    for k in keys:
+        if k not in recipe.data.depth_eval:
+            raise MtkitError(f"no depth evaluation set '{k}' in the recipe; it has {list(recipe.data.depth_eval)}")
+    device = resolve_device(recipe.device)
+    out = RunResults(recipe_name=recipe.name, recipe_source=recipe.source, seeds=[recipe.seed])
+    loaded_models = [(str(ck), load_model(ck, device)) for ck in checkpoints]
+    for ck, loaded in loaded_models:
+        if "depth" not in loaded.spec.tasks:
+            raise MtkitError(f"{ck}: model '{loaded.spec.name}' has no depth task; depth evaluation needs a "
+                             "multi-task model")
+        out.models[loaded.spec.name] = ModelInfo(tasks=loaded.spec.tasks, lam=loaded.spec.lam, checkpoint=ck)
+    for k in keys:
+        cfg = recipe.data.depth_eval[k]
+        if skip_missing:
+            cfg = cfg.model_copy(update={"options": {**cfg.options, "skip_missing": True}})
+        ds = build_dataset(cfg, where=f"data.depth_eval.{k}")
+        for _, loaded in loaded_models:
+            res = evaluate_depth_model(loaded.model, ds, recipe.depth_evaluation, device=device, progress=progress,
+                                       label=f"{loaded.spec.name}/{k} depth")
+            out.depth.append(DepthRow(model=loaded.spec.name, seed=recipe.seed, dataset=k, **res.to_dict()))
     return out
 
 
 def export_onnx(checkpoint: str | Path, output: str | Path, height: int, width: int) -> Path:
-    from .export import export_segmenter
-
     return export_segmenter(checkpoint, output, height, width)
 
 
 def bench(save: str | None = None, compare_with: str | None = None, fail_over: float = 10.0,
           select: str | None = None, path: str | Path | None = None):
     """Run the benchmark suite; optionally save it as a baseline and compare with a stored one."""
-    from .bench import run_bench
-
     return run_bench(save, compare_with, fail_over, select, path)

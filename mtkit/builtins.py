@@ -1,29 +1,20 @@
-"""mtkit's own entries, registered through the same ``mtkit_register`` hook as third-party plugins."""
+"""mtkit's own entries, added through the same historic ``mtkit_register`` hook as third-party plugins.
+
+Importing this module imports every module that declares entries with ``@register``; the hook adds those
+declared in mtkit's own modules.
+"""
 
 from __future__ import annotations
 
+from . import losses, perturbations  # noqa: F401  (their @register declarations)
+from .data import cityscapes, depth_gt, kitti, synthetic_sets  # noqa: F401
 from .hookspecs import hookimpl
-from .registry import BUILTIN, DECORATED, register
-
-
-@register("task", "segmentation")
-class SegmentationTask:
-    """Supervised semantic segmentation with the weighted cross-entropy of eq. 1."""
-
-
-@register("task", "depth")
-class DepthTask:
-    """Self-supervised monocular depth from video (eq. 2-4) with a pose network."""
+from .models import backbones, decoders  # noqa: F401
+from .registry import BUILTIN, DECORATED, RegistryView, origin_of_module
 
 
 @hookimpl
-def mtkit_register(registry) -> None:
-    # importing the modules runs their @register decorators
-    from . import losses, metrics, perturbations  # noqa: F401
-    from .data import datasets  # noqa: F401
-    from .models import backbones, decoders  # noqa: F401
-    from .registry import origin_of_module
-
-    for kind, name, obj in DECORATED:
+def mtkit_register(registry: RegistryView) -> None:
+    for kind, name, obj, options in DECORATED:
         if origin_of_module(getattr(obj, "__module__", "mtkit")) == BUILTIN:
-            registry.add(kind, name, obj)
+            registry.add(kind, name, obj, options)

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import MtkitError
+from .recipe import load_recipe
 
 console = Console()
 err_console = Console(stderr=True)
@@ -27,8 +28,6 @@ class Context:
 
 
 def _recipe(path: str, overrides: tuple[str, ...]):
-    from .config import load_recipe
-
     return load_recipe(path, list(overrides))
 
 
@@ -89,15 +88,15 @@ def run(recipe: str, overrides: tuple[str, ...], force: bool, seeds: str | None,
         no_progress: bool) -> None:
     """Run the whole protocol of RECIPE: train, evaluate, sweep perturbations, report."""
     from . import api
-    from .report import rich_tables
+    from .report import depth_table, rich_tables
 
     r = _recipe(recipe, overrides)
     res = api.run(r, force=force, seeds=_seeds(seeds), progress=not no_progress, run_dir=out_dir,
                   log=lambda m: console.print(m, markup=False))
-    for t in rich_tables(res.results):
+    for t in [*rich_tables(res.results), *depth_table(res.results)]:
         console.print(t)
     console.print(f"stages run: {len(res.stages_run)}, cached: {len(res.stages_cached)}, "
-                  f"{res.results['seconds']:.0f} s")
+                  f"{res.results.seconds:.0f} s")
     console.print(f"report: {res.paths['report']}")
 
 
@@ -143,9 +142,32 @@ def eval_cmd(recipe: str, overrides: tuple[str, ...], checkpoints: tuple[str, ..
     r = _recipe(recipe, overrides)
     res = api.evaluate(r, list(checkpoints), list(perturbations) or None, _floats(eps), list(datasets) or None,
                        progress=not no_progress)
-    res["recipe_name"], res["recipe_source"] = r.name, r.source
     paths = write_report(res, Path(out_dir))
     for t in rich_tables(res):
+        console.print(t)
+    console.print(f"results: {paths['json']}")
+
+
+@cli.command("eval-depth")
+@click.argument("recipe", type=click.Path())
+@override_opt
+@click.option("--checkpoint", "checkpoints", multiple=True, required=True, type=click.Path(),
+              help="a trained multi-task checkpoint (repeatable)")
+@click.option("--dataset", "datasets", multiple=True, help="key of data.depth_eval (repeatable; default all)")
+@click.option("--skip-missing", is_flag=True, help="leave out split lines whose scan, calibration or image is "
+              "missing (counted in the results) instead of stopping")
+@click.option("--out", "out_dir", type=click.Path(), default="runs/eval-depth", show_default=True)
+@click.option("--no-progress", is_flag=True)
+def eval_depth_cmd(recipe: str, overrides: tuple[str, ...], checkpoints: tuple[str, ...], datasets: tuple[str, ...],
+                   skip_missing: bool, out_dir: str, no_progress: bool) -> None:
+    """Depth metrics (KITTI Eigen protocol) of multi-task checkpoints on RECIPE's data.depth_eval sets."""
+    from . import api
+    from .report import depth_table, write_report
+
+    r = _recipe(recipe, overrides)
+    res = api.evaluate_depth(r, list(checkpoints), list(datasets) or None, skip_missing, progress=not no_progress)
+    paths = write_report(res, Path(out_dir))
+    for t in depth_table(res):
         console.print(t)
     console.print(f"results: {paths['json']}")
 

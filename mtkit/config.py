@@ -1,25 +1,18 @@
-"""Recipes: YAML files validated into typed config objects before anything runs.
+"""The recipe schema: typed config objects that a recipe file is validated into (``mtkit.recipe`` loads them).
 
-A recipe may ``extends: other.yaml`` (path relative to the recipe; mappings merge key by key, lists and scalars
-are replaced) and the CLI may override any key with ``-o dotted.key=value`` (the value is parsed as YAML).
-Validation errors name the file, the dotted key path and what was expected, with suggestions for misspellings.
+Every key is read by some part of mtkit; an unknown key is an error. Options of registry entries (datasets,
+perturbations) are declared by the entries themselves and validated when the recipe loads.
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
 import hashlib
 import json
+import math
 import os
-import typing
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from .errors import RecipeError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PAPER_EPSILONS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
 
@@ -55,6 +48,8 @@ class DataConfig(Strict):
     segmentation_val: DatasetConfig
     depth: DatasetConfig | None = None
     eval: dict[str, DatasetConfig] = Field(default_factory=dict, description="key (e.g. CS, K) -> dataset")
+    depth_eval: dict[str, DatasetConfig] = Field(
+        default_factory=dict, description="key (e.g. Eigen) -> dataset with ground-truth depth, for multi-task models")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     num_workers: int = Field(0, ge=0)
 
@@ -148,7 +143,25 @@ class RobustnessConfig(Strict):
         bad = [e for e in v if not e > 0]
         if bad:
             raise ValueError(f"ε must be positive gray values, got {bad}")
+        if not all(math.isfinite(e) for e in v):
+            raise ValueError(f"ε must be finite gray values (the RMS of a perturbation of 0..255 images), got {v}")
         return sorted(v)
+
+
+class DepthEvaluationConfig(Strict):
+    """The depth evaluation protocol (monodepth2 / SGDepth on the KITTI Eigen split)."""
+
+    min_depth: float = Field(1e-3, gt=0, description="ground truth and predictions are capped to [min, max] m")
+    max_depth: float = Field(80.0, gt=0)
+    garg_crop: bool = True
+    median_scaling: bool = Field(True, description="per-image median scaling (monocular models)")
+    batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> DepthEvaluationConfig:
+        if self.min_depth >= self.max_depth:
+            raise ValueError(f"min_depth ({self.min_depth}) must be below max_depth ({self.max_depth})")
+        return self
 
 
 class Recipe(Strict):
@@ -162,8 +175,9 @@ class Recipe(Strict):
     data: DataConfig
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    models: list[ModelSpec]
+    models: list[ModelSpec] = Field(min_length=1)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
+    depth_evaluation: DepthEvaluationConfig = Field(default_factory=DepthEvaluationConfig)
     source: str | None = Field(None, description="set by the loader: the recipe file")
 
     @model_validator(mode="after")
@@ -190,158 +204,6 @@ def config_hash(*parts: Any) -> str:
     """A short stable hash of JSON-able config pieces (stage caching)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
-
-
-# ----------------------------------------------------------------------------------------------- loading
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The recipe's merged mapping (``extends`` resolved), before validation."""
-    path = Path(path).resolve()
-    if path in _seen:
-        raise RecipeError(f"{path}: 'extends' forms a cycle: {' -> '.join(str(p) for p in (*_seen, path))}")
-    data = _read_yaml(path)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str):
-        raise RecipeError(f"{path}: key 'extends' expected a file name (string), got {parent!r}")
-    base = load_raw(path.parent / parent, (*_seen, path))
-    return _deep_merge(base, data)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise RecipeError(f"override '{text}' must look like dotted.key=value, e.g. train.lr=1e-4")
-    key, value = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not p for p in key.split(".")):
-        raise RecipeError(f"override '{text}': empty key path")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
-    # YAML reads "1e-4" as a string: accept float-looking strings as floats
-    if isinstance(parsed, str):
-        try:
-            parsed = float(parsed) if any(c in parsed for c in ".eE") else parsed
-        except ValueError:
-            pass
-    return key.split("."), parsed
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = copy.deepcopy(data)
-    for text in overrides:
-        keys, value = parse_override(text)
-        node: Any = data
-        for i, k in enumerate(keys[:-1]):
-            if isinstance(node, list):
-                node = node[_list_index(node, k, keys[: i + 1], text)]
-                continue
-            if k not in node or not isinstance(node[k], dict | list):
-                node[k] = {}
-            node = node[k]
-        last = keys[-1]
-        if isinstance(node, list):
-            node[_list_index(node, last, keys, text)] = value
-        else:
-            node[last] = value
-    return data
-
-
-def _list_index(node: list, k: str, path: list[str], text: str) -> int:
-    if not k.lstrip("-").isdigit() or not -len(node) <= int(k) < len(node):
-        raise RecipeError(f"override '{text}': '{'.'.join(path)}' needs a list index below {len(node)}")
-    return int(k)
-
-
-def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names (with aliases) of the model at ``loc`` for suggestions."""
-    cls: Any = model
-    for part in loc:
-        if isinstance(part, int) or cls is None:
-            continue
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
-            return []
-        fields = cls.model_fields
-        field = fields.get(part) or next((f for f in fields.values() if f.alias == part), None)
-        if field is None:
-            return []
-        cls = _model_in(field.annotation)
-    if isinstance(cls, type) and issubclass(cls, BaseModel):
-        return [f.alias or n for n, f in cls.model_fields.items() if n != "source"]
-    return []
-
-
-def _model_in(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        path = ".".join(str(p) for p in loc) or "(top level)"
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            known = _fields_at(Recipe, loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), known, n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            lines.append(f"unknown key '{path}'{hint} (allowed here: {', '.join(known)})")
-        elif kind == "missing":
-            lines.append(f"missing required key '{path}'")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            got = err.get("input")
-            got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""
-            lines.append(f"key '{path}': {msg}{got_s}")
-    head = f"{source}: invalid recipe: "
-    return head + lines[0] if len(lines) == 1 else head + "; ".join(lines)
-
-
-def validate(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, source)) from None
-    recipe.source = source
-    return recipe
-
-
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, merge (``extends``), override (``-o``) and validate a recipe file."""
-    data = apply_overrides(load_raw(path), list(overrides))
-    return validate(data, str(path))
 
 
 def expand_root(root: str | None, env_var: str | None) -> str | None:

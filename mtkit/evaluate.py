@@ -1,8 +1,12 @@
 """Robustness evaluation (paper sec. 3.4-3.5, 5): clean mIoU once per model and dataset, then every
-perturbation at every ε, mIoU from confusion counts summed over the whole set (eq. 9) and Q (eq. 10)."""
+perturbation at every ε, mIoU from confusion counts summed over the whole set (eq. 9) and Q (eq. 10).
+
+``evaluate_checkpoint`` is the one evaluation path: ``mtkit eval``, the Python API and ``mtkit run`` all call it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +16,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .build import build_dataset, build_model, build_perturbations, build_segmentation_loss
 from .checkpoint import load_checkpoint
-from .config import ModelSpec, validate
-from .errors import MtkitError
+from .config import ModelSpec, Recipe
+from .errors import CheckpointError
 from .metrics import confusion_matrix, iou_per_class, miou, q_ratio
-from .models import build_model
-from .perturbations import AttackContext, Perturbation, build_perturbation
+from .perturbations import AttackContext, Perturbation
+from .progress import progress_bar
+from .recipe import validate
+from .results import CleanRow, ModelInfo, ResultRow, RunResults, Spread
 
 
 @dataclass
@@ -25,7 +32,7 @@ class LoadedModel:
     segmenter: nn.Module
     class_weights: torch.Tensor | None
     spec: ModelSpec
-    recipe: Any
+    recipe: Recipe
     checkpoint: dict[str, Any]
     model: nn.Module
 
@@ -39,7 +46,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     try:
         model.load_state_dict(data["model"])
     except RuntimeError as exc:
-        raise MtkitError(f"{path}: weights do not fit the model of its recipe: {str(exc)[:300]}") from None
+        raise CheckpointError(f"{path}: weights do not fit the model of its recipe: {str(exc)[:300]}") from None
     model.to(device).eval()
     return LoadedModel(model.segmenter().eval(), data.get("class_weights"), spec, recipe, data, model)
 
@@ -54,111 +61,113 @@ class CountingContext(AttackContext):
         return super().gradient(x, loss_fn)
 
 
+@dataclass
+class Sweep:
+    """One model on one dataset: the clean row and a row per (perturbation, level)."""
+
+    clean: CleanRow
+    rows: list[ResultRow]
+    images: int
+
+
 def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Perturbation],
                      epsilons: list[float], num_classes: int, class_weights: torch.Tensor | None = None,
                      batch_size: int = 8, seed: int = 0, device: torch.device | str = "cpu",
-                     progress: bool = False, label: str = "") -> dict[str, Any]:
-    """Evaluate one model on one dataset: the clean pass and every (perturbation, ε).
+                     progress: bool = False, label: str = "", loss: nn.Module | None = None,
+                     model_name: str = "", dataset_name: str = "") -> Sweep:
+    """Evaluate one model on one dataset: the clean pass and every (perturbation, ε) (ε validated at recipe load).
 
-    Returns {"clean": {miou, per_class_iou}, "rows": [...]} where each row holds the requested ε (or, for a
-    perturbation with another ``level_kind`` such as a corruption's severity, that level), the measured RMS ε after
-    clipping (eq. 7, over the whole set), mIoU, Q, seconds and backward passes of its perturbation.
+    Each row holds the requested ε (or, for a perturbation with another ``level_kind`` such as a corruption's
+    severity, that level), the measured RMS ε after clipping (eq. 7, over the whole set) and its spread over
+    images, mIoU, Q, seconds and backward passes of its perturbation. Random perturbations draw from one generator
+    per image, seeded by ``seed`` and the image's index, so an image's perturbation does not depend on
+    ``batch_size``. Gradient attacks attack ``loss`` (the recipe's ``loss.segmentation``; default J^ce of eq. 1).
     """
-    if not epsilons:
-        raise MtkitError("the ε list is empty: give at least one strength")
-    if any(not e > 0 for e in epsilons):
-        raise MtkitError(f"ε must be positive gray values, got {epsilons}")
     device = torch.device(device)
     segmenter.eval()
     gen = torch.Generator().manual_seed(seed)
     cw = None if class_weights is None else class_weights.to(device)
+    loss_fn = None if loss is None else loss.to(device)
     conf_clean = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     levels = {p: pert.levels(list(epsilons)) for p, pert in perturbations.items()}
     conf = {(p, e): torch.zeros_like(conf_clean) for p in perturbations for e in levels[p]}
     sq = dict.fromkeys(conf, 0.0)
+    per_image: dict[tuple[str, float], list[float]] = {k: [] for k in conf}
     seconds = dict.fromkeys(perturbations, 0.0)
     backward = dict.fromkeys(perturbations, 0)
     elements = 0
     batches = 0
+    start = 0  # dataset index of the batch's first image (per-image noise generators)
     loader = DataLoader(dataset, batch_size=batch_size)
-    bar = _bar(progress, len(loader) * (1 + len(perturbations)), label)
-    with bar:
+    with progress_bar(progress, len(loader) * (1 + len(perturbations)), label or "robustness") as advance:
         for batch in loader:
             x = batch["image"].to(device)
             y = batch["label"].to(device)
             with torch.no_grad():
                 conf_clean += confusion_matrix(segmenter(x).argmax(1).cpu(), y.cpu(), num_classes)
-            _advance(bar, "clean")
+            advance(description=f"{label} clean")
             for name, pert in perturbations.items():
-                ctx = CountingContext(segmenter, cw, gen)
+                ctx = CountingContext(segmenter, cw, gen, seed, list(range(start, start + x.shape[0])), loss_fn)
                 t0 = time.perf_counter()
-                advs = pert.sweep(ctx, x, y, list(epsilons))
+                with contextlib.nullcontext() if pert.needs_gradient else torch.no_grad():
+                    advs = pert.sweep(ctx, x, y, list(epsilons))
                 for e in levels[name]:
                     xa = advs[e]
                     with torch.no_grad():
                         pred = segmenter(xa).argmax(1).cpu()
                     conf[(name, e)] += confusion_matrix(pred, y.cpu(), num_classes)
-                    sq[(name, e)] += float(((xa - x).double() ** 2).sum())
+                    sq_img = ((xa - x).double() ** 2).flatten(1)
+                    sq[(name, e)] += float(sq_img.sum())
+                    per_image[(name, e)] += sq_img.mean(1).sqrt().tolist()
                 seconds[name] += time.perf_counter() - t0
                 backward[name] += ctx.backward_passes
-                _advance(bar, name)
+                advance(description=f"{label} {name}")
             elements += x.numel()
             batches += 1
+            start += x.shape[0]
     clean = miou(conf_clean)
     rows = []
     for (name, e), c in conf.items():
         m = miou(c)
         kind = perturbations[name].level_kind
-        rows.append({
-            "perturbation": name, "level_kind": kind, "level": e, "epsilon": e if kind == "epsilon" else None,
-            "epsilon_measured": (sq[(name, e)] / max(elements, 1)) ** 0.5,
-            "miou": m, "miou_clean": clean, "q": q_ratio(m, clean),
-            "per_class_iou": _nan_to_none(iou_per_class(c).tolist()),
-            "seconds_sweep": seconds[name], "backward_passes_per_batch": backward[name] / max(batches, 1),
-        })
-    return {"clean": {"miou": clean, "per_class_iou": _nan_to_none(iou_per_class(conf_clean).tolist())},
-            "rows": rows, "images": len(dataset)}
+        rows.append(ResultRow(
+            model=model_name, seed=seed, dataset=dataset_name, perturbation=name, level_kind=kind, level=e,
+            epsilon=e if kind == "epsilon" else None, epsilon_measured=(sq[(name, e)] / max(elements, 1)) ** 0.5,
+            epsilon_measured_per_image=_spread(per_image[(name, e)]), miou=m, miou_clean=clean,
+            q=q_ratio(m, clean), per_class_iou=_nan_to_none(iou_per_class(c).tolist()),
+            seconds_sweep=seconds[name], backward_passes_per_batch=backward[name] / max(batches, 1)))
+    clean_row = CleanRow(model=model_name, seed=seed, dataset=dataset_name, miou=clean,
+                         per_class_iou=_nan_to_none(iou_per_class(conf_clean).tolist()))
+    return Sweep(clean_row, rows, len(dataset))
+
+
+def _spread(values: list[float]) -> Spread:
+    """min, max, mean and standard deviation of the per-image measured ε of one row."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return Spread(min=float(t.min()), max=float(t.max()), mean=float(t.mean()),
+                  sd=float(t.std()) if len(values) > 1 else 0.0)
 
 
 def _nan_to_none(values: list[float]) -> list[float | None]:
     return [None if v != v else v for v in values]
 
 
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return None
-
-
-def _bar(enabled: bool, total: int, label: str):
-    if not enabled:
-        return _NoBar()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn())
-    prog.task_id = prog.add_task(label or "robustness", total=total)
-    prog.label = label
-    return prog
-
-
-def _advance(bar, what: str) -> None:
-    if isinstance(bar, _NoBar):
-        return
-    bar.update(bar.task_id, advance=1, description=f"{bar.label} {what}")
-
-
-def build_perturbations(names: list[str], options: dict[str, dict[str, Any]]) -> dict[str, Perturbation]:
-    """The recipe's perturbations with their options. Options of a registered perturbation that the list leaves
-    out are kept for later (a recipe that extends another may shorten the list); options under a name that is
-    no perturbation at all are a mistake."""
-    from .plugins import get_registry
-
-    perts = {n: build_perturbation(n, options.get(n)) for n in names}
-    reg = get_registry()
-    stray = sorted(k for k in options if k not in names and ("perturbation", k) not in reg)
-    if stray:
-        reg.get("perturbation", stray[0])  # unknown name: the registry's error with suggestions
-    return perts
+def evaluate_checkpoint(loaded: LoadedModel, recipe: Recipe, datasets: list[str], seed: int,
+                        device: torch.device | str = "cpu", progress: bool = False,
+                        checkpoint: str | None = None) -> RunResults:
+    """The one evaluation path: a loaded model on the recipe's evaluation sets ``datasets`` (keys of
+    ``data.eval``) with the recipe's perturbations, ε and options, and its segmentation loss for the attacks."""
+    rob = recipe.robustness
+    perts = build_perturbations(rob.perturbations, rob.options)
+    loss = build_segmentation_loss(recipe.loss.segmentation, loaded.class_weights)
+    name = loaded.spec.name
+    out = RunResults(seeds=[seed], models={name: ModelInfo(tasks=loaded.spec.tasks, lam=loaded.spec.lam,
+                                                             checkpoint=checkpoint)})
+    for key in datasets:
+        ds = build_dataset(recipe.data.eval[key], where=f"data.eval.{key}")
+        sweep = robustness_sweep(loaded.segmenter, ds, perts, rob.epsilons, recipe.model.num_classes,
+                                 loaded.class_weights, rob.batch_size, seed, device, progress,
+                                 label=f"{name}/{key}", loss=loss, model_name=name, dataset_name=key)
+        out.clean.append(sweep.clean)
+        out.robustness += sweep.rows
+    return out

@@ -2,34 +2,30 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import MtkitError
+from .evaluate import load_model
+from .io import atomic_path
 
 
 def export_segmenter(checkpoint: str | Path, output: str | Path, height: int, width: int,
                      verify: bool = True, atol: float = 1e-3) -> Path:
     """Export the checkpoint's segmenter (gray values 0..255 in, logits out) to ONNX; check it with onnxruntime."""
-    from .evaluate import load_model
-
     seg = load_model(checkpoint).segmenter.eval()
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.stem}.tmp{os.getpid()}.onnx")
     x = torch.rand(1, 3, height, width) * 255
-    torch.onnx.export(seg, (x,), str(tmp), input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                      dynamo=False)
-    if verify:
-        err = onnx_parity(seg, tmp, x)
-        if err > atol:
-            tmp.unlink(missing_ok=True)
-            raise MtkitError(f"ONNX export differs from PyTorch by {err:.2e} (> {atol})")
-    os.replace(tmp, output)
+    with atomic_path(output) as tmp:  # a failed export or check leaves no temporary file
+        torch.onnx.export(seg, (x,), str(tmp), input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                          dynamo=False)
+        if verify:
+            err = onnx_parity(seg, tmp, x)
+            if err > atol:
+                raise MtkitError(f"ONNX export differs from PyTorch by {err:.2e} (> {atol})")
     return output
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from . import geometry
@@ -33,7 +34,11 @@ def enet_class_weights(class_counts: torch.Tensor, c: float = 1.02) -> torch.Ten
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, c1: float = 0.01**2, c2: float = 0.03**2) -> torch.Tensor:
-    """Per-pixel SSIM on 3x3 patches with reflection padding, images in [0, 1] (eq. 2), clamped to [0, 1]."""
+    """Per-pixel, per-channel SSIM on 3x3 patches with reflection padding, images in [0, 1] (eq. 2), in [-1, 1].
+
+    Not clamped: the loss term (1 - SSIM) / 2 is clamped instead (``dssim``), as in the authors' code base
+    (SGDepth) and monodepth2, so that pixels with negative SSIM keep their loss and their gradient.
+    """
     x = F.pad(x, (1, 1, 1, 1), mode="reflect")
     y = F.pad(y, (1, 1, 1, 1), mode="reflect")
     mu_x = F.avg_pool2d(x, 3, 1)
@@ -43,17 +48,22 @@ def ssim(x: torch.Tensor, y: torch.Tensor, c1: float = 0.01**2, c2: float = 0.03
     sigma_xy = F.avg_pool2d(x * y, 3, 1) - mu_x * mu_y
     num = (2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)
     den = (mu_x**2 + mu_y**2 + c1) * (sigma_x + sigma_y + c2)
-    return (num / den).clamp(0, 1)
+    return num / den
+
+
+def dssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The structural term of eq. 2 per pixel and channel: (1 - SSIM) / 2 clamped to [0, 1] (SGDepth,
+    monodepth2's ``SSIM`` module)."""
+    return ((1 - ssim(x, y)) / 2).clamp(0, 1)
 
 
 def photometric_error(target: torch.Tensor, pred: torch.Tensor, alpha: float = 0.85) -> torch.Tensor:
-    """Per-pixel α/2·(1 - SSIM) + (1-α)·1/C·‖x_t - x_{t'→t}‖₁ (the term inside eq. 2), (B, 1, H, W).
+    """Per-pixel α·(1 - SSIM)/2 + (1-α)·1/C·‖x_t - x_{t'→t}‖₁ (the term inside eq. 2), (B, 1, H, W).
 
-    SSIM is taken per channel and averaged over channels; images in [0, 1].
+    The SSIM term is clamped per channel (``dssim``) and averaged over channels; images in [0, 1].
     """
     l1 = (target - pred).abs().mean(1, keepdim=True)
-    dssim = (1 - ssim(target, pred)).mean(1, keepdim=True)
-    return alpha / 2 * dssim + (1 - alpha) * l1
+    return alpha * dssim(target, pred).mean(1, keepdim=True) + (1 - alpha) * l1
 
 
 def min_reprojection(errors: list[torch.Tensor]) -> torch.Tensor:
@@ -71,6 +81,17 @@ def smoothness(disp: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     return (dx_rho * torch.exp(-dx_img)).mean() + (dy_rho * torch.exp(-dy_img)).mean()
 
 
+def image_pyramid(image: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """The images for the smoothness term of each scale (eq. 3): each level resized from the one before with an
+    antialiasing filter, as monodepth2's data pyramid (torchvision's antialiased resize)."""
+    levels = []
+    for size in sizes:
+        prev = levels[-1] if levels else image
+        levels.append(prev if tuple(prev.shape[-2:]) == tuple(size)
+                      else TF.resize(prev, list(size), interpolation=TF.InterpolationMode.BILINEAR, antialias=True))
+    return levels
+
+
 @dataclass
 class DepthLossOutput:
     total: torch.Tensor
@@ -84,7 +105,8 @@ class MonodepthLoss(nn.Module):
 
     Each scale's disparity is upsampled to the input resolution before warping (monodepth2). The photometric
     loss uses the un-augmented frames. The smoothness of scale s is computed at that scale against the image
-    resized to it and weighted β / 2^s (monodepth2's weighting), then averaged over scales like J^ph.
+    of an antialiased pyramid (``image_pyramid``) and weighted β / 2^s (monodepth2's weighting), then averaged
+    over scales like J^ph.
     ``automask`` adds monodepth2's identity reprojection (off in the paper's eq. 2).
     """
 
@@ -111,6 +133,7 @@ class MonodepthLoss(nn.Module):
         if self.automask:
             identity = min_reprojection([photometric_error(cur, s, self.alpha) for s in sources.values()])
             identity = identity + torch.randn_like(identity) * 1e-5  # break ties as monodepth2
+        pyramid = image_pyramid(cur, [tuple(disps[s].shape[-2:]) for s in range(self.num_scales)])
         for s in range(self.num_scales):
             disp = disps[s]
             disp_full = F.interpolate(disp, size=(h, w), mode="bilinear", align_corners=False)
@@ -119,8 +142,7 @@ class MonodepthLoss(nn.Module):
                       for o, src in sources.items()]
             err = min_reprojection(errors if identity is None else [*errors, identity])
             ph_total = ph_total + err.mean()
-            img_s = F.interpolate(cur, size=disp.shape[-2:], mode="bilinear", align_corners=False)
-            sm_total = sm_total + smoothness(disp, img_s) / (2**s)
+            sm_total = sm_total + smoothness(disp, pyramid[s]) / (2**s)
         ph = ph_total / self.num_scales
         sm = sm_total / self.num_scales
         return DepthLossOutput(ph + self.beta * sm, ph, sm)
@@ -136,3 +158,14 @@ class WeightedCrossEntropy(nn.Module):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return weighted_cross_entropy(logits, labels, self.weights)
+
+
+@register("loss", "cross_entropy")
+class CrossEntropy(nn.Module):
+    """Plain cross-entropy without class weights, averaged over the labelled (non-void) pixels."""
+
+    def __init__(self, weights: torch.Tensor | None = None) -> None:
+        super().__init__()
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return weighted_cross_entropy(logits, labels, None)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
-
-from .registry import register
 
 IGNORE_INDEX = 255
 
@@ -34,7 +33,6 @@ def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, tp / denom.clamp_min(1), torch.full_like(tp, float("nan")))
 
 
-@register("metric", "miou")
 def miou(confusion: torch.Tensor) -> float:
     """mIoU of eq. 9: mean over classes of TP/(TP+FP+FN), counts summed over all images first.
 
@@ -45,7 +43,6 @@ def miou(confusion: torch.Tensor) -> float:
     return float(ious[valid].mean()) if valid.any() else float("nan")
 
 
-@register("metric", "q_ratio")
 def q_ratio(miou_adv: float, miou_clean: float) -> float:
     """Q = mIoU_adv / mIoU_clean (eq. 10)."""
     if miou_clean == 0 or math.isnan(miou_clean):
@@ -81,11 +78,17 @@ def depth_errors(gt: torch.Tensor, pred: torch.Tensor) -> dict[str, float]:
     }
 
 
-@register("metric", "depth")
+def _median(t: torch.Tensor) -> float:
+    """numpy's median (the mean of the two middle values of an even count), as monodepth2's evaluation; torch's
+    median would take the lower one."""
+    return float(np.median(t.detach().cpu().double().numpy()))
+
+
 def evaluate_depth(gt: torch.Tensor, pred: torch.Tensor, min_depth: float = 1e-3, max_depth: float = 80.0,
                    garg_crop: bool = True, median_scaling: bool = True) -> dict[str, float]:
     """Depth metrics of one image (monodepth2's protocol): valid ground truth in (min_depth, max_depth), the
-    Garg/Eigen crop, per-image median scaling, predictions clamped to [min_depth, max_depth]."""
+    Garg/Eigen crop, per-image median scaling (numpy's median, as monodepth2), predictions clamped to
+    [min_depth, max_depth]."""
     gt = gt.squeeze()
     pred = pred.squeeze()
     if pred.shape != gt.shape:
@@ -97,7 +100,7 @@ def evaluate_depth(gt: torch.Tensor, pred: torch.Tensor, min_depth: float = 1e-3
     g, p = gt[mask], pred[mask]
     if g.numel() == 0:
         raise ValueError("no valid ground-truth depth in the evaluated region")
-    ratio = float(g.median() / p.median()) if median_scaling else 1.0
+    ratio = _median(g) / _median(p) if median_scaling else 1.0
     p = (p * ratio).clamp(min_depth, max_depth)
     out = depth_errors(g, p)
     out["scale"] = ratio

@@ -4,19 +4,23 @@ Every perturbation acts on images x in gray values 0..255 (the model normalizes 
 strength ε in gray values, the RMS of the perturbation r = x_adv - x over H·W·C (eq. 7), so equal ε means equal
 SNR across types. The perturbed image is clipped to [0, 255]; ``measured_epsilon`` gives the RMS after clipping.
 
-A perturbation is a class in the ``perturbation`` registry with ``needs_gradient`` and
-``sweep(ctx, x, y, epsilons) -> {ε: x_adv}``: a sweep may share work between strengths (FGSM's gradient does not
-depend on ε, so one backward pass serves the whole sweep).
+A perturbation is a class in the ``perturbation`` registry with typed ``Options`` (validated when the recipe
+loads), ``needs_gradient`` (noise types run without autograd) and ``sweep(ctx, x, y, epsilons) -> {ε: x_adv}``:
+a sweep may share work between strengths (FGSM's gradient does not depend on ε, so one backward pass serves the
+whole sweep).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 from .errors import MtkitError
@@ -24,18 +28,43 @@ from .losses import weighted_cross_entropy
 from .registry import register
 
 
+def image_generator(seed: int, index: int, *salt: Any) -> torch.Generator:
+    """A random generator for one image, seeded by a stable hash of (evaluation seed, the image's index in its
+    dataset, salt such as the perturbation and ε): an image's noise does not depend on the batch it is in."""
+    blob = json.dumps([seed, index, *salt], default=str).encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1)
+
+
 @dataclass
 class AttackContext:
-    """What a perturbation may use: the segmenter (gray values → logits), the class weights of eq. 1, and a
-    random generator (seeded by the evaluation)."""
+    """What a perturbation may use: the segmenter (gray values → logits), the class weights of eq. 1, a random
+    generator (seeded by the evaluation), and the evaluation seed and dataset indices of the batch's images for
+    per-image generators (``image_generators``)."""
 
     model: nn.Module
     class_weights: torch.Tensor | None
     generator: torch.Generator
+    seed: int = 0
+    indices: list[int] | None = None
+    #: the attacked loss J(logits, labels): the recipe's ``loss.segmentation`` (default J^ce of eq. 1)
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def objective(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.loss_fn is not None:
+            return self.loss_fn(logits, y)
+        return weighted_cross_entropy(logits, y, self.class_weights)
+
+    def image_generators(self, batch: int, *salt: Any) -> list[torch.Generator]:
+        """One generator per image of the batch (see ``image_generator``); without dataset indices, the positions
+        in the batch stand in for them."""
+        indices = self.indices if self.indices is not None else list(range(batch))
+        if len(indices) != batch:
+            raise ValueError(f"AttackContext has {len(indices)} image indices for a batch of {batch}")
+        return [image_generator(self.seed, i, *salt) for i in indices]
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """J^ce of eq. 1 against the ground truth (void ignored)."""
-        return weighted_cross_entropy(self.model(x), y, self.class_weights)
+        """The attacked loss (J^ce of eq. 1 by default) against the ground truth (void ignored)."""
+        return self.objective(self.model(x), y)
 
     def gradient(self, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """∇_x loss_fn(model(x)) (one forward and one backward pass): the one place attacks differentiate."""
@@ -45,10 +74,10 @@ class AttackContext:
         return grad
 
     def input_gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """∇_x J^ce(ȳ, y(x)) of eq. 1 against the ground truth (void ignored)."""
+        """∇_x J(ȳ, y(x)) of the attacked loss (J^ce of eq. 1 by default) against the ground truth."""
         if y is None:
             raise MtkitError("a gradient attack needs ground-truth labels; this dataset gives none")
-        return self.gradient(x, lambda logits: weighted_cross_entropy(logits, y, self.class_weights))
+        return self.gradient(x, lambda logits: self.objective(logits, y))
 
 
 def clip_image(x: torch.Tensor) -> torch.Tensor:
@@ -67,13 +96,25 @@ def gaussian_noise(x: torch.Tensor, eps: float, generator: torch.Generator | Non
 
 
 def salt_and_pepper(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A fraction f of pixels set to 0 or 255 (all channels, equal probability), f chosen for the batch so that
-    the measured ε of r = x_adv - x (eq. 7) hits the requested ε.
+    """A fraction f of pixels set to 0 or 255 (all channels, equal probability), f chosen for each image of the
+    batch (C, H, W) on its own so that the measured ε of r = x_adv - x (eq. 7) over that image hits the request.
 
     ε cannot be imposed in advance (paper sec. 3.4): pixels are taken in random order until the cumulated squared
-    error reaches ε²·N (N = B·C·H·W); the last pixel is the remaining one whose contribution best matches the
-    deficit, so the measured ε lands within a fraction of a percent of the request.
+    error reaches ε²·N (N = C·H·W of the image); the last pixel is the remaining one whose contribution best
+    matches the deficit. Granularity limit: one pixel changes ε² by up to C·255²/N, so on a small image a tiny ε
+    can only be met to within one pixel (at 64x192, one pixel of a mid-gray image is ε ≈ 0.7 alone); the
+    measured ε of every image is recorded. With a ``generator``, one generator serves the images in turn; the
+    evaluation gives each image its own (``AttackContext.image_generators``).
     """
+    return torch.cat([_salt_and_pepper_image(x[i:i + 1], eps, generator) for i in range(x.shape[0])])
+
+
+def salt_and_pepper_per_image(x: torch.Tensor, eps: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """``salt_and_pepper`` with one generator per image: an image's result does not depend on its batch."""
+    return torch.cat([_salt_and_pepper_image(x[i:i + 1], eps, g) for i, g in enumerate(generators)])
+
+
+def _salt_and_pepper_image(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
     b, c, h, w = x.shape
     target = eps**2 * x.numel()
     flat = x.permute(0, 2, 3, 1).reshape(-1, c).double()
@@ -107,16 +148,26 @@ def fgsm(x: torch.Tensor, direction: torch.Tensor, eps: float) -> torch.Tensor:
     return x + eps * direction
 
 
-def pgd_iterations(eps: float) -> int:
-    """Kurakin et al.'s default number of iterations: ceil(min(ε + 4, 1.25 ε)) (ε in gray values)."""
+def pgd_iterations(eps: float, override: int | dict[float, int] | None = None) -> int:
+    """Kurakin et al.'s number of iterations ceil(min(ε + 4, 1.25 ε)) (ε in gray values), or ``override``: one
+    count for every ε, or a mapping ε → count (ε missing from it keep the default).
+
+    Rounded up, so that every ε > 0 gets at least one iteration: 1, 1, 2, 3, 5, 10, 20 for the paper's
+    ε = 0.25 … 16. Rounding down, as a common library does, gives 0 iterations, i.e. no attack at all, at ε < 1.
+    """
+    if isinstance(override, dict):
+        override = override.get(float(eps))
+    if override is not None:
+        return int(override)
     return max(1, math.ceil(min(eps + 4.0, 1.25 * eps)))
 
 
 def pgd(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, eps: float, step: float = 1.0,
-        iterations: int | None = None, random_start: bool = False) -> torch.Tensor:
+        iterations: int | dict[float, int] | None = None, random_start: bool = False) -> torch.Tensor:
     """Projected gradient descent (Kurakin et al. / Madry et al.): iterated FGSM steps of size ``step`` gray
-    values, each followed by projection onto the L∞ ε-ball around x and onto [0, 255]."""
-    iterations = pgd_iterations(eps) if iterations is None else iterations
+    values, each followed by projection onto the L∞ ε-ball around x and onto [0, 255]; ``iterations`` as in
+    ``pgd_iterations``."""
+    iterations = pgd_iterations(eps, iterations)
     x_adv = x.clone()
     if random_start:
         noise = torch.rand(x.shape, generator=ctx.generator, dtype=x.dtype, device="cpu").to(x.device)
@@ -131,17 +182,25 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return clip_image(torch.maximum(torch.minimum(x_adv, x + eps), x - eps))
 
 
-class Perturbation:
-    """Base class of the registry's perturbations. Subclasses set ``needs_gradient`` and implement ``sweep``."""
+class PerturbationOptions(BaseModel):
+    """Base of a perturbation's typed options (unknown keys are refused); the base takes none."""
 
+    model_config = ConfigDict(extra="forbid")
+
+
+class Perturbation:
+    """Base class of the registry's perturbations. Subclasses set ``needs_gradient`` and ``Options`` and
+    implement ``sweep``; ``self.options`` holds the validated options."""
+
+    Options: ClassVar[type[BaseModel]] = PerturbationOptions
+    #: gradient attacks run with autograd; noise types run under ``torch.no_grad``
     needs_gradient = False
     #: what the sweep's keys are: "epsilon" (requested RMS ε in gray values, eq. 7) or another level such as a
     #: corruption's "severity", whose ε is only measured (recorded per row as ``epsilon_measured``)
     level_kind = "epsilon"
 
-    def __init__(self, **options: Any) -> None:
-        if options:
-            raise MtkitError(f"perturbation '{type(self).__name__}' takes no options, got {sorted(options)}")
+    def __init__(self, options: BaseModel | None = None) -> None:
+        self.options = options if options is not None else self.Options()
 
     def levels(self, epsilons: list[float]) -> list[float]:
         """The keys this perturbation's ``sweep`` returns for the recipe's ε list (by default the ε list)."""
@@ -157,15 +216,20 @@ class Gaussian(Perturbation):
     """Gaussian noise r ~ N(0, ε²) (eq. 6-7)."""
 
     def sweep(self, ctx, x, y, epsilons):
-        return {e: clip_image(gaussian_noise(x, e, ctx.generator)) for e in epsilons}
+        out = {}
+        for e in epsilons:
+            gens = ctx.image_generators(x.shape[0], "gaussian", e)
+            out[e] = clip_image(torch.cat([gaussian_noise(x[i:i + 1], e, g) for i, g in enumerate(gens)]))
+        return out
 
 
 @register("perturbation", "salt_pepper")
 class SaltPepper(Perturbation):
-    """Salt and pepper noise with the fraction of pixels chosen so that the measured ε hits the request."""
+    """Salt and pepper noise with the fraction of pixels chosen per image so that its measured ε hits the request."""
 
     def sweep(self, ctx, x, y, epsilons):
-        return {e: salt_and_pepper(x, e, ctx.generator) for e in epsilons}
+        return {e: salt_and_pepper_per_image(x, e, ctx.image_generators(x.shape[0], "salt_pepper", e))
+                for e in epsilons}
 
 
 @register("perturbation", "fgsm")
@@ -179,29 +243,21 @@ class FGSM(Perturbation):
         return {e: clip_image(fgsm(x, direction, e)) for e in epsilons}
 
 
+class PGDOptions(PerturbationOptions):
+    step: float = Field(1.0, gt=0, description="step size in gray values")
+    iterations: PositiveInt | dict[float, PositiveInt] | None = Field(
+        None, description="null: ceil(min(ε+4, 1.25ε)); a count, or ε → count, e.g. {16: 30}")
+    random_start: bool = False
+
+
 @register("perturbation", "pgd")
 class PGD(Perturbation):
     """PGD: step 1 gray value, ceil(min(ε+4, 1.25ε)) iterations (Kurakin et al.), L∞ projection; options:
-    step, iterations, random_start."""
+    step, iterations (a count, or ε → count), random_start."""
 
+    Options = PGDOptions
     needs_gradient = True
 
-    def __init__(self, step: float = 1.0, iterations: int | None = None, random_start: bool = False) -> None:
-        if step <= 0:
-            raise MtkitError(f"pgd step must be positive gray values, got {step}")
-        self.step = step
-        self.iterations = iterations
-        self.random_start = random_start
-
     def sweep(self, ctx, x, y, epsilons):
-        return {e: pgd(ctx, x, y, e, self.step, self.iterations, self.random_start) for e in epsilons}
-
-
-def build_perturbation(name: str, options: dict[str, Any] | None = None) -> Perturbation:
-    from .plugins import get_registry
-
-    cls = get_registry().get("perturbation", name)
-    try:
-        return cls(**(options or {}))
-    except TypeError as exc:
-        raise MtkitError(f"perturbation '{name}': bad options {options}: {exc}") from None
+        o = self.options
+        return {e: pgd(ctx, x, y, e, o.step, o.iterations, o.random_start) for e in epsilons}

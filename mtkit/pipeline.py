@@ -21,10 +21,17 @@ from typing import Any
 import torch
 import yaml
 
+from .build import build_dataset
 from .config import ModelSpec, Recipe, config_hash
+from .depth_eval import evaluate_depth_model
 from .errors import DatasetError, MtkitError
-from .report import atomic_write_text, write_report
-from .tasks import BUILTIN_TASKS, auxiliary_task
+from .evaluate import evaluate_checkpoint, load_model
+from .io import atomic_write_text
+from .plugins import get_plugins
+from .report import write_report
+from .results import DepthRow, ModelInfo, RunResults
+from .runtime import resolve_device
+from .train import train
 
 QUICKSTART_HINT = "to try the whole pipeline on the embedded synthetic data instead: mtkit run recipes/quickstart.yaml"
 
@@ -32,7 +39,7 @@ QUICKSTART_HINT = "to try the whole pipeline on the embedded synthetic data inst
 @dataclass
 class RunResult:
     run_dir: Path
-    results: dict[str, Any]
+    results: RunResults
     paths: dict[str, Path]
     stages_run: list[str]
     stages_cached: list[str]
@@ -52,19 +59,23 @@ def eval_hash(t_hash: str, recipe: Recipe, key: str) -> str:
     return config_hash(t_hash, recipe.data.eval[key].model_dump(), recipe.robustness.model_dump(exclude={"datasets"}))
 
 
+def depth_hash(t_hash: str, recipe: Recipe, key: str) -> str:
+    return config_hash(t_hash, recipe.data.depth_eval[key].model_dump(), recipe.depth_evaluation.model_dump())
+
+
 def check_datasets(recipe: Recipe) -> None:
     """Open every dataset the recipe names (roots, layouts) before any work; one error listing what is missing."""
-    from .data.datasets import build_dataset
-
     d = recipe.data
     needed = {"data.segmentation": d.segmentation, "data.segmentation_val": d.segmentation_val}
     if d.depth is not None and any("depth" in m.tasks for m in recipe.models):
         needed["data.depth"] = d.depth
     needed.update({f"data.eval.{k}": v for k, v in d.eval.items()})
+    if any("depth" in m.tasks for m in recipe.models):
+        needed.update({f"data.depth_eval.{k}": v for k, v in d.depth_eval.items()})
     problems = []
     for key, cfg in needed.items():
         try:
-            build_dataset(cfg)
+            build_dataset(cfg, where=key)
         except DatasetError as exc:
             problems.append(f"{key} ({cfg.name}): {str(exc).splitlines()[0].split(' Expected')[0]}")
     if problems:
@@ -94,31 +105,18 @@ def environment(device: str) -> dict[str, Any]:
 def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, progress: bool = True,
         run_dir: str | Path | None = None, log=print) -> RunResult:
     """Run every stage of ``recipe`` into ``run_dir`` (default ``<output_dir>/<name>``)."""
-    from .data.datasets import build_dataset
-    from .evaluate import build_perturbations, load_model, robustness_sweep
-    from .plugins import get_plugins
-    from .runtime import resolve_device
-    from .train import train
-
     seeds = seeds or recipe.run_seeds()
     run_dir = Path(run_dir or Path(recipe.output_dir) / recipe.name)
     check_datasets(recipe)
-    perts = build_perturbations(recipe.robustness.perturbations, recipe.robustness.options)
-    for spec in recipe.models:  # unknown plugin tasks fail now, not after the first models have trained
-        for task in spec.tasks:
-            if task not in BUILTIN_TASKS:
-                auxiliary_task(task)
     eval_keys = recipe.robustness.datasets or list(recipe.data.eval)
     if not eval_keys:
         raise MtkitError("the recipe has no evaluation datasets (data.eval)")
     device = resolve_device(recipe.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     ran, cached = [], []
-    results: dict[str, Any] = {
-        "recipe_name": recipe.name, "recipe_source": recipe.source, "seeds": seeds,
-        "models": {m.name: {"tasks": m.tasks, "lambda": m.lam} for m in recipe.models},
-        "clean": [], "robustness": [], "training": [], "environment": environment(str(device)),
-    }
+    results = RunResults(recipe_name=recipe.name, recipe_source=recipe.source, seeds=seeds,
+                         models={m.name: ModelInfo(tasks=m.tasks, lam=m.lam) for m in recipe.models},
+                         environment=environment(str(device)))
     started = time.perf_counter()
     for seed in seeds:
         for spec in recipe.models:
@@ -134,36 +132,49 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
             else:
                 log(f"[stage] {stage}" + (" (resuming)" if (tdir / "last.pt").is_file() else ""))
                 t0 = time.perf_counter()
-                res = train(recipe, spec, tdir, seed=seed, resume=True, progress=progress)
+                res = train(recipe, spec, tdir, seed=seed, resume=True, progress=progress, force_statistics=force)
                 summary = {"model": spec.name, "seed": seed, "epochs": res.epochs, "steps": res.steps,
                            "val_miou": res.val_miou, "best_val_miou": res.best_val_miou,
-                           "seconds": time.perf_counter() - t0, "history": res.history}
+                           "seconds": time.perf_counter() - t0, "class_weights": res.class_weights,
+                           "class_weights_key": res.class_weights_key, "history": res.history}
                 atomic_write_text(done, json.dumps(summary, indent=2))
                 ran.append(stage)
-            results["training"].append(summary)
+            results.training.append(summary)
             loaded = None
             for key in eval_keys:
-                eh = eval_hash(th, recipe, key)
-                epath = run_dir / "eval" / f"{spec.name}-s{seed}-{key}-{eh}.json"
+                epath = run_dir / "eval" / f"{spec.name}-s{seed}-{key}-{eval_hash(th, recipe, key)}.json"
                 stage = f"evaluate {spec.name} seed {seed} on {key}"
                 if epath.is_file() and not force:
                     cached.append(stage)
-                    ev = json.loads(epath.read_text())
+                    ev = RunResults.read(epath)
                 else:
                     log(f"[stage] {stage}")
                     loaded = loaded or load_model(tdir / "last.pt", device)
-                    ds = build_dataset(recipe.data.eval[key])
-                    ev = robustness_sweep(loaded.segmenter, ds, perts, recipe.robustness.epsilons,
-                                          recipe.model.num_classes, loaded.class_weights,
-                                          recipe.robustness.batch_size, seed, device, progress,
-                                          label=f"{spec.name}/{key}")
-                    atomic_write_text(epath, json.dumps(ev))
+                    ev = evaluate_checkpoint(loaded, recipe, [key], seed, device, progress)
+                    ev.write(epath)
                     ran.append(stage)
-                results["clean"].append({"model": spec.name, "seed": seed, "dataset": key, **ev["clean"]})
-                results["robustness"] += [{"model": spec.name, "seed": seed, "dataset": key, **r} for r in ev["rows"]]
-    results["seconds"] = time.perf_counter() - started
+                results.clean += ev.clean
+                results.robustness += ev.robustness
+            for key in recipe.data.depth_eval if "depth" in spec.tasks else ():
+                dpath = run_dir / "depth" / f"{spec.name}-s{seed}-{key}-{depth_hash(th, recipe, key)}.json"
+                stage = f"evaluate depth {spec.name} seed {seed} on {key}"
+                if dpath.is_file() and not force:
+                    cached.append(stage)
+                    row = DepthRow.model_validate_json(dpath.read_text())
+                else:
+                    log(f"[stage] {stage}")
+                    loaded = loaded or load_model(tdir / "last.pt", device)
+                    ds = build_dataset(recipe.data.depth_eval[key], where=f"data.depth_eval.{key}")
+                    res = evaluate_depth_model(loaded.model, ds, recipe.depth_evaluation, device=device,
+                                               progress=progress, label=f"{spec.name}/{key} depth")
+                    row = DepthRow(model=spec.name, seed=seed, dataset=key, **res.to_dict())
+                    atomic_write_text(dpath, row.model_dump_json())
+                    ran.append(stage)
+                results.depth.append(row)
+    results.seconds = time.perf_counter() - started
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    atomic_write_text(run_dir / "environment.json", json.dumps(results["environment"], indent=2))
+    atomic_write_text(run_dir / "environment.json", json.dumps(results.environment, indent=2))
     paths = write_report(results, run_dir)
-    get_plugins().hook.mtkit_after_evaluation(run_dir=str(run_dir), results=results["robustness"])
+    get_plugins().hook.mtkit_after_evaluation(run_dir=str(run_dir),
+                                             results=[r.model_dump() for r in results.robustness])
     return RunResult(run_dir, results, paths, ran, cached)

@@ -1,4 +1,5 @@
-"""The plugin manager: built-ins and entry-point plugins register through the same ``mtkit_register`` hook.
+"""The plugin manager: built-ins and entry-point plugins register through the same historic ``mtkit_register``
+hook, called through ``pm.hook``.
 
 A plugin that fails to import or to register is recorded in ``failures`` with its name and error; the other
 plugins and the CLI keep working.
@@ -12,8 +13,8 @@ from importlib import metadata
 
 import pluggy
 
-from . import hookspecs
-from .registry import _LIVE, BUILTIN, DECORATED, Registry, RegistryView, origin_of_module
+from . import builtins, hookspecs
+from .registry import BUILTIN, DECORATED, Registry, RegistryView, origin_of_module
 
 ENTRY_POINT_GROUP = "mtkit"
 
@@ -24,6 +25,7 @@ KNOWN_PROVIDERS = {
     ("perturbation", "segpgd"): "mtkit-attacks",
     ("perturbation", "uap"): "mtkit-attacks",
     ("perturbation", "corrupt_*"): "mtkit-corruptions",
+    ("perturbation", "cospgd"): "mtkit-attacks",
     ("task", "edges"): "mtkit-edges",
 }
 
@@ -58,46 +60,49 @@ def _dist_origin(ep: metadata.EntryPoint) -> str:
 
 
 def load_plugins(entry_points: bool = True) -> Plugins:
-    """Build a fresh plugin manager and registry: built-ins first, then each entry point of group ``mtkit``."""
-    from . import builtins
-
+    """A fresh plugin manager and registry: the registration hook is called historically (pluggy's
+    ``historic=True``), so mtkit's built-ins, each entry-point plugin of group ``mtkit`` and any plugin registered
+    later on the manager all add their entries through ``pm.hook.mtkit_register``. A plugin that fails to import
+    or to register is recorded in ``failures``, unregistered, and its entries dropped."""
     pm = pluggy.PluginManager("mtkit")
     pm.add_hookspecs(hookspecs)
     registry = Registry(known_providers=dict(KNOWN_PROVIDERS))
     plugins = Plugins(pm, registry)
-    origins: dict[str, str] = {"builtin": BUILTIN}
-    pm.register(builtins, name="builtin")
+    view = RegistryView(registry)
+    pm.hook.mtkit_register.call_historic(kwargs={"registry": view})
+    candidates: list[tuple[str, str, object]] = [("builtin", BUILTIN, builtins)]
     if entry_points:
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             origin = _dist_origin(ep)
-            if pm.has_plugin(ep.name):
+            if ep.name in {c[0] for c in candidates}:
                 continue
             try:
-                module = ep.load()
-                pm.register(module, name=ep.name)
+                candidates.append((ep.name, origin, ep.load()))
             except Exception as exc:  # a broken plugin must not break the others
                 plugins.failures.append(
-                    PluginFailure(ep.name, origin, f"{type(exc).__name__}: {exc}", traceback.format_exc())
-                )
-                continue
-            origins[ep.name] = origin
-    for impl in reversed(pm.hook.mtkit_register.get_hookimpls()):  # built-ins first
-        name = impl.plugin_name
-        view = RegistryView(registry, origins.get(name, name), name)
+                    PluginFailure(ep.name, origin, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+    for name, origin, module in candidates:
+        view.origin, view.provider = origin, name
         try:
-            impl.function(registry=view)
+            pm.register(module, name=name)  # runs the historic mtkit_register of this plugin now
         except Exception as exc:
             plugins.failures.append(
-                PluginFailure(name, origins.get(name, name), f"{type(exc).__name__}: {exc}", traceback.format_exc())
-            )
-            if name != "builtin":
+                PluginFailure(name, origin, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            registry.remove_provider(name)
+            if pm.has_plugin(name):
                 pm.unregister(name=name)
-    for kind, name, obj in DECORATED:  # decorator registrations outside mtkit (notebooks, plugins)
-        if (kind, name) not in registry:
-            registry.add(kind, name, obj, origin=origin_of_module(obj.__module__))
-    _LIVE.clear()
-    _LIVE.append(registry)
+            if name == "builtin":
+                raise
+    view.origin, view.provider = None, ""
+    _add_decorated(registry)
     return plugins
+
+
+def _add_decorated(registry: Registry) -> None:
+    """``@register`` declarations outside mtkit's own modules (a notebook, a script) that no hook added."""
+    for kind, name, obj, options in DECORATED:
+        if (kind, name) not in registry:
+            registry.add(kind, name, obj, origin=origin_of_module(getattr(obj, "__module__", "")), options=options)
 
 
 _PLUGINS: Plugins | None = None
@@ -112,9 +117,7 @@ def get_plugins(reload: bool = False) -> Plugins:
 
 
 def get_registry() -> Registry:
-    return get_plugins().registry
-
-
-def lookup(kind: str, name: str):
-    """The object registered as ``name`` of ``kind`` (clear error with suggestions when unknown)."""
-    return get_registry().get(kind, name)
+    """The process-wide registry, with any ``@register`` declared since it was built."""
+    registry = get_plugins().registry
+    _add_decorated(registry)
+    return registry

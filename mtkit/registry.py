@@ -1,7 +1,13 @@
-"""Registries: one place that maps names to backbones, heads, losses, perturbations, datasets, tasks, metrics.
+"""Registries: one place that maps names to backbones, heads, losses, perturbations, datasets and tasks.
 
-Entries are added with the ``@register(kind, name)`` decorator (built-ins, inside ``mtkit.builtins``) or by a
-plugin's ``mtkit_register`` hook; both end up here, each entry knowing where it came from.
+The bottom layer: it imports nothing of mtkit but the error classes. Entries are declared with the
+``@register(kind, name, options=Model)`` decorator (which only records them, like timm's ``register_model``) and
+added to a ``Registry`` by the plugin manager (``mtkit.plugins``): mtkit's own through the same historic
+``mtkit_register`` hook as third-party plugins, each entry knowing where it came from. ``mtkit.build`` is the one
+place where names become objects.
+
+An entry may declare its options as a pydantic model (``options``): a recipe's options for it are validated
+against that model when the recipe loads, with the same path-precise errors as every other key.
 """
 
 from __future__ import annotations
@@ -11,11 +17,12 @@ import fnmatch
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
 
 from .errors import MtkitError
 
-KINDS = ("backbone", "head", "loss", "perturbation", "dataset", "task", "metric")
+KINDS = ("backbone", "head", "loss", "perturbation", "dataset", "task")
 
 BUILTIN = "builtin"
 
@@ -29,6 +36,7 @@ class Entry:
     obj: Any
     origin: str = BUILTIN  # "builtin" or "<distribution> <version>"
     provider: str = ""  # plugin name as known to the plugin manager
+    options: Any = None  # a pydantic model class of the entry's options (None: takes none)
 
     @property
     def doc(self) -> str:
@@ -49,7 +57,8 @@ class Registry:
     # names that a known but uninstalled plugin would provide: (kind, name pattern) -> distribution
     known_providers: dict[tuple[str, str], str] = field(default_factory=dict)
 
-    def add(self, kind: str, name: str, obj: Any, origin: str = BUILTIN, provider: str = "") -> Any:
+    def add(self, kind: str, name: str, obj: Any, origin: str = BUILTIN, provider: str = "",
+            options: Any = None) -> Any:
         self._check_kind(kind)
         existing = self.entries[kind].get(name)
         if existing is not None and existing.obj is not obj:
@@ -57,8 +66,15 @@ class Registry:
                 f"{kind} '{name}' is registered twice: by {existing.origin} and by {origin}. "
                 "Rename one of them or uninstall one plugin."
             )
-        self.entries[kind][name] = Entry(kind, name, obj, origin, provider)
+        options = options if options is not None else getattr(obj, "Options", None)
+        self.entries[kind][name] = Entry(kind, name, obj, origin, provider, options)
         return obj
+
+    def remove_provider(self, provider: str) -> None:
+        """Drop every entry a plugin added (its registration failed half-way: plugin isolation)."""
+        for entries in self.entries.values():
+            for name in [n for n, e in entries.items() if e.provider == provider]:
+                del entries[name]
 
     def get(self, kind: str, name: str) -> Any:
         return self.entry(kind, name).obj
@@ -102,22 +118,19 @@ class Registry:
         return msg
 
 
-# Every ``@register`` decoration, in order. The built-ins' hook adds those from ``mtkit.*`` modules; the plugin
-# manager adds the rest (plugins or notebook code using the decorator) with the origin of their module.
-DECORATED: list[tuple[str, str, Any]] = []
-_LIVE: list[Registry] = []  # registries already built: late decorations (a notebook) go there too
+# Every ``@register`` decoration, in order: (kind, name, object, options). Recording only; the plugin manager adds
+# them to its registry (mtkit's own through the built-ins' hook, others with the origin of their module).
+DECORATED: list[tuple[str, str, Any, Any]] = []
 
 
-def register(kind: str, name: str | None = None) -> Callable[[Any], Any]:
-    """Decorator: ``@register("loss", "my_loss")`` adds the object to the registry of ``kind``."""
+def register(kind: str, name: str | None = None, options: Any = None) -> Callable[[Any], Any]:
+    """Decorator: ``@register("loss", "my_loss")`` declares the object as an entry of ``kind``; ``options`` is the
+    pydantic model of its options (a class may instead carry it as its ``Options`` attribute)."""
     if kind not in KINDS:
         raise MtkitError(f"unknown registry kind '{kind}'; the kinds are: {', '.join(KINDS)}")
 
     def deco(obj: Any) -> Any:
-        key = name or obj.__name__
-        DECORATED.append((kind, key, obj))
-        for reg in _LIVE:
-            reg.add(kind, key, obj, origin=origin_of_module(obj.__module__))
+        DECORATED.append((kind, name or obj.__name__, obj, options))
         return obj
 
     return deco
@@ -125,8 +138,6 @@ def register(kind: str, name: str | None = None) -> Callable[[Any], Any]:
 
 def origin_of_module(module: str) -> str:
     """``builtin`` for mtkit's own modules, else ``<distribution> <version>`` (or the module name)."""
-    from importlib import metadata
-
     top = module.split(".")[0]
     if top == "mtkit":
         return BUILTIN
@@ -137,18 +148,21 @@ def origin_of_module(module: str) -> str:
 
 
 class RegistryView:
-    """What a plugin's ``mtkit_register`` hook receives: ``add`` records the plugin's origin."""
+    """What the ``mtkit_register`` hook receives: ``add`` and ``register`` record each entry with the origin of the
+    plugin being registered (its distribution and version), or of the object's module for a plugin that a user
+    registers by hand later."""
 
-    def __init__(self, registry: Registry, origin: str, provider: str) -> None:
+    def __init__(self, registry: Registry) -> None:
         self._registry = registry
-        self._origin = origin
-        self._provider = provider
+        self.origin: str | None = None  # set by the plugin manager while it registers one plugin
+        self.provider = ""
 
-    def add(self, kind: str, name: str, obj: Any) -> Any:
-        return self._registry.add(kind, name, obj, origin=self._origin, provider=self._provider)
+    def add(self, kind: str, name: str, obj: Any, options: Any = None) -> Any:
+        origin = self.origin or origin_of_module(getattr(obj, "__module__", "mtkit"))
+        return self._registry.add(kind, name, obj, origin=origin, provider=self.provider, options=options)
 
-    def register(self, kind: str, name: str | None = None) -> Callable[[Any], Any]:
+    def register(self, kind: str, name: str | None = None, options: Any = None) -> Callable[[Any], Any]:
         def deco(obj: Any) -> Any:
-            return self.add(kind, name or obj.__name__, obj)
+            return self.add(kind, name or obj.__name__, obj, options)
 
         return deco

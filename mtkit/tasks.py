@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .errors import MtkitError
 
 BUILTIN_TASKS = ("segmentation", "depth")
 
@@ -27,14 +26,3 @@ class AuxiliaryTask:
 
     def loss(self, output: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-
-def auxiliary_task(name: str) -> AuxiliaryTask:
-    """The registered task ``name`` as an instance (a clear error if it is unknown or not an AuxiliaryTask)."""
-    from .plugins import get_registry
-
-    entry = get_registry().entry("task", name)
-    obj = entry.obj() if isinstance(entry.obj, type) else entry.obj
-    if not isinstance(obj, AuxiliaryTask):
-        raise MtkitError(f"task '{name}' ({entry.origin}) is not an mtkit.tasks.AuxiliaryTask")
-    return obj

@@ -11,10 +11,8 @@ batch over the ranks, rank 0 writes checkpoints and logs.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +20,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
+from .build import build_dataset, build_depth_loss, build_model, build_segmentation_loss
 from .config import ModelSpec, Recipe
-from .data.datasets import build_dataset, class_weights
+from .data.stats import class_weights
 from .errors import MtkitError, TrainingDiverged
-from .losses import weighted_cross_entropy
-from .models import MultiTaskNet, build_model
-from .runtime import Dist, init_distributed, resolve_device, seed_everything
+from .metrics import confusion_matrix, miou
+from .metrics_log import MetricsLog
+from .models import MultiTaskNet
+from .plugins import get_plugins
+from .progress import progress_bar
+from .runtime import init_distributed, resolve_device, seed_everything
+from .sampling import batch_loader, epoch_batches
 
 
 @dataclass
@@ -44,49 +47,28 @@ class TrainResult:
     val_miou: float
     best_val_miou: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    class_weights: list[float] | None = None
+    class_weights_key: str | None = None
 
 
-def _batches(n: int, batch: int, steps: int, seed: int, epoch: int, d: Dist) -> list[list[int]]:
-    """This rank's index batches for one epoch: a DistributedSampler permutation (seeded by seed and epoch),
-    cycled with fresh permutations when ``steps`` global batches need more samples than one pass gives."""
-    local = batch // d.world
-    out: list[int] = []
-    rnd = 0
-    while len(out) < steps * local:
-        sampler = DistributedSampler(range(n), num_replicas=d.world, rank=d.rank, shuffle=True,
-                                     seed=seed, drop_last=True)
-        sampler.set_epoch(epoch * 1000 + rnd)
-        out.extend(iter(sampler))
-        rnd += 1
-    return [out[i * local:(i + 1) * local] for i in range(steps)]
-
-
-def _collate_loader(dataset, batches: list[list[int]], workers: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    # a private generator: creating the iterator must not draw from the global RNG (exact resume)
-    return iter(DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                           generator=torch.Generator().manual_seed(seed)))
-
-
-def build_class_weights(recipe: Recipe, seg_train) -> torch.Tensor | None:
+def build_class_weights(recipe: Recipe, seg_train, force: bool = False) -> tuple[torch.Tensor | None, str | None]:
+    """The class weights of eq. 1 and their cache key: ENet weights over the training labels (cached by the
+    labels' content; ``force`` recounts), the recipe's own weights, or none."""
     cw = recipe.loss.class_weights
     if cw == "none":
-        return None
+        return None, None
     if isinstance(cw, list):
         if len(cw) != recipe.model.num_classes:
             raise MtkitError(f"loss.class_weights has {len(cw)} values, model.num_classes is "
                              f"{recipe.model.num_classes}")
-        return torch.tensor(cw, dtype=torch.float32)
-    ds_cfg = recipe.data.segmentation
-    key = f"{ds_cfg.name}-{ds_cfg.split}-{ds_cfg.root}-{ds_cfg.height}x{ds_cfg.width}-{ds_cfg.limit}-" \
-          f"{json.dumps(ds_cfg.options, sort_keys=True)}-{recipe.model.num_classes}"
-    return class_weights(seg_train, recipe.model.num_classes, key)
+        return torch.tensor(cw, dtype=torch.float32), None
+    weights = class_weights(seg_train, recipe.model.num_classes, force)
+    return weights.weights, weights.key
 
 
 @torch.no_grad()
 def confusion_on(segmenter: torch.nn.Module, dataset, num_classes: int, batch_size: int,
                  device: torch.device) -> torch.Tensor:
-    from .metrics import confusion_matrix
-
     segmenter.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for batch in DataLoader(dataset, batch_size=batch_size):
@@ -99,8 +81,10 @@ class Trainer:
     """Trains one model spec of a recipe into ``run_dir`` (best.pt, last.pt, metrics.jsonl)."""
 
     def __init__(self, recipe: Recipe, spec: ModelSpec, run_dir: str | Path, seed: int | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, force_statistics: bool = False) -> None:
         self.recipe = recipe
+        self.force_statistics = force_statistics
+        self.weights_key: str | None = None
         self.spec = spec
         self.run_dir = Path(run_dir)
         self.seed = recipe.seed if seed is None else seed
@@ -122,10 +106,11 @@ class Trainer:
     def _setup(self) -> None:
         r = self.recipe
         seed_everything(self.seed)
-        self.seg_train = build_dataset(r.data.segmentation, train=True, augment=r.data.augment)
-        self.seg_val = build_dataset(r.data.segmentation_val, train=False)
-        self.depth_train = build_dataset(r.data.depth, train=True, augment=r.data.augment) if self.multitask \
-            else None
+        self.seg_train = build_dataset(r.data.segmentation, train=True, augment=r.data.augment,
+                                       where="data.segmentation")
+        self.seg_val = build_dataset(r.data.segmentation_val, train=False, where="data.segmentation_val")
+        self.depth_train = build_dataset(r.data.depth, train=True, augment=r.data.augment, where="data.depth") \
+            if self.multitask else None
         if len(self.seg_train) < self.seg_batch:
             raise MtkitError(f"the segmentation training set has {len(self.seg_train)} samples, fewer than one "
                              f"batch of {self.seg_batch}")
@@ -133,10 +118,11 @@ class Trainer:
             raise MtkitError(f"the depth training set has {len(self.depth_train)} samples, fewer than one "
                              f"batch of {self.depth_batch}")
         self.steps_per_epoch = r.train.steps_per_epoch or max(1, len(self.seg_train) // self.seg_batch)
-        self.build(build_class_weights(r, self.seg_train))
+        weights, self.weights_key = build_class_weights(r, self.seg_train, self.force_statistics)
+        self.build(weights)
 
     def build(self, class_weights: torch.Tensor | None) -> None:
-        """Model, losses, optimizer and schedule (no data: benchmarks drive ``_step`` with their own batches)."""
+        """Model, losses, optimizer and schedule (no data: benchmarks drive ``train_step`` with their own batches)."""
         r = self.recipe
         self.weights = class_weights
         torch.manual_seed(self.seed)  # identical initial weights on every rank and for every data set-up
@@ -145,14 +131,8 @@ class Trainer:
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        from .plugins import get_registry
-
-        self.depth_loss = None
-        if self.multitask:
-            self.depth_loss = get_registry().get("loss", r.loss.depth)(
-                alpha=r.loss.ssim_alpha, smoothness_weight=r.loss.smoothness, num_scales=r.loss.num_scales,
-                automask=r.loss.automask, min_depth=r.model.min_depth, max_depth=r.model.max_depth)
-        self.cw = None if self.weights is None else self.weights.to(self.device)
+        self.depth_loss = build_depth_loss(r) if self.multitask else None
+        self.seg_loss = build_segmentation_loss(r.loss.segmentation, self.weights).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=r.train.lr)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, r.train.lr_drop_epochs,
                                                               r.train.lr_drop_factor)
@@ -189,6 +169,7 @@ class Trainer:
             "spec": self.spec.model_dump(by_alias=True),
             "seed": self.seed,
             "class_weights": self.weights,
+            "class_weights_key": self.weights_key,
             "history": self.history,
         }
         if resumable:
@@ -214,7 +195,8 @@ class Trainer:
         return True
 
     # ----------------------------------------------------------------------------------------- one step
-    def _step(self, seg: dict[str, torch.Tensor], dep: dict[str, torch.Tensor] | None) -> dict[str, float]:
+    def train_step(self, seg: dict[str, torch.Tensor], dep: dict[str, torch.Tensor] | None) -> dict[str, float]:
+        """One optimisation step on a segmentation batch and (multi-task) a video batch; the loss terms."""
         dev = self.device
         x = seg["image"].to(dev, non_blocking=True)
         y = seg["label"].to(dev, non_blocking=True)
@@ -224,7 +206,7 @@ class Trainer:
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
         with autocast:
             out = self.net(x, frames)
-        terms: dict[str, torch.Tensor] = {"seg": weighted_cross_entropy(out["seg_logits"].float(), y, self.cw)}
+        terms: dict[str, torch.Tensor] = {"seg": self.seg_loss(out["seg_logits"].float(), y)}
         total = terms["seg"]
         for name, task in self.model.aux_tasks.items():  # plugin tasks, on the segmentation batch's images
             terms[name] = task.loss(out["aux"][name].float(), x)
@@ -258,8 +240,6 @@ class Trainer:
         return dict(zip(terms, values.tolist()))
 
     def validate(self) -> float:
-        from .metrics import miou
-
         conf = confusion_on(self.model.segmenter(), self.seg_val, self.recipe.model.num_classes,
                             self.recipe.robustness.batch_size, self.device)
         self.model.train()
@@ -276,38 +256,35 @@ class Trainer:
                 p.unlink(missing_ok=True)
         t = self.recipe.train
         log = MetricsLog(self.run_dir / "metrics.jsonl", self.dist.main, t.tensorboard)
-        from .plugins import get_plugins
-
         hooks = get_plugins().hook
         total_steps = t.epochs * self.steps_per_epoch
-        progress = Progress(self.show_progress and self.dist.main, total_steps, self.step,
-                            f"{self.spec.name}")
         images_per_step = self.seg_batch + self.depth_batch
         self.model.train()
-        with progress:
+        with progress_bar(self.show_progress and self.dist.main, total_steps, self.spec.name, self.step) as advance:
             while self.epoch < t.epochs:
-                seg_b = _batches(len(self.seg_train), self.seg_batch, self.steps_per_epoch, self.seed, self.epoch,
+                seg_b = epoch_batches(len(self.seg_train), self.seg_batch, self.steps_per_epoch, self.seed, self.epoch,
                                  self.dist)
-                dep_b = _batches(len(self.depth_train), self.depth_batch, self.steps_per_epoch, self.seed + 7919,
+                dep_b = epoch_batches(len(self.depth_train), self.depth_batch, self.steps_per_epoch, self.seed + 7919,
                                  self.epoch, self.dist) if self.depth_train is not None else None
                 skip = self.step_in_epoch
                 workers = self.recipe.data.num_workers
                 loader_seed = self.seed * 100003 + self.epoch * 1009
-                seg_it = _collate_loader(self.seg_train, seg_b[skip:], workers, loader_seed)
-                dep_it = _collate_loader(self.depth_train, dep_b[skip:], workers, loader_seed + 1) \
+                seg_it = batch_loader(self.seg_train, seg_b[skip:], workers, loader_seed)
+                dep_it = batch_loader(self.depth_train, dep_b[skip:], workers, loader_seed + 1) \
                     if dep_b is not None else None
                 sums: dict[str, float] = {}
                 tick = time.perf_counter()
                 for seg in seg_it:
                     dep = next(dep_it) if dep_it is not None else None
-                    terms = self._step(seg, dep)
+                    terms = self.train_step(seg, dep)
                     self.step += 1
                     self.step_in_epoch += 1
                     for k, v in terms.items():
                         sums[k] = sums.get(k, 0.0) + v
                     rate = images_per_step * self.dist.world / max(time.perf_counter() - tick, 1e-9)
                     tick = time.perf_counter()
-                    progress.update(self.epoch + 1, t.epochs, terms, rate)
+                    advance(description=f"{self.spec.name} epoch {self.epoch + 1}/{t.epochs}",
+                            info=" ".join(f"{k}={v:.3f}" for k, v in terms.items()) + f" {rate:.1f} img/s")
                     if self.step % t.log_every == 0:
                         log.write({"type": "step", "model": self.spec.name, "epoch": self.epoch + 1,
                                    "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
@@ -336,80 +313,16 @@ class Trainer:
             dist.barrier()
         last_val = self.history[-1]["val_miou"] if self.history else float("nan")
         return TrainResult(self.spec.name, self.run_dir, self.best_path, self.last_path, self.epoch, self.step,
-                           last_val, self.best, self.history)
-
-
-class MetricsLog:
-    """Appends JSON lines (rank 0); mirrors scalars to TensorBoard when asked and installed."""
-
-    def __init__(self, path: Path, enabled: bool, tensorboard: bool) -> None:
-        self.path = path
-        self.enabled = enabled
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
-            except ImportError:
-                import warnings
-
-                warnings.warn("train.tensorboard is on but tensorboard is not installed: pip install tensorboard",
-                              stacklevel=2)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, int | float) and k != "step":
-                    self.tb.add_scalar(f"{record['type']}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-class Progress:
-    """A rich progress bar: epoch, step, each loss term, images/s and ETA."""
-
-    def __init__(self, enabled: bool, total: int, done: int, name: str) -> None:
-        self.enabled = enabled
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-        from rich.progress import Progress as RichProgress
-
-        self.bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                TimeRemainingColumn(), transient=False)
-        self.task = self.bar.add_task(name, total=total, completed=done, info="")
-        self.name = name
-
-    def __enter__(self) -> Progress:
-        if self.enabled:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
-
-    def update(self, epoch: int, epochs: int, terms: dict[str, float], rate: float) -> None:
-        if not self.enabled:
-            return
-        info = " ".join(f"{k}={v:.3f}" for k, v in terms.items()) + f" {rate:.1f} img/s"
-        self.bar.update(self.task, advance=1, description=f"{self.name} epoch {epoch}/{epochs}", info=info)
+                           last_val, self.best, self.history,
+                           None if self.weights is None else self.weights.tolist(), self.weights_key)
 
 
 def train(recipe: Recipe, spec: ModelSpec | str, run_dir: str | Path, seed: int | None = None,
-          resume: bool = False, progress: bool = True) -> TrainResult:
+          resume: bool = False, progress: bool = True, force_statistics: bool = False) -> TrainResult:
     """Train one model of ``recipe`` (by spec or name) into ``run_dir``."""
     if isinstance(spec, str):
         names = [m.name for m in recipe.models]
         if spec not in names:
             raise MtkitError(f"no model '{spec}' in the recipe; its models are {names}")
         spec = recipe.models[names.index(spec)]
-    return Trainer(recipe, spec, run_dir, seed, progress).fit(resume=resume)
+    return Trainer(recipe, spec, run_dir, seed, progress, force_statistics).fit(resume=resume)

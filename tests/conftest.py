@@ -27,9 +27,9 @@ def trained(tmp_path_factory):
     """A tiny segmenter trained for a few dozen steps on the synthetic city data, and its eval data."""
     data = tiny_recipe(**{"train.epochs": 1, "train.steps_per_epoch": 30, "train.lr": 1e-3, "train.batch_size": 8})
     data["data"]["segmentation"]["options"]["sequences"] = 4
-    from mtkit.config import validate
-    from mtkit.data.datasets import build_dataset
+    from mtkit.build import build_dataset
     from mtkit.evaluate import load_model
+    from mtkit.recipe import validate
     from mtkit.train import train
 
     recipe = validate(data)

@@ -20,8 +20,7 @@ def make_dist(site: Path, dist: str, version: str, module: str, source: str, ep_
 
 GOOD_PLUGIN = '''
 import torch
-from mtkit import hookimpl
-from mtkit.perturbations import Perturbation, clip_image
+from mtkit.plugin_api import Perturbation, clip_image, hookimpl
 
 
 class Uniform(Perturbation):

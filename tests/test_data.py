@@ -1,17 +1,21 @@
 from __future__ import annotations
 
 import random
-import time
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from mtkit.build import build_dataset
 from mtkit.config import AugmentConfig, DatasetConfig
 from mtkit.data import layouts, synthetic
-from mtkit.data.datasets import build_dataset, class_weights, labelids_to_trainids, parse_split_file, synthetic_arrays
+from mtkit.data.kitti import parse_split_file
+from mtkit.data.labels import labelids_to_trainids
+from mtkit.data.stats import class_weights
+from mtkit.data.synthetic_sets import synthetic_arrays
 from mtkit.data.transforms import Augment, augment_segmentation, augment_triplet
-from mtkit.errors import DatasetError
+from mtkit.errors import DatasetError, RecipeError
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +54,9 @@ def test_domains_differ(city):
 
 def test_synthetic_generation_is_cached(monkeypatch):
     cfg = DatasetConfig(name="synthetic", split="val", height=32, width=64, options={"sequences": 1, "frames": 3})
-    first = synthetic_arrays(cfg, "city")
+    first = synthetic_arrays(cfg)
     monkeypatch.setattr(synthetic, "generate", lambda spec: (_ for _ in ()).throw(AssertionError("regenerated")))
-    second = synthetic_arrays(cfg, "city")
+    second = synthetic_arrays(cfg)
     assert np.array_equal(first["images"], second["images"])
 
 
@@ -95,7 +99,8 @@ def test_cityscapes_errors(tmp_path, city):
     ds = build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path), split="val", height=64, width=128,
                                      options={"skip_bad_images": True}))
     assert ds[2]["image"].shape == (3, 64, 128) and ds.skipped == 1
-    with pytest.raises(DatasetError, match="unknown options"):
+    with pytest.raises(RecipeError, match="unknown option 'data.options.dowscale' of dataset 'cityscapes'; did you "
+                                         "mean 'downscale'"):
         build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path), split="val", options={"dowscale": 2}))
 
 
@@ -158,15 +163,34 @@ def test_segmentation_augmentation_keeps_labels_aligned():
         assert torch.equal((img[0] > 127).long(), lab)
 
 
-def test_class_weights_cached(tmp_path, city):
-    layouts.write_cityscapes(tmp_path, city, "train")
-    ds = build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path), split="train", height=32, width=64))
-    w = class_weights(ds, 19, "cw-test")
+def test_class_weights_are_cached_by_the_labels_content(tmp_path, city, monkeypatch):
+    """ENet weights are cached under a key of the label files (sizes, mtimes) and the label table: the same data
+    is not counted twice, relabelled data and another root are counted anew, and force recounts."""
+    layouts.write_cityscapes(tmp_path / "a", city, "train")
+    cfg = DatasetConfig(name="cityscapes", root=str(tmp_path / "a"), split="train", height=32, width=64)
+    ds = build_dataset(cfg)
+    w = class_weights(ds, 19)
     counts = torch.zeros(19, dtype=torch.float64)
     for lab in city["labels"]:
         counts += torch.bincount(torch.from_numpy(lab.astype(np.int64)).flatten(), minlength=19).double()
     p = counts / counts.sum()
-    assert torch.allclose(w, (1 / torch.log(1.02 + p)).float())
-    t0 = time.perf_counter()
-    assert torch.equal(class_weights(ds, 19, "cw-test"), w)
-    assert time.perf_counter() - t0 < 0.5
+    assert torch.allclose(w.weights, (1 / torch.log(1.02 + p)).float())
+    calls = []
+    original = type(ds).label_counts
+    monkeypatch.setattr(type(ds), "label_counts", lambda self, n: calls.append(1) or original(self, n))
+    assert torch.equal(class_weights(build_dataset(cfg), 19).weights, w.weights) and calls == []  # cached
+    # relabel one file (all road): a new key, new counts, new weights
+    label_file = sorted((tmp_path / "a" / "gtFine").rglob("*_labelIds.png"))[0]
+    Image.fromarray(np.full(city["labels"][0].shape, 7, np.uint8)).save(label_file)
+    relabelled = class_weights(build_dataset(cfg), 19)
+    assert calls == [1] and relabelled.key != w.key and not torch.equal(relabelled.weights, w.weights)
+    # the same files under another root (as CITYSCAPES_ROOT would point) are another source
+    layouts.write_cityscapes(tmp_path / "b", city, "train")
+    monkeypatch.setenv("CITYSCAPES_ROOT", str(tmp_path / "b"))
+    other = class_weights(build_dataset(cfg.model_copy(update={"root": None})), 19)
+    assert other.key not in (w.key, relabelled.key) and torch.allclose(other.weights, w.weights)
+    calls.clear()
+    class_weights(build_dataset(cfg), 19, force=True)
+    assert calls == [1]
+
+

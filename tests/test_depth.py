@@ -8,7 +8,7 @@ import torch
 
 from mtkit import geometry
 from mtkit.data import synthetic
-from mtkit.losses import MonodepthLoss, min_reprojection, photometric_error, smoothness, ssim
+from mtkit.losses import MonodepthLoss, dssim, image_pyramid, min_reprojection, photometric_error, smoothness, ssim
 from mtkit.metrics import depth_errors, evaluate_depth, garg_crop_mask
 
 
@@ -89,7 +89,69 @@ def test_ssim_identity_and_direct_formula():
     cxy = (px * py).mean() - mx * my
     c1, c2 = 0.01**2, 0.03**2
     direct = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    assert s[0, 0, 3, 4].item() == pytest.approx(max(0.0, min(1.0, direct.item())), abs=1e-10)
+    assert s[0, 0, 3, 4].item() == pytest.approx(direct.item(), abs=1e-10)  # SSIM itself is not clamped
+
+
+class Monodepth2SSIM(torch.nn.Module):
+    """monodepth2's ``layers.SSIM`` (also SGDepth's), verbatim: the loss term (1 - SSIM)/2 clamped to [0, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.mu_x_pool = torch.nn.AvgPool2d(3, 1)
+        self.mu_y_pool = torch.nn.AvgPool2d(3, 1)
+        self.sig_x_pool = torch.nn.AvgPool2d(3, 1)
+        self.sig_y_pool = torch.nn.AvgPool2d(3, 1)
+        self.sig_xy_pool = torch.nn.AvgPool2d(3, 1)
+        self.refl = torch.nn.ReflectionPad2d(1)
+        self.C1 = 0.01 ** 2
+        self.C2 = 0.03 ** 2
+
+    def forward(self, x, y):
+        x = self.refl(x)
+        y = self.refl(y)
+        mu_x = self.mu_x_pool(x)
+        mu_y = self.mu_y_pool(y)
+        sigma_x = self.sig_x_pool(x ** 2) - mu_x ** 2
+        sigma_y = self.sig_y_pool(y ** 2) - mu_y ** 2
+        sigma_xy = self.sig_xy_pool(x * y) - mu_x * mu_y
+        SSIM_n = (2 * mu_x * mu_y + self.C1) * (2 * sigma_xy + self.C2)
+        SSIM_d = (mu_x ** 2 + mu_y ** 2 + self.C1) * (sigma_x + sigma_y + self.C2)
+        return torch.clamp((1 - SSIM_n / SSIM_d) / 2, 0, 1)
+
+
+def test_ssim_term_equals_monodepth2_where_ssim_is_negative():
+    """Anti-correlated textures have SSIM < 0: the term (1 - SSIM)/2 goes above 1/2 and keeps its gradient."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 12, 16, dtype=torch.float64)
+    y = (1 - x + 0.05 * torch.rand_like(x)).clamp(0, 1).requires_grad_(True)
+    assert (ssim(x, y) < -0.2).float().mean() > 0.5
+    reference = Monodepth2SSIM()(x, y)
+    assert torch.allclose(dssim(x, y), reference, atol=1e-12)
+    assert reference.max() > 0.6  # where the old clamp of SSIM to [0, 1] capped the term at 1/2
+    l1 = (x - y).abs().mean(1, keepdim=True)
+    mono = 0.85 * reference.mean(1, True) + 0.15 * l1  # monodepth2's compute_reprojection_loss
+    assert torch.allclose(photometric_error(x, y, 0.85), mono, atol=1e-12)
+    (grad,) = torch.autograd.grad(photometric_error(x, y).sum(), y)
+    assert (grad.abs() > 1e-6).float().mean() > 0.9  # no zero-gradient region where SSIM < 0
+
+
+def test_smoothness_pyramid_is_antialiased_like_monodepth2():
+    """Columns of period 4 (255, 0, 0, 0): an antialiased pyramid keeps their mean at every level, a plain
+    bilinear resize by 4 or 8 samples only the dark columns (aliasing)."""
+    stripes = torch.zeros(1, 3, 32, 64)
+    stripes[..., ::4] = 1.0
+    sizes = [(32, 64), (16, 32), (8, 16), (4, 8)]
+    levels = image_pyramid(stripes, sizes)
+    assert [tuple(lv.shape[-2:]) for lv in levels] == sizes
+    for lv in levels:
+        assert lv.mean().item() == pytest.approx(0.25, abs=0.01)
+    for lv in levels[2:]:  # by 4 and 8 the period is averaged away
+        assert lv[..., 1:-1, 1:-1].std().item() < 0.05
+    plain = torch.nn.functional.interpolate(stripes, size=(8, 16), mode="bilinear", align_corners=False)
+    assert plain.mean().item() < 0.05
+    # each level comes from the previous one (monodepth2's data pyramid)
+    step = torch.nn.functional.interpolate(levels[1], size=(8, 16), mode="bilinear", antialias=True)
+    assert torch.allclose(levels[2], step, atol=1e-6)
 
 
 def test_photometric_error_weights():
@@ -154,9 +216,8 @@ def test_depth_evaluation_protocol():
 def test_depth_only_training_lowers_abs_rel_on_synthetic_video():
     """A hundred-odd steps of self-supervised depth training (λ = 0: the encoder sees only the depth gradient) on
     the synthetic drive video lower abs_rel against the exact depth of held-out frames (median scaling)."""
+    from mtkit.build import build_dataset, build_model
     from mtkit.config import AugmentConfig, DatasetConfig, ModelConfig
-    from mtkit.data.datasets import build_dataset
-    from mtkit.models import build_model
 
     opts = {"domain": "drive", "sequences": 6, "frames": 12}
     size = {"height": 48, "width": 160}

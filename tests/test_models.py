@@ -5,12 +5,13 @@ import timm
 import torch
 from support import tiny_recipe
 
-from mtkit.config import ModelConfig, ModelSpec, validate
+from mtkit.build import build_model, build_pose_net
+from mtkit.config import ModelConfig, ModelSpec
 from mtkit.errors import CheckpointError, MtkitError
 from mtkit.losses import MonodepthLoss, weighted_cross_entropy
-from mtkit.models import build_model
 from mtkit.models.decoders import disp_to_depth
-from mtkit.models.pose import PoseNet, transformation_from_parameters
+from mtkit.models.pose import transformation_from_parameters
+from mtkit.recipe import validate
 
 
 def _k(b, h, w):
@@ -102,7 +103,7 @@ def test_pose_transforms():
     r = m[0, :3, :3]
     assert torch.allclose(r @ r.T, torch.eye(3), atol=1e-6)
     assert torch.allclose(m[0, 3], torch.tensor([0.0, 0, 0, 1]))
-    net = PoseNet().eval()
+    net = build_pose_net(ModelConfig()).eval()
     with torch.no_grad():
         pose = net(torch.rand(2, 3, 32, 64) * 255, torch.rand(2, 3, 32, 64) * 255, other_is_past=False)
     assert pose.shape == (2, 4, 4)
@@ -119,16 +120,17 @@ def test_local_weights(tmp_path):
         assert torch.equal(model.encoder.body.conv1.weight, ref.conv1.weight)
         assert torch.equal(model.encoder.body.layer4[1].bn2.running_var, ref.layer4[1].bn2.running_var)
     # 6-channel pose encoder from 3-channel weights: duplicated and halved
-    pose = PoseNet(pretrained=str(tmp_path / "r18.pth"))
+    pose = build_pose_net(ModelConfig(pose_pretrained=str(tmp_path / "r18.pth")))
     w = pose.encoder.body.conv1.weight
     assert torch.allclose(w[:, :3], ref.conv1.weight / 2) and torch.allclose(w[:, 3:], ref.conv1.weight / 2)
     torch.save(timm.create_model("resnet34").state_dict(), tmp_path / "r34.pth")
-    with pytest.raises(CheckpointError, match=r"r34.pth do not match backbone: .*unexpected keys \['layer1.2"):
+    with pytest.raises(CheckpointError, match=r"r34.pth do not match backbone .resnet18.: .*unexpected keys"):
         build_model(ModelConfig(pretrained=str(tmp_path / "r34.pth")))
     bad = ref.state_dict()
     bad["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
     torch.save(bad, tmp_path / "bad.pth")
-    with pytest.raises(CheckpointError, match=r"bad.pth have mismatching shapes: layer1.0.conv1.weight"):
+    with pytest.raises(CheckpointError, match=r"bad.pth do not fit backbone 'resnet18': size mismatch for "
+                                              r"layer1.0.conv1.weight"):
         build_model(ModelConfig(pretrained=str(tmp_path / "bad.pth")))
     with pytest.raises(CheckpointError, match="weights file not found"):
         build_model(ModelConfig(pretrained=str(tmp_path / "nope.pth")))

@@ -13,9 +13,10 @@ import yaml
 from PIL import Image
 from support import tiny_recipe
 
-from mtkit.config import load_recipe, validate
 from mtkit.errors import DatasetError
 from mtkit.pipeline import run
+from mtkit.recipe import load_recipe, validate
+from mtkit.results import RunResults
 
 
 @pytest.fixture(scope="module")
@@ -32,26 +33,30 @@ def test_every_artefact_exists_and_parses(first_run):
     _, recipe, res = first_run
     d = res.run_dir
     assert res.stages_cached == []
-    assert len(res.stages_run) == 2 * (1 + 2)  # two models: train, evaluate on CS and K
-    results = json.loads((d / "results.json").read_text())
-    assert set(results["models"]) == {"single", "multi"}
-    assert {(c["model"], c["dataset"]) for c in results["clean"]} == {(m, k) for m in ("single", "multi")
+    assert len(res.stages_run) == 2 * (1 + 2) + 1  # two models: train, evaluate on CS and K; depth of multi
+    results = RunResults.read(d / "results.json")
+    assert results == res.results  # the typed results round-trip through strict JSON
+    depth = results.depth
+    assert [(r.model, r.dataset) for r in depth] == [("multi", "Eigen")]
+    assert 0 < depth[0].metrics["abs_rel"] < 5 and depth[0].images == 4 and depth[0].scale_median > 0
+    assert set(results.models) == {"single", "multi"}
+    assert {(c.model, c.dataset) for c in results.clean} == {(m, k) for m in ("single", "multi")
                                                                      for k in ("CS", "K")}
     rows = list(csv.DictReader((d / "results.csv").open()))
     assert len(rows) == 2 * 2 * 4 * 2  # models x datasets x perturbations x ε
     assert {r["perturbation"] for r in rows} == {"gaussian", "salt_pepper", "fgsm", "pgd"}
-    for r in results["robustness"]:
-        assert 0 <= r["q"] <= 1.5 and r["epsilon_measured"] > 0
+    for r in results.robustness:
+        assert 0 <= r.q <= 1.5 and r.epsilon_measured > 0
     for png in ("figure5_robustness.png", "figure6_fgsm_lambda.png"):
         with Image.open(d / png) as im:
             assert im.size[0] > 400 and im.size[1] > 200
     report = (d / "report.md").read_text()
     assert "Table 2-style" in report and "![Figure 5](figure5_robustness.png)" in report
-    assert "Q [%] under **pgd** on K" in report
+    assert "Q [%] under **pgd** on K" in report and "### Depth on Eigen" in report
     assert validate(yaml.safe_load((d / "recipe.yaml").read_text())).to_dict() == recipe.to_dict()
     env = json.loads((d / "environment.json").read_text())
     assert env["versions"]["torch"] and env["device"] == "cpu"
-    for summary in results["training"]:
+    for summary in results.training:
         assert summary["steps"] == 2 and summary["history"][-1]["val_miou"] >= 0
     from mtkit.checkpoint import load_checkpoint
     from mtkit.evaluate import load_model
@@ -65,20 +70,21 @@ def test_every_artefact_exists_and_parses(first_run):
 def test_rerun_is_cached_and_a_changed_key_reruns_only_what_depends_on_it(first_run, tmp_path):
     recipe_file, recipe, res = first_run
     again = run(recipe, progress=False, run_dir=res.run_dir, log=lambda m: None)
-    assert again.stages_run == [] and len(again.stages_cached) == 6
-    assert again.results["robustness"] == res.results["robustness"]
+    assert again.stages_run == [] and len(again.stages_cached) == 7
+    assert again.results.depth == res.results.depth
+    assert again.results.robustness == res.results.robustness
     # a robustness key shapes only the evaluation stages
     changed = load_recipe(recipe_file, ["robustness.epsilons=[2.0]"])
     part = run(changed, progress=False, run_dir=res.run_dir, log=lambda m: None)
     assert all(s.startswith("evaluate") for s in part.stages_run) and len(part.stages_run) == 4
-    assert all(s.startswith("train") for s in part.stages_cached)
+    assert all(s.startswith(("train", "evaluate depth")) for s in part.stages_cached)
     # λ of the multi-task model shapes its training and evaluation, not the single-task model's
     lam = load_recipe(recipe_file, ["models.1.lambda=0.5"])
     part = run(lam, progress=False, run_dir=res.run_dir, log=lambda m: None)
-    assert sorted(part.stages_run) == ["evaluate multi seed 0 on CS", "evaluate multi seed 0 on K",
-                                       "train multi seed 0"]
+    assert sorted(part.stages_run) == ["evaluate depth multi seed 0 on Eigen", "evaluate multi seed 0 on CS",
+                                       "evaluate multi seed 0 on K", "train multi seed 0"]
     forced = run(recipe, force=True, progress=False, run_dir=res.run_dir, log=lambda m: None)
-    assert len(forced.stages_run) == 6 and forced.stages_cached == []
+    assert len(forced.stages_run) == 7 and forced.stages_cached == []
 
 
 def test_cli_run_uses_the_cache_and_prints_tables(first_run):
@@ -87,7 +93,8 @@ def test_cli_run_uses_the_cache_and_prints_tables(first_run):
                           "--no-progress"], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "COLUMNS": "160"})
     assert out.returncode == 0, out.stderr
-    assert "stages run: 0, cached: 6" in out.stdout and "Table 2: mIoU" in out.stdout
+    assert "stages run: 0, cached: 7" in out.stdout and "Table 2: mIoU" in out.stdout
+    assert "Depth on Eigen" in out.stdout
 
 
 def test_paper_recipe_without_datasets_stops_at_once_pointing_to_quickstart(monkeypatch, tmp_path):

@@ -9,11 +9,12 @@ import pytest
 import torch
 from support import tiny_recipe
 
-from mtkit.config import validate
+from mtkit.build import build_perturbation
 from mtkit.errors import MtkitError
 from mtkit.evaluate import CountingContext, robustness_sweep
-from mtkit.perturbations import FGSM, Gaussian, build_perturbation, measured_epsilon
+from mtkit.perturbations import FGSM, Gaussian, measured_epsilon
 from mtkit.plugins import get_registry, load_plugins
+from mtkit.recipe import validate
 
 PACKAGES = {"mtkit-attacks": "attacks", "mtkit-corruptions": "corruptions", "mtkit-edges": "edges"}
 
@@ -81,15 +82,15 @@ def test_universal_perturbation_is_saved_and_transfers(trained, tmp_path):
             "epochs": 4, "images": 32, "folder": str(tmp_path)}
     uap = build_perturbation("uap", opts)
     held_out = robustness_sweep(loaded.segmenter, ds, {"uap": uap}, [eps], 19, loaded.class_weights, 4)
-    (row,) = held_out["rows"]
+    (row,) = held_out.rows
     files = list(tmp_path.glob("uap-*.pt"))
     assert len(files) == 1 and uap.files == files
     xi = torch.load(files[0], weights_only=True)["perturbation"]
     assert xi.shape == (3, 32, 64) and xi.abs().max() <= eps
     # Gaussian noise at the UAP's measured ε hurts less on the same held-out images
-    gauss = robustness_sweep(loaded.segmenter, ds, {"gaussian": Gaussian()}, [row["epsilon_measured"]], 19,
-                             loaded.class_weights, 4)["rows"][0]
-    assert row["miou"] < gauss["miou"], (row["miou"], gauss["miou"])
+    gauss = robustness_sweep(loaded.segmenter, ds, {"gaussian": Gaussian()}, [row.epsilon_measured], 19,
+                             loaded.class_weights, 4).rows[0]
+    assert row.miou < gauss.miou, (row.miou, gauss.miou)
     # a second instance loads the file instead of learning again (no backward pass)
     again = build_perturbation("uap", opts)
     ctx = _ctx(loaded)
@@ -116,7 +117,7 @@ def test_every_corruption_runs_and_reports_its_measured_epsilon(trained):
     noise = build_perturbation("corrupt_gaussian_noise").sweep(ctx, x[:2], None, [])
     eps = [measured_epsilon(noise[float(s)], x[:2]) for s in range(1, 6)]
     assert eps == sorted(eps) and eps[0] > 1  # stronger severity, larger measured ε
-    with pytest.raises(MtkitError, match="severities must be among 1-5"):
+    with pytest.raises(MtkitError, match=r"corrupt_fog.severities.0.: Input should be less than or equal to 5"):
         build_perturbation("corrupt_fog", {"severities": [7]})
 
 
@@ -135,14 +136,14 @@ def test_recipe_sweep_with_plugin_attacks_and_corruptions(tmp_path):
                                       "epochs": 1, "images": 4, "folder": str(tmp_path / "uap")},
                               "corrupt_fog": {"severities": [1, 3]}}})
     res = run(validate(data), progress=False, run_dir=tmp_path / "run", log=lambda m: None)
-    rows = res.results["robustness"]
-    assert {r["perturbation"] for r in rows} == {"fgsm", "mifgsm", "segpgd", "uap", "corrupt_fog",
+    rows = res.results.robustness
+    assert {r.perturbation for r in rows} == {"fgsm", "mifgsm", "segpgd", "uap", "corrupt_fog",
                                                   "corrupt_gaussian_noise"}
-    fog = [r for r in rows if r["perturbation"] == "corrupt_fog"]
-    assert [(r["level_kind"], r["level"], r["epsilon"]) for r in fog] == [("severity", 1.0, None),
+    fog = [r for r in rows if r.perturbation == "corrupt_fog"]
+    assert [(r.level_kind, r.level, r.epsilon) for r in fog] == [("severity", 1.0, None),
                                                                          ("severity", 3.0, None)]
-    assert all(r["epsilon_measured"] > 0 for r in fog)
-    assert len([r for r in rows if r["perturbation"] == "corrupt_gaussian_noise"]) == 5
+    assert all(r.epsilon_measured > 0 for r in fog)
+    assert len([r for r in rows if r.perturbation == "corrupt_gaussian_noise"]) == 5
     assert res.paths["figure_corruptions"].stat().st_size > 0
     report = res.paths["report"].read_text()
     assert "under **corrupt_fog** on CS (by severity; ε measured)" in report
@@ -174,9 +175,9 @@ def test_a_plugin_task_trains_through_a_recipe(tmp_path):
 
 def test_plugin_task_gradient_is_scaled_where_it_meets_the_encoder():
     """Eq. 5 generalised: the encoder gets λ·g_seg + s·g_edges, each head its unscaled gradient."""
+    from mtkit.build import build_model
     from mtkit.config import ModelConfig
     from mtkit.losses import weighted_cross_entropy
-    from mtkit.models import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(), ["segmentation", "edges"], 0.7, task_scales={"edges": 0.2}).double().train()

@@ -2,16 +2,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import tiny_recipe
 
-from mtkit.errors import MtkitError
-from mtkit.evaluate import build_perturbations, robustness_sweep
+from mtkit.build import build_perturbation, build_perturbations
+from mtkit.errors import MtkitError, RecipeError
+from mtkit.evaluate import robustness_sweep
 from mtkit.metrics import confusion_matrix, iou_per_class, miou, q_ratio
 from mtkit.perturbations import (
     FGSM,
     PGD,
     AttackContext,
     Perturbation,
-    build_perturbation,
     fgsm,
     fgsm_direction,
     gaussian_noise,
@@ -20,6 +21,7 @@ from mtkit.perturbations import (
     pgd_iterations,
     salt_and_pepper,
 )
+from mtkit.recipe import validate
 
 
 def _ctx(loaded, seed=0):
@@ -47,6 +49,67 @@ def test_salt_and_pepper_hits_requested_epsilon():
     assert 0 < frac < 0.05
 
 
+def test_salt_and_pepper_per_image_is_independent_of_the_batch():
+    """Each image hits ε on its own, and its result and measured ε are the same alone or in a batch of 16."""
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 48, 64) * 255
+    x[3] = 0.0  # a black image among bright ones: a batch-level fraction would give it far more noise
+    pert = build_perturbation("salt_pepper")
+    for eps in (0.25, 4.0, 16.0):
+        batch = pert.sweep(AttackContext(None, None, torch.Generator(), seed=5, indices=list(range(16))),
+                           x, None, [eps])[eps]
+        for i in (0, 3, 11):
+            alone = pert.sweep(AttackContext(None, None, torch.Generator(), seed=5, indices=[i]),
+                               x[i:i + 1], None, [eps])[eps]
+            assert torch.equal(alone[0], batch[i])
+            assert measured_epsilon(alone, x[i:i + 1]) == measured_epsilon(batch[i:i + 1], x[i:i + 1])
+        per_image = [measured_epsilon(batch[i:i + 1], x[i:i + 1]) for i in range(16)]
+        # never more than √2·ε: the last pixel is added only where it brings ε² closer to the request
+        assert all(e <= 2**0.5 * eps + 1e-9 for e in per_image), (eps, per_image)
+        if eps >= 4:  # well above the granularity, every image but the black one hits ε within 2 %
+            assert all(abs(e - eps) <= 0.02 * eps for i, e in enumerate(per_image) if i != 3), (eps, per_image)
+        # granularity: on the black image every salt pixel moves ε² by 3·255²/(3·48·64) ≈ 21 at once
+        assert abs(per_image[3] ** 2 - eps**2) <= 255**2 / (48 * 64) + 1e-9
+
+
+def test_sweep_records_per_image_epsilon_spread_and_is_independent_of_batch_size(trained):
+    loaded, ds, _, _ = trained
+    perts = {"salt_pepper": build_perturbation("salt_pepper"), "gaussian": build_perturbation("gaussian")}
+    small = robustness_sweep(loaded.segmenter, ds, perts, [0.5, 8.0], 19, loaded.class_weights, batch_size=1)
+    large = robustness_sweep(loaded.segmenter, ds, perts, [0.5, 8.0], 19, loaded.class_weights, batch_size=4)
+    for a, b in zip(small.rows, large.rows):
+        assert a.miou == b.miou
+        assert a.epsilon_measured == pytest.approx(b.epsilon_measured, rel=1e-12)
+        spread = a.epsilon_measured_per_image
+        assert spread.model_dump() == pytest.approx(b.epsilon_measured_per_image.model_dump(), rel=1e-9)
+        assert spread.min <= spread.mean <= spread.max and spread.sd >= 0
+        if a.perturbation == "salt_pepper":
+            assert spread.max <= 2**0.5 * a.level + 1e-9
+
+
+def test_pgd_runs_at_least_one_iteration_for_every_epsilon_and_takes_overrides(trained):
+    loaded, _, x, y = trained
+    assert all(pgd_iterations(e) >= 1 for e in (1e-3, 0.1, 0.25, 0.5, 0.99))
+    assert pgd_iterations(16.0, {16.0: 30}) == 30 and pgd_iterations(4.0, {16.0: 30}) == 5
+    assert pgd_iterations(4.0, 7) == 7
+    calls = []
+
+    class Counting(AttackContext):
+        def gradient(self, x, loss_fn):
+            calls.append(1)
+            return super().gradient(x, loss_fn)
+
+    ctx = Counting(loaded.segmenter, loaded.class_weights, torch.Generator())
+    adv = PGD().sweep(ctx, x[:1], y[:1], [0.25])[0.25]
+    assert len(calls) == 1 and not torch.equal(adv, x[:1])  # ε < 1 still attacks
+    calls.clear()
+    build_perturbation("pgd", {"iterations": {"0.25": 3, 16: 2}}).sweep(ctx, x[:1], y[:1], [0.25, 16.0])
+    assert len(calls) == 3 + 2
+    for bad in ({"iterations": 0}, {"iterations": {4: -1}}, {"iterations": {"x": 2}}, {"step": -1}):
+        with pytest.raises(MtkitError):
+            build_perturbation("pgd", bad)
+
+
 def test_fgsm_moves_every_element_by_exactly_epsilon_and_raises_loss(trained):
     loaded, _, x, y = trained
     ctx = _ctx(loaded)
@@ -72,7 +135,7 @@ def test_pgd_stays_in_ball_and_beats_fgsm(trained):
         l_fgsm = ctx.loss(FGSM().sweep(ctx, x, y, [eps])[eps], y)
         l_pgd = ctx.loss(adv, y)
     assert l_pgd > l_fgsm
-    start = PGD(random_start=True).sweep(_ctx(loaded, 3), x, y, [2.0])[2.0]
+    start = build_perturbation("pgd", {"random_start": True}).sweep(_ctx(loaded, 3), x, y, [2.0])[2.0]
     assert (start - x).abs().max() <= 2.0 + 1e-4
     assert [pgd_iterations(e) for e in (0.25, 0.5, 1, 2, 4, 8, 16)] == [1, 1, 2, 3, 5, 10, 20]
 
@@ -103,28 +166,27 @@ class Identity(Perturbation):
 
 def test_sweep_q_of_unperturbed_is_one_and_fgsm_costs_one_backward(trained):
     loaded, ds, _, _ = trained
-    perts = {"identity": Identity(), "fgsm": FGSM(), "pgd": PGD(iterations=2)}
+    perts = {"identity": Identity(), "fgsm": FGSM(), "pgd": PGD(PGD.Options(iterations=2))}
     eps = [0.25, 0.5, 1, 2, 4, 8, 16]
     out = robustness_sweep(loaded.segmenter, ds, perts, eps, 19, loaded.class_weights, batch_size=2)
-    rows = {(r["perturbation"], r["epsilon"]): r for r in out["rows"]}
-    assert out["clean"]["miou"] > 0
+    rows = {(r.perturbation, r.epsilon): r for r in out.rows}
+    assert out.clean.miou > 0
     for e in eps:
-        assert rows[("identity", e)]["q"] == 1.0
-        assert rows[("fgsm", e)]["backward_passes_per_batch"] == 1  # one gradient serves all 7 ε
-        assert rows[("pgd", e)]["backward_passes_per_batch"] == 2 * len(eps)
-        assert rows[("fgsm", e)]["epsilon_measured"] <= e + 1e-9  # clipping can only shrink it
-        assert rows[("fgsm", e)]["epsilon_measured"] > 0.9 * e
-    assert rows[("fgsm", 16)]["q"] < rows[("fgsm", 0.25)]["q"] <= 1.0 + 1e-9
+        assert rows[("identity", e)].q == 1.0
+        assert rows[("fgsm", e)].backward_passes_per_batch == 1  # one gradient serves all 7 ε
+        assert rows[("pgd", e)].backward_passes_per_batch == 2 * len(eps)
+        assert rows[("fgsm", e)].epsilon_measured <= e + 1e-9  # clipping can only shrink it
+        assert rows[("fgsm", e)].epsilon_measured > 0.9 * e
+    assert rows[("fgsm", 16)].q < rows[("fgsm", 0.25)].q <= 1.0 + 1e-9
 
 
 def test_bad_input_errors(trained):
     loaded, ds, x, _ = trained
     with pytest.raises(MtkitError, match="unknown perturbation 'fgsn'; did you mean 'fgsm'"):
         build_perturbation("fgsn")
-    with pytest.raises(MtkitError, match="empty"):
-        robustness_sweep(loaded.segmenter, ds, {"fgsm": FGSM()}, [], 19)
-    with pytest.raises(MtkitError, match="positive"):
-        robustness_sweep(loaded.segmenter, ds, {"fgsm": FGSM()}, [-1.0], 19)
+    for eps, msg in (([], "empty"), ([-1.0], "positive"), ([float("inf")], "finite"), ([float("nan")], "positive")):
+        with pytest.raises(RecipeError, match=msg):  # ε is validated once, when the recipe loads
+            validate(tiny_recipe(**{"robustness.epsilons": eps}))
     with pytest.raises(MtkitError, match="needs ground-truth labels"):
         FGSM().sweep(_ctx(loaded), x, None, [1.0])
     assert list(build_perturbations(["fgsm"], {"pgd": {"step": 1}})) == ["fgsm"]  # kept for an extending recipe
@@ -132,5 +194,6 @@ def test_bad_input_errors(trained):
         build_perturbations(["fgsm"], {"pdg": {"step": 1}})
     with pytest.raises(MtkitError, match="unknown perturbation 'fgsmm'"):
         build_perturbations(["fgsmm"], {"pgd": {"step": 1}})
-    with pytest.raises(MtkitError, match="takes no options"):
+    with pytest.raises(RecipeError, match=r"unknown option 'robustness.options.gaussian.sigma' of perturbation "
+                                          r"'gaussian' \(allowed: none\)"):
         build_perturbation("gaussian", {"sigma": 2})

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DatasetError
+from ..io import atomic_write
 
 
 def cache_dir() -> Path:
@@ -56,9 +57,5 @@ def require_dir(path: Path, what: str, layout: str) -> Path:
 
 
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Write an .npz file via a temporary file and a rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, path)
+    """Write an .npz file atomically (never a half-written file)."""
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .datasets import trainids_to_labelids
+from .labels import trainids_to_labelids
 
 
 def _png(path: Path, array: np.ndarray) -> None:
@@ -41,7 +41,8 @@ def write_kitti_raw(root: Path, data: dict[str, np.ndarray], date: str = "2011_0
     p_rect[:3, :3] = k[:3, :3]
     calib = root / date / "calib_cam_to_cam.txt"
     calib.parent.mkdir(parents=True, exist_ok=True)
-    calib.write_text(f"calib_time: synthetic\nS_rect_{cam}: {w:.6e} {h:.6e}\n"
+    calib.write_text(f"calib_time: synthetic\nR_rect_00: {' '.join(f'{v:.6e}' for v in np.eye(3).flatten())}\n"
+                     f"S_rect_{cam}: {w:.6e} {h:.6e}\n"
                      f"P_rect_{cam}: {' '.join(f'{v:.6e}' for v in p_rect.flatten())}\n")
     lines = []
     for i, img in enumerate(data["images"]):
@@ -65,3 +66,38 @@ def write_kitti2015(root: Path, data: dict[str, np.ndarray]) -> list[Path]:
         _png(base / "semantic" / f"{i:06d}_10.png", trainids_to_labelids(lab))
         out.append(p)
     return out
+
+
+# Velodyne frame (x forward, y left, z up) → camera frame (x right, y down, z forward), and the scanner's offset
+VELO_TO_CAM_R = np.array([[0.0, -1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]])
+VELO_TO_CAM_T = np.array([0.05, -0.08, -0.27])
+
+
+def write_kitti_eigen(root: Path, data: dict[str, np.ndarray], date: str = "2011_09_26", split: str = "test"
+                      ) -> Path:
+    """The KITTI raw layout of ``write_kitti_raw`` plus what depth evaluation reads: ``calib_velo_to_cam.txt``
+    and one Velodyne scan per frame, ``<drive>/velodyne_points/data/<frame>.bin``, holding the synthetic depth of
+    every pixel as a point, and the split file ``splits/eigen_<split>_files.txt``.
+
+    Each point is placed so that the standard projection (pixel round(u) - 1, see ``depth_gt``) puts it back on
+    the pixel it came from: the ground truth the loader computes equals the synthetic depth map."""
+    root = Path(root)
+    split_file = write_kitti_raw(root, data, date, "l", f"eigen_{split}")
+    (root / date / "calib_velo_to_cam.txt").write_text(
+        "calib_time: synthetic\n"
+        f"R: {' '.join(f'{v:.9e}' for v in VELO_TO_CAM_R.flatten())}\n"
+        f"T: {' '.join(f'{v:.9e}' for v in VELO_TO_CAM_T)}\n")
+    k = data["K"].astype(np.float64)
+    h, w = data["images"].shape[1:3]
+    v, u = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    rays = np.stack([(u + 1 - k[0, 2]) / k[0, 0], (v + 1 - k[1, 2]) / k[1, 1], np.ones_like(u)], -1)
+    for i, depth in enumerate(data["depth"]):
+        valid = depth > 0
+        cam = rays[valid] * depth[valid][:, None].astype(np.float64)
+        velo = (cam - VELO_TO_CAM_T) @ VELO_TO_CAM_R  # R^T (X_cam - T)
+        points = np.concatenate([velo, np.ones((len(velo), 1))], 1).astype(np.float32)
+        folder = f"{date}/{date}_drive_{int(data['sequence'][i]):04d}_sync"
+        path = root / folder / "velodyne_points" / "data" / f"{int(data['frame'][i]):010d}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        points.tofile(path)
+    return split_file

@@ -1,5 +1,6 @@
-"""The multi-task network: shared timm encoder, segmentation and depth decoders, pose network."""
+"""The multi-task network: shared timm encoder, segmentation and depth decoders, pose network (built from a
+recipe's names by ``mtkit.build.build_model``)."""
 
-from .multitask import MultiTaskNet, Segmenter, build_model
+from .multitask import MultiTaskNet, Segmenter
 
-__all__ = ["MultiTaskNet", "Segmenter", "build_model"]
+__all__ = ["MultiTaskNet", "Segmenter"]

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import MtkitError
-from .backbones import build_backbone
+from ..tasks import AuxiliaryTask
 from .decoders import SmpDecoderHead, disp_to_depth
 from .gradscale import scale_features
 from .pose import PoseNet
@@ -23,12 +23,6 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
-
-
-def _build_head(name: str, enc_channels: list[int], cfg: ModelConfig, **kw: object) -> nn.Module:
-    from ..plugins import get_registry
-
-    return get_registry().get("head", name)(enc_channels=enc_channels, num_classes=cfg.num_classes, **kw)
 
 
 class Segmenter(nn.Module):
@@ -64,26 +58,23 @@ class MultiTaskNet(nn.Module):
     encoder→decoder connection (λ for segmentation, 1-λ for depth) and decodes each batch with its own head.
     """
 
-    def __init__(self, cfg: ModelConfig, tasks: tuple[str, ...] = ("segmentation",), lam: float = 1.0,
-                 num_scales: int = 4, task_scales: dict[str, float] | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, encoder: nn.Module, seg_head: nn.Module, tasks: tuple[str, ...],
+                 lam: float = 1.0, depth_head: nn.Module | None = None, pose_net: PoseNet | None = None,
+                 aux_tasks: dict[str, AuxiliaryTask] | None = None, task_scales: dict[str, float] | None = None
+                 ) -> None:
+        """The parts come built (``mtkit.build.build_model`` turns a recipe's names into them)."""
         super().__init__()
-        from ..tasks import BUILTIN_TASKS, auxiliary_task
-
         self.cfg = cfg
         self.tasks = tuple(tasks)
         self.lam = float(lam)
         self.normalize = Normalize(cfg.mean, cfg.std)
-        self.encoder = build_backbone(cfg.backbone, cfg.pretrained, **cfg.backbone_kwargs)
-        channels = list(self.encoder.channels)
-        self.seg_head = _build_head(cfg.head, channels, cfg)
-        self.depth_head: nn.Module | None = None
-        self.pose_net: PoseNet | None = None
-        if "depth" in self.tasks:
-            self.depth_head = _build_head(cfg.depth_head, channels, cfg, num_scales=num_scales)
-            self.pose_net = PoseNet(cfg.pose_backbone, cfg.pose_pretrained, cfg.mean, cfg.std,
-                                    **cfg.backbone_kwargs)
+        self.encoder = encoder
+        self.seg_head = seg_head
+        self.depth_head = depth_head
+        self.pose_net = pose_net
         # plugin tasks: a head each on the segmentation batch's features, gradient scale task_scales or 1-λ
-        self.aux_tasks = {t: auxiliary_task(t) for t in self.tasks if t not in BUILTIN_TASKS}
+        self.aux_tasks = dict(aux_tasks or {})
+        channels = list(encoder.channels)
         self.aux_heads = nn.ModuleDict({t: task.build_head(channels, cfg) for t, task in self.aux_tasks.items()})
         self.aux_scales = {t: float((task_scales or {}).get(t, 1.0 - self.lam)) for t in self.aux_tasks}
 
@@ -141,9 +132,3 @@ class MultiTaskNet(nn.Module):
     def segmenter(self) -> Segmenter:
         """The segmentation-only network (depth head and pose net dropped), sharing these parameters."""
         return Segmenter(self.normalize, self.encoder, self.seg_head)
-
-
-def build_model(cfg: ModelConfig, tasks: list[str] | tuple[str, ...] = ("segmentation",), lam: float = 1.0,
-                num_scales: int = 4, task_scales: dict[str, float] | None = None) -> MultiTaskNet:
-    """The network for one model spec of a recipe (plugin tasks are looked up in the task registry)."""
-    return MultiTaskNet(cfg, tuple(tasks), lam, num_scales, task_scales)

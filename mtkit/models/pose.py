@@ -6,8 +6,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbones import build_backbone
-
 
 def rot_from_axisangle(vec: torch.Tensor) -> torch.Tensor:
     """Axis-angle (B, 3) → rotation matrices (B, 4, 4) (Rodrigues' formula)."""
@@ -67,13 +65,13 @@ class PoseDecoder(nn.Module):
 
 
 class PoseNet(nn.Module):
-    """Separate pose network: encoder on 6 channels (two frames), pose decoder; inputs in gray values 0..255."""
+    """Separate pose network: an encoder on 6 channels (two frames; built by ``mtkit.build.build_pose_net``), the
+    pose decoder; inputs in gray values 0..255."""
 
-    def __init__(self, backbone: str = "resnet18", pretrained: bool | str = False,
-                 mean: tuple[float, ...] = (123.675, 116.28, 103.53),
-                 std: tuple[float, ...] = (58.395, 57.12, 57.375), **backbone_kwargs: object) -> None:
+    def __init__(self, encoder: nn.Module, mean: tuple[float, ...] = (123.675, 116.28, 103.53),
+                 std: tuple[float, ...] = (58.395, 57.12, 57.375)) -> None:
         super().__init__()
-        self.encoder = build_backbone(backbone, pretrained=pretrained, in_chans=6, **backbone_kwargs)
+        self.encoder = encoder
         self.decoder = PoseDecoder(self.encoder.channels[-1])
         self.register_buffer("mean", torch.tensor(mean * 2).view(1, 6, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std * 2).view(1, 6, 1, 1), persistent=False)

@@ -15,10 +15,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mtkit import hookimpl
-from mtkit.errors import MtkitError
-from mtkit.losses import IGNORE_INDEX
-from mtkit.perturbations import AttackContext, Perturbation, clip_image, fgsm_direction, pgd_iterations, project
+from mtkit.plugin_api import (
+    IGNORE_INDEX,
+    AttackContext,
+    DatasetConfig,
+    Field,
+    MtkitError,
+    Perturbation,
+    PerturbationOptions,
+    RegistryView,
+    atomic_torch_save,
+    build_dataset,
+    cache_dir,
+    clip_image,
+    config_hash,
+    fgsm_direction,
+    hookimpl,
+    pgd_iterations,
+    project,
+)
 
 __version__ = "0.1.0"
 
@@ -44,20 +59,20 @@ def mifgsm(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, eps: float, ite
     return x_adv
 
 
+class MIFGSMOptions(PerturbationOptions):
+    iterations: int = Field(10, ge=1)
+    decay: float = Field(1.0, ge=0)
+
+
 class MIFGSM(Perturbation):
     """MI-FGSM (Dong et al. 2018): momentum iterative FGSM; options iterations (10), decay (1.0)."""
 
+    Options = MIFGSMOptions
     needs_gradient = True
-
-    def __init__(self, iterations: int = 10, decay: float = 1.0) -> None:
-        if iterations < 1:
-            raise MtkitError(f"mifgsm iterations must be at least 1, got {iterations}")
-        self.iterations = iterations
-        self.decay = decay
 
     def sweep(self, ctx, x, y, epsilons):
         y = _labels_required(y, "mifgsm")
-        return {e: mifgsm(ctx, x, y, e, self.iterations, self.decay) for e in epsilons}
+        return {e: mifgsm(ctx, x, y, e, self.options.iterations, self.options.decay) for e in epsilons}
 
 
 # ---------------------------------------------------------------------------------------------------- SegPGD
@@ -88,20 +103,20 @@ def segpgd(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, eps: float, ste
     return x_adv
 
 
+class SegPGDOptions(PerturbationOptions):
+    step: float = Field(1.0, gt=0, description="step size in gray values")
+    iterations: int | None = Field(None, ge=1, description="null: ceil(min(ε+4, 1.25ε))")
+
+
 class SegPGD(Perturbation):
     """SegPGD (Gu et al. 2022): PGD re-weighting correct/wrong pixels; options step (1), iterations."""
 
+    Options = SegPGDOptions
     needs_gradient = True
-
-    def __init__(self, step: float = 1.0, iterations: int | None = None) -> None:
-        if step <= 0:
-            raise MtkitError(f"segpgd step must be positive gray values, got {step}")
-        self.step = step
-        self.iterations = iterations
 
     def sweep(self, ctx, x, y, epsilons):
         y = _labels_required(y, "segpgd")
-        return {e: segpgd(ctx, x, y, e, self.step, self.iterations) for e in epsilons}
+        return {e: segpgd(ctx, x, y, e, self.options.step, self.options.iterations) for e in epsilons}
 
 
 # ------------------------------------------------------------------------------- universal perturbation
@@ -143,8 +158,6 @@ def learn_uap(ctx: AttackContext, dataset, eps: float, epochs: int = 5, batch_si
 
 
 def save_uap(path: Path, xi: torch.Tensor, eps: float, fingerprint: str, meta: dict[str, Any]) -> Path:
-    from mtkit.checkpoint import atomic_torch_save
-
     atomic_torch_save({"perturbation": xi.cpu(), "epsilon": eps, "model": fingerprint, "meta": meta}, path)
     return path
 
@@ -163,41 +176,40 @@ def load_uap(path: Path, fingerprint: str | None = None) -> torch.Tensor:
     return data["perturbation"]
 
 
+class UAPOptions(PerturbationOptions):
+    dataset: DatasetConfig = Field(description="the training images to learn the perturbation on, e.g. "
+                                               "{name: synthetic, split: train, options: {domain: city}}")
+    epochs: int = Field(5, ge=1)
+    images: int | None = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+    step: float | None = Field(None, gt=0, description="null: ε/10")
+    folder: str | None = Field(None, description="where learnt perturbations are saved (default: the cache)")
+
+
 class UniversalPerturbation(Perturbation):
     """Universal adversarial perturbation (Metzen et al. 2017 style): learnt over options.dataset, saved, added."""
 
+    Options = UAPOptions
     needs_gradient = True
 
-    def __init__(self, dataset: dict[str, Any] | None = None, epochs: int = 5, images: int | None = 64,
-                 batch_size: int = 8, step: float | None = None, folder: str | None = None) -> None:
-        if dataset is None:
+    def __init__(self, options: UAPOptions | None = None) -> None:
+        if options is None:
             raise MtkitError("uap needs robustness.options.uap.dataset: the training images to learn the "
                              "perturbation on, e.g. {name: synthetic, split: train, options: {domain: city}}")
-        from pydantic import ValidationError
-
-        from mtkit.config import DatasetConfig
-
-        try:
-            self.dataset_cfg = DatasetConfig.model_validate(dataset)
-        except ValidationError as exc:
-            raise MtkitError(f"robustness.options.uap.dataset: {exc.errors()[0]['msg']} "
-                             f"at {'.'.join(map(str, exc.errors()[0]['loc']))}") from None
-        self.epochs, self.images, self.batch_size, self.step = epochs, images, batch_size, step
-        self.folder = Path(folder) if folder else None
+        super().__init__(options)
+        o = options
+        self.dataset_cfg = o.dataset
+        self.epochs, self.images, self.batch_size, self.step = o.epochs, o.images, o.batch_size, o.step
+        self.folder = Path(o.folder) if o.folder else None
         self._cache: dict[tuple[str, float, int, int], torch.Tensor] = {}
         self._fingerprints: dict[int, str] = {}
         self.files: list[Path] = []
 
     def _folder(self) -> Path:
-        from mtkit.data.common import cache_dir
-
         return self.folder or cache_dir() / "uap"
 
     def perturbation_for(self, ctx: AttackContext, eps: float, size: tuple[int, int]) -> torch.Tensor:
         """The perturbation for this model, ε and image size: from memory, from its file, or learnt and saved."""
-        from mtkit.config import config_hash
-        from mtkit.data.datasets import build_dataset
-
         fp = self._fingerprints.get(id(ctx.model)) or model_fingerprint(ctx.model)
         self._fingerprints[id(ctx.model)] = fp
         key = (fp, eps, *size)
@@ -223,7 +235,7 @@ class UniversalPerturbation(Perturbation):
 
 
 @hookimpl
-def mtkit_register(registry) -> None:
+def mtkit_register(registry: RegistryView) -> None:
     registry.add("perturbation", "mifgsm", MIFGSM)
     registry.add("perturbation", "segpgd", SegPGD)
     registry.add("perturbation", "uap", UniversalPerturbation)

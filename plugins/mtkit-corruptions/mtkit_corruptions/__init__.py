@@ -7,16 +7,24 @@ the paper's SNR axis.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from typing import Any
+from collections.abc import Iterator
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
-from mtkit import hookimpl
-from mtkit.errors import MtkitError
-from mtkit.perturbations import AttackContext, Perturbation, clip_image
+from mtkit.plugin_api import (
+    AttackContext,
+    Field,
+    Perturbation,
+    PerturbationOptions,
+    RegistryView,
+    clip_image,
+    hookimpl,
+)
 
 __version__ = "0.1.0"
 
@@ -25,22 +33,37 @@ SEVERITIES = (1, 2, 3, 4, 5)
 
 @functools.cache
 def _imagecorruptions():
-    """Import imagecorruptions with two narrow compatibility shims for NumPy 2 / scikit-image >= 0.19."""
+    """The imagecorruptions package (imported on first use, its pkg_resources warning silenced)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pkg_resources deprecation warning
         import imagecorruptions
-        from imagecorruptions import corruptions
-    if not hasattr(np, "float_"):  # fog: np.float_ was removed in NumPy 2.0
-        np.float_ = np.float64  # type: ignore[attr-defined]
+    return imagecorruptions
+
+
+@contextlib.contextmanager
+def _compat() -> Iterator[None]:
+    """Two narrow compatibility shims for NumPy 2 / scikit-image >= 0.19, in force only while a corruption runs
+    and undone afterwards (no global state changes at import or registration): ``np.float_`` for fog, and
+    ``multichannel`` → ``channel_axis`` for skimage's gaussian in glass_blur and gaussian_blur."""
+    from imagecorruptions import corruptions
+
     original = corruptions.gaussian
 
-    def gaussian(image, sigma=1, *args, multichannel=None, **kwargs):  # glass_blur, gaussian_blur
+    def gaussian(image, sigma=1, *args, multichannel=None, **kwargs):
         if multichannel is not None and "channel_axis" not in kwargs:
             kwargs["channel_axis"] = -1 if multichannel else None
         return original(image, sigma, *args, **kwargs)
 
-    corruptions.gaussian = gaussian  # once: this function is cached
-    return imagecorruptions
+    had_float = hasattr(np, "float_")
+    corruptions.gaussian = gaussian
+    if not had_float:
+        np.float_ = np.float64  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        corruptions.gaussian = original
+        if not had_float:
+            del np.float_
 
 
 def corruption_names() -> list[str]:
@@ -57,12 +80,13 @@ def corrupt_batch(x: torch.Tensor, name: str, severity: int, seed: int) -> torch
     state = np.random.get_state()
     np.random.seed(seed % 2**32)
     try:
-        out = []
-        for img in images:
-            c = np.asarray(ic.corrupt(np.ascontiguousarray(img), corruption_name=name, severity=severity))
-            if c.shape[:2] != img.shape[:2]:  # a few corruptions round the size: crop or pad back
-                c = _fit(c, img.shape[:2])
-            out.append(c.astype(np.float32))
+        with _compat():
+            out = []
+            for img in images:
+                c = np.asarray(ic.corrupt(np.ascontiguousarray(img), corruption_name=name, severity=severity))
+                if c.shape[:2] != img.shape[:2]:  # a few corruptions round the size: crop or pad back
+                    c = _fit(c, img.shape[:2])
+                out.append(c.astype(np.float32))
     finally:
         np.random.set_state(state)
     return clip_image(torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device, x.dtype))
@@ -74,18 +98,21 @@ def _fit(c: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.pad(c, ((0, h - c.shape[0]), (0, w - c.shape[1]), (0, 0)), mode="edge")
 
 
+class CorruptionOptions(PerturbationOptions):
+    severities: list[Annotated[int, Field(ge=1, le=5)]] = Field(list(SEVERITIES), min_length=1,
+                                                                 description="among 1-5")
+
+
 class Corruption(Perturbation):
     """One common corruption at severities 1-5; ε is measured (eq. 7), not requested."""
 
+    Options = CorruptionOptions
     level_kind = "severity"
     corruption = ""
 
-    def __init__(self, severities: list[int] | None = None) -> None:
-        sev = list(SEVERITIES if severities is None else severities)
-        bad = [s for s in sev if s not in SEVERITIES]
-        if bad or not sev:
-            raise MtkitError(f"{self.corruption}: severities must be among 1-5, got {severities}")
-        self.severities = sev
+    def __init__(self, options: CorruptionOptions | None = None) -> None:
+        super().__init__(options)
+        self.severities = list(self.options.severities)
 
     def levels(self, epsilons: list[float]) -> list[float]:
         return [float(s) for s in self.severities]
@@ -101,6 +128,6 @@ def corruption_class(name: str) -> type[Corruption]:
 
 
 @hookimpl
-def mtkit_register(registry) -> None:
+def mtkit_register(registry: RegistryView) -> None:
     for name in corruption_names():
         registry.add("perturbation", f"corrupt_{name}", corruption_class(name))

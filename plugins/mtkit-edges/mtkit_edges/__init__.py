@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mtkit import hookimpl
-from mtkit.models.decoders import SegmentationDecoder
-from mtkit.tasks import AuxiliaryTask
+from mtkit.plugin_api import AuxiliaryTask, RegistryView, SegmentationDecoder, hookimpl
 
 __version__ = "0.1.0"
 
@@ -38,5 +36,5 @@ class EdgeTask(AuxiliaryTask):
 
 
 @hookimpl
-def mtkit_register(registry) -> None:
+def mtkit_register(registry: RegistryView) -> None:
     registry.add("task", "edges", EdgeTask)

@@ -1,0 +1,28 @@
+"""The Cityscapes label table: labelIds ↔ the 19 trainIds (official table of ``cityscapesscripts``)."""
+
+from __future__ import annotations
+
+import numpy as np
+from cityscapesscripts.helpers.labels import labels, trainId2label
+
+
+def cityscapes_lut() -> np.ndarray:
+    """labelId → trainId lookup table from the official Cityscapes label table (255: void)."""
+    lut = np.full(256, 255, np.uint8)
+    for lab in labels:
+        if 0 <= lab.id < 256:
+            lut[lab.id] = lab.trainId if 0 <= lab.trainId < 255 else 255
+    return lut
+
+
+def labelids_to_trainids(label_ids: np.ndarray) -> np.ndarray:
+    return cityscapes_lut()[label_ids]
+
+
+def trainids_to_labelids(train_ids: np.ndarray) -> np.ndarray:
+    """Inverse mapping (for writing synthetic data in the official layouts); void → 0 (unlabeled)."""
+    lut = np.zeros(256, np.uint8)
+    for tid, lab in trainId2label.items():
+        if 0 <= tid < 255:
+            lut[tid] = lab.id
+    return lut[train_ids]

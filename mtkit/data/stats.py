@@ -1,0 +1,35 @@
+"""Statistics derived from a training set, cached by the content they came from: the ENet class weights (eq. 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..losses import enet_class_weights
+from .base import SegmentationDataset
+from .common import atomic_save_npz, cache_dir
+
+
+@dataclass
+class ClassWeights:
+    """ENet class weights with the pixel counts they came from and the content key they are cached under."""
+
+    weights: torch.Tensor
+    counts: torch.Tensor
+    key: str
+
+
+def class_weights(ds: SegmentationDataset, num_classes: int, force: bool = False) -> ClassWeights:
+    """ENet class weights over the training labels, cached under the labels' content key (files, sizes, mtimes,
+    label mapping) and the class count: relabelled or other data is counted anew; ``force`` always recounts."""
+    key = f"{ds.content_key()}-{num_classes}"
+    path = cache_dir() / "class_weights" / f"{key}.npz"
+    if path.is_file() and not force:
+        with np.load(path) as data:
+            counts = torch.from_numpy(data["counts"])
+    else:
+        counts = ds.label_counts(num_classes)
+        atomic_save_npz(path, counts=counts.numpy())
+    return ClassWeights(enet_class_weights(counts), counts, key)

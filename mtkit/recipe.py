@@ -1,0 +1,214 @@
+"""Recipes: YAML files validated into typed config objects (``mtkit.config``) before anything runs.
+
+A recipe may ``extends: other.yaml`` (path relative to the recipe; mappings merge key by key, lists and scalars
+are replaced) and the CLI may override any key with ``-o dotted.key=value`` (the value is parsed as YAML).
+Validation errors name the file, the dotted key path and what was expected, with suggestions for misspellings,
+including the options of registry entries (datasets, perturbations), which their entries declare.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .build import options_for
+from .config import Recipe
+from .errors import RecipeError
+from .plugins import get_registry
+from .tasks import BUILTIN_TASKS
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The recipe's merged mapping (``extends`` resolved), before validation."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise RecipeError(f"{path}: 'extends' forms a cycle: {' -> '.join(str(p) for p in (*_seen, path))}")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: key 'extends' expected a file name (string), got {parent!r}")
+    base = load_raw(path.parent / parent, (*_seen, path))
+    return _deep_merge(base, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"override '{text}' must look like dotted.key=value, e.g. train.lr=1e-4")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise RecipeError(f"override '{text}': empty key path")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    # YAML reads "1e-4" as a string: accept float-looking strings as floats
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed) if any(c in parsed for c in ".eE") else parsed
+        except ValueError:
+            pass
+    return key.split("."), parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node: Any = data
+        for i, k in enumerate(keys[:-1]):
+            if isinstance(node, list):
+                node = node[_list_index(node, k, keys[: i + 1], text)]
+                continue
+            if k not in node or not isinstance(node[k], dict | list):
+                node[k] = {}
+            node = node[k]
+        last = keys[-1]
+        if isinstance(node, list):
+            node[_list_index(node, last, keys, text)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _list_index(node: list, k: str, path: list[str], text: str) -> int:
+    if not k.lstrip("-").isdigit() or not -len(node) <= int(k) < len(node):
+        raise RecipeError(f"override '{text}': '{'.'.join(path)}' needs a list index below {len(node)}")
+    return int(k)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names (with aliases) of the model at ``loc`` for suggestions."""
+    cls: Any = model
+    for part in loc:
+        if isinstance(part, int) or cls is None:
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return []
+        fields = cls.model_fields
+        field = fields.get(part) or next((f for f in fields.values() if f.alias == part), None)
+        if field is None:
+            return []
+        cls = _model_in(field.annotation)
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return [f.alias or n for n, f in cls.model_fields.items() if n != "source"]
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            known = _fields_at(Recipe, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            lines.append(f"unknown key '{path}'{hint} (allowed here: {', '.join(known)})")
+        elif kind == "missing":
+            lines.append(f"missing required key '{path}'")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+            lines.append(f"key '{path}': {msg}{got_s}")
+    head = f"{source}: invalid recipe: "
+    return head + lines[0] if len(lines) == 1 else head + "; ".join(lines)
+
+
+def validate(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """The recipe's schema, then the names and options it gives registry entries."""
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, source)) from None
+    try:
+        check_entries(recipe)
+    except RecipeError as exc:
+        raise RecipeError(f"{source}: invalid recipe: {exc}") from None
+    recipe.source = source
+    return recipe
+
+
+def check_entries(recipe: Recipe) -> None:
+    """Every registry name the recipe uses exists, and every entry's options validate against its model."""
+    registry = get_registry()
+    d = recipe.data
+    datasets = {"data.segmentation": d.segmentation, "data.segmentation_val": d.segmentation_val,
+                **({"data.depth": d.depth} if d.depth is not None else {}),
+                **{f"data.eval.{k}": v for k, v in d.eval.items()},
+                **{f"data.depth_eval.{k}": v for k, v in d.depth_eval.items()}}
+    for where, cfg in datasets.items():
+        options_for(_entry(registry, "dataset", cfg.name, f"{where}.name"), cfg.options, f"{where}.options")
+    rob = recipe.robustness
+    for name in rob.perturbations:
+        _entry(registry, "perturbation", name, "robustness.perturbations")
+    for name, opts in rob.options.items():
+        options_for(_entry(registry, "perturbation", name, f"robustness.options.{name}"), opts,
+                    f"robustness.options.{name}")
+    for key in ("segmentation", "depth"):
+        _entry(registry, "loss", getattr(recipe.loss, key), f"loss.{key}")
+    for key in ("head", "depth_head"):
+        _entry(registry, "head", getattr(recipe.model, key), f"model.{key}")
+    for i, spec in enumerate(recipe.models):
+        for task in spec.tasks:
+            if task not in BUILTIN_TASKS:
+                _entry(registry, "task", task, f"models.{i}.tasks")
+
+
+def _entry(registry, kind: str, name: str, where: str):
+    try:
+        return registry.entry(kind, name)
+    except RecipeError:
+        raise
+    except Exception as exc:  # UnknownEntryError: the registry's message with suggestions
+        raise RecipeError(f"key '{where}': {exc}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, merge (``extends``), override (``-o``) and validate a recipe file."""
+    data = apply_overrides(load_raw(path), list(overrides))
+    return validate(data, str(path))

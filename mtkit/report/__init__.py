@@ -1,0 +1,50 @@
+"""Reports: ``results.json`` (typed, ``mtkit.results``), ``results.csv``, ``report.md`` with tables shaped like
+the paper's Tables 2-4 and a depth table, and PNG plots like Figures 5-6 (aggregation, tables and plots each in
+their own module)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..io import atomic_write_text
+from ..results import RunResults
+from .aggregate import aggregate, verdict
+from .plots import plot_figure5, plot_figure6, plot_other_levels
+from .tables import depth_table, markdown_tables, rich_tables, write_csv
+
+__all__ = ["aggregate", "depth_table", "markdown_tables", "rich_tables", "verdict", "write_report"]
+
+
+def write_report(results: RunResults, run_dir: Path) -> dict[str, Path]:
+    """report.md, results.json, results.csv and the plots in ``run_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": run_dir / "results.json", "csv": run_dir / "results.csv", "report": run_dir / "report.md"}
+    results.write(paths["json"])
+    write_csv(results, paths["csv"])
+    fig5 = plot_figure5(results, run_dir / "figure5_robustness.png") if results.robustness else None
+    fig6 = plot_figure6(results, run_dir / "figure6_fgsm_lambda.png") if results.robustness else None
+    figc = plot_other_levels(results, run_dir / "figure_corruptions.png")
+    seeds = results.seeds
+    md = [f"# mtkit report: {results.recipe_name}", "",
+          f"Recipe `{results.recipe_source or ''}`, seeds {seeds}"
+          + (" (mean ± standard deviation over seeds)" if len(seeds) > 1 else "")
+          + f", device {results.environment.get('device', '?')}.", "",
+          "## Verdict", "", *verdict(results), "", "## Results", "", markdown_tables(results), ""]
+    if fig5:
+        paths["figure5"] = fig5
+        md += ["## Figure 5: Q over ε per perturbation", "", f"![Figure 5]({fig5.name})", ""]
+    if fig6:
+        paths["figure6"] = fig6
+        md += ["## Figure 6: FGSM for several λ", "", f"![Figure 6]({fig6.name})", ""]
+    if figc:
+        paths["figure_corruptions"] = figc
+        md += ["## Corruptions on the same SNR axis", "", f"![Corruptions]({figc.name})", ""]
+    md += ["## Notes", "",
+           "- ε is the RMS of the perturbation in gray values (eq. 7); 'measured ε' is the RMS after clipping "
+           "the perturbed image to [0, 255], over the whole evaluation set.",
+           "- mIoU sums TP, FP and FN over all images before dividing (eq. 9); Q = mIoU_adv / mIoU_clean "
+           "(eq. 10).",
+           "- Depth: KITTI Eigen protocol (monodepth2, SGDepth): ground truth capped to [1e-3, 80] m, Garg/Eigen "
+           "crop, per-image median scaling; metrics averaged over images.", ""]
+    atomic_write_text(paths["report"], "\n".join(md))
+    return paths

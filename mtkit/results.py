@@ -1,0 +1,133 @@
+"""Typed results: what an evaluation produces and what every report, table, plot and plugin hook reads.
+
+``RunResults`` is written to and read from ``results.json`` (strict JSON: a NaN, e.g. the mIoU of a set without
+labelled pixels, is written as null) and carries ``schema_version``; a file of another version is refused with a
+message instead of being misread.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import MtkitError
+from .io import atomic_write_text
+
+SCHEMA_VERSION = 2
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="null", populate_by_name=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _nan_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, float) and v != v else v
+
+
+class Spread(Record):
+    """The spread of one row's per-image measured ε (gray values)."""
+
+    min: float
+    max: float
+    mean: float
+    sd: float
+
+
+class CleanRow(Record):
+    """Clean segmentation quality of one model on one evaluation set."""
+
+    model: str
+    seed: int
+    dataset: str
+    miou: float | None = Field(description="mIoU of eq. 9 in [0, 1]; null when the set has no labelled pixel")
+    per_class_iou: list[float | None] = Field(default_factory=list, description="null: class absent (0/0)")
+
+
+class ResultRow(Record):
+    """One (model, seed, dataset, perturbation, level) of a robustness sweep."""
+
+    model: str
+    seed: int
+    dataset: str
+    perturbation: str
+    level_kind: str = Field("epsilon", description="'epsilon', or another sweep key such as 'severity'")
+    level: float = Field(description="the sweep key: the requested ε, or e.g. a corruption's severity")
+    epsilon: float | None = Field(description="requested RMS ε in gray values (eq. 7); null for another level")
+    epsilon_measured: float = Field(description="RMS of x_adv - x over the whole set after clipping (eq. 7)")
+    epsilon_measured_per_image: Spread | None = None
+    miou: float | None = Field(description="mIoU under the perturbation (eq. 9), same units as the clean mIoU")
+    miou_clean: float | None
+    q: float | None = Field(description="Q = mIoU_adv / mIoU_clean (eq. 10)")
+    per_class_iou: list[float | None] = Field(default_factory=list)
+    seconds_sweep: float = 0.0
+    backward_passes_per_batch: float = 0.0
+
+    @property
+    def is_epsilon(self) -> bool:
+        return self.level_kind == "epsilon"
+
+
+class DepthRow(Record):
+    """Depth metrics of one multi-task model on one set (KITTI Eigen protocol, see ``mtkit.depth_eval``)."""
+
+    model: str
+    seed: int
+    dataset: str
+    metrics: dict[str, float]
+    images: int
+    skipped: int = 0
+    scale_median: float | None = None
+    scale_std: float | None = None
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelInfo(Record):
+    tasks: list[str]
+    lam: float = Field(alias="lambda")
+    checkpoint: str | None = None
+
+
+class RunResults(Record):
+    """Everything one run or evaluation produced."""
+
+    schema_version: Literal[2] = SCHEMA_VERSION
+    recipe_name: str = ""
+    recipe_source: str | None = None
+    seeds: list[int] = Field(default_factory=list)
+    models: dict[str, ModelInfo] = Field(default_factory=dict)
+    clean: list[CleanRow] = Field(default_factory=list)
+    robustness: list[ResultRow] = Field(default_factory=list)
+    depth: list[DepthRow] = Field(default_factory=list)
+    training: list[dict[str, Any]] = Field(default_factory=list)
+    environment: dict[str, Any] = Field(default_factory=dict)
+    seconds: float | None = None
+
+    def extend(self, other: RunResults) -> RunResults:
+        self.models.update(other.models)
+        self.clean += other.clean
+        self.robustness += other.robustness
+        self.depth += other.depth
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2, by_alias=True)
+
+    def write(self, path: str | Path) -> Path:
+        return atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def read(cls, path: str | Path) -> RunResults:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise MtkitError(f"cannot read results {path}: {exc}") from None
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if version != SCHEMA_VERSION:
+            raise MtkitError(f"{path} holds results of schema version {version}, this mtkit reads version "
+                             f"{SCHEMA_VERSION}: re-run the evaluation (mtkit run or mtkit eval)")
+        return cls.model_validate(data)
