@@ -15,7 +15,7 @@ from .build import build_dataset
 from .config import Recipe
 from .depth_eval import evaluate_depth_model
 from .errors import MtkitError
-from .evaluate import evaluate_checkpoint, load_model
+from .evaluate import evaluate_checkpoint, evaluation_sets, load_model
 from .export import export_segmenter
 from .pipeline import RunResult, run
 from .plugins import get_plugins, get_registry
@@ -58,9 +58,7 @@ def evaluate(recipe: Recipe, checkpoints: list[str | Path], perturbations: list[
     if datasets:
         overrides.append(f"robustness.datasets={json.dumps(list(datasets))}")
     recipe = with_overrides(recipe, overrides) if overrides else recipe
-    keys = recipe.robustness.datasets or list(recipe.data.eval)
-    if not keys:
-        raise MtkitError("the recipe has no evaluation datasets (data.eval)")
+    keys = evaluation_sets(recipe)
     device = resolve_device(recipe.device)
     out = RunResults(recipe_name=recipe.name, recipe_source=recipe.source, seeds=[recipe.seed])
     for ck in checkpoints:

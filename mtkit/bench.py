@@ -1,14 +1,18 @@
-"""``mtkit bench``: run the pytest-benchmark suite in ``benchmarks/``, save its JSON as a named baseline, compare
-with a stored baseline and report regressions beyond a threshold.
+"""``mtkit bench``: a thin command over pytest-benchmark. It runs the suite in ``benchmarks/`` with timing on,
+stores the run with pytest-benchmark's own JSON output (``--benchmark-json``) as a named baseline, and compares
+with a stored baseline through pytest-benchmark's own ``--benchmark-compare`` and ``--benchmark-compare-fail``
+(median, percent), which print the comparison table and fail the run on a regression.
 
-Baselines live in ``benchmarks/baselines/<NAME>.json`` (pytest-benchmark's JSON: every benchmark's statistics,
-the machine details and the commit). Comparison uses each benchmark's median time.
+``MTKIT_BENCH_MAX_TIME=<seconds>`` shortens each benchmark (pytest-benchmark's ``--benchmark-max-time``).
+Baselines live in ``benchmarks/baselines/<NAME>.json`` (every benchmark's statistics, the machine details and the
+commit); ``--save`` and ``--compare`` also take a path to such a file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -17,25 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MtkitError
-from .report import atomic_write_text
+from .io import atomic_write_text
 
-
-@dataclass
-class Comparison:
-    name: str
-    baseline_s: float
-    current_s: float
-
-    @property
-    def change_pct(self) -> float:
-        return 100.0 * (self.current_s / self.baseline_s - 1.0)
+REGRESSED = "Performance has regressed"
 
 
 @dataclass
 class BenchResult:
     data: dict[str, Any]
-    comparisons: list[Comparison] = field(default_factory=list)
-    regressions: list[Comparison] = field(default_factory=list)
+    regressions: list[str] = field(default_factory=list)  # pytest-benchmark's lines for each failed check
+    compared_with: Path | None = None
     saved: Path | None = None
 
 
@@ -58,29 +53,16 @@ def baseline_path(bench_dir: Path, name: str) -> Path:
     return bench_dir / "baselines" / f"{name}.json"
 
 
-def load_baseline(path: Path) -> dict[str, Any]:
+def _check_baseline(path: Path) -> None:
     if not path.is_file():
         stored = sorted(q.stem for q in path.parent.glob("*.json")) if path.parent.is_dir() else []
         raise MtkitError(f"baseline not found: {path}; stored baselines: {', '.join(stored) or '(none)'}; "
                          "make one with mtkit bench --save NAME")
     try:
         data = json.loads(path.read_text())
-        _medians(data)
+        [b["stats"]["median"] for b in data["benchmarks"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise MtkitError(f"{path} is not a pytest-benchmark JSON file: {exc}") from None
-    return data
-
-
-def _medians(data: dict[str, Any]) -> dict[str, float]:
-    return {b["fullname"]: float(b["stats"]["median"]) for b in data["benchmarks"]}
-
-
-def compare(baseline: dict[str, Any], current: dict[str, Any], fail_over: float) -> tuple[list[Comparison],
-                                                                                          list[Comparison]]:
-    """Benchmarks present in both, and those whose median is slower than the baseline's by more than fail_over %."""
-    old, new = _medians(baseline), _medians(current)
-    rows = [Comparison(name, old[name], new[name]) for name in new if name in old]
-    return rows, [c for c in rows if c.change_pct > fail_over]
 
 
 def run_bench(save: str | None = None, compare_with: str | None = None, fail_over: float = 10.0,
@@ -88,26 +70,34 @@ def run_bench(save: str | None = None, compare_with: str | None = None, fail_ove
               ) -> BenchResult:
     """Run the suite with timing on (in a subprocess, as pytest runs it), then save and/or compare."""
     bench_dir = find_benchmarks(path)
-    baseline = load_baseline(baseline_path(bench_dir, compare_with)) if compare_with else None
-    with tempfile.TemporaryDirectory(prefix="mtkit-bench-") as tmp:
+    baseline = baseline_path(bench_dir, compare_with) if compare_with else None
+    if baseline is not None:
+        _check_baseline(baseline)
+    # pytest-benchmark wants its storage below the working folder (it prints it relative to it)
+    with tempfile.TemporaryDirectory(prefix=".mtkit-bench-", dir=bench_dir.parent) as tmp:
         json_path = Path(tmp) / "benchmark.json"
         cmd = [sys.executable, "-m", "pytest", str(bench_dir), "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-               "--benchmark-enable", f"--benchmark-json={json_path}", "--benchmark-columns=min,median,mean,rounds",
-               "--benchmark-sort=fullname", *(["-k", select] if select else []), *(extra or [])]
-        proc = subprocess.run(cmd, cwd=bench_dir.parent, env={**os.environ})
-        if proc.returncode != 0 or not json_path.is_file():
+               "--benchmark-enable", f"--benchmark-json={json_path}", f"--benchmark-storage=file://{tmp}",
+               "--benchmark-columns=min,median,mean,rounds", "--benchmark-sort=fullname",
+               *([f"--benchmark-max-time={os.environ['MTKIT_BENCH_MAX_TIME']}"]
+                 if os.environ.get("MTKIT_BENCH_MAX_TIME") else []),
+               *(["-k", select] if select else []), *(extra or [])]
+        if baseline is not None:
+            cmd += [f"--benchmark-compare={baseline.resolve()}", f"--benchmark-compare-fail=median:{fail_over:g}%"]
+        proc = subprocess.run(cmd, cwd=bench_dir.parent, env={**os.environ}, capture_output=True, text=True)
+        sys.stdout.write(proc.stdout)
+        sys.stderr.write(proc.stderr)
+        output = proc.stdout + proc.stderr
+        regressions = [ln.strip() for ln in output.splitlines() if re.search(r"has failed \w+RegressionCheck", ln)]
+        if (proc.returncode != 0 and REGRESSED not in output) or not json_path.is_file():
             raise MtkitError(f"the benchmark suite failed (pytest exit code {proc.returncode}); see its output above")
         data = json.loads(json_path.read_text())
     if not data.get("benchmarks"):
         raise MtkitError(f"no benchmark ran{f' for -k {select!r}' if select else ''}")
-    result = BenchResult(data)
+    result = BenchResult(data, regressions, baseline)
     if save:
         result.saved = baseline_path(bench_dir, save)
         atomic_write_text(result.saved, json.dumps(data, indent=2))
-    if baseline is not None:
-        result.comparisons, result.regressions = compare(baseline, data, fail_over)
-        if not result.comparisons:
-            raise MtkitError(f"the baseline '{compare_with}' shares no benchmark with this run")
     return result
 
 

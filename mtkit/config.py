@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 PAPER_EPSILONS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
 
@@ -89,7 +89,7 @@ class LossConfig(Strict):
 class TrainConfig(Strict):
     epochs: int = Field(40, ge=1)
     lr: float = Field(1e-4, gt=0)
-    lr_drop_epochs: list[int] = Field(default_factory=lambda: [30])
+    lr_drop_epochs: list[PositiveInt] = Field(default_factory=lambda: [30])
     lr_drop_factor: float = Field(0.1, gt=0)
     batch_size: int = Field(12, ge=1, description="single-task segmentation batch")
     seg_batch_size: int = Field(6, ge=1, description="multi-task: segmentation samples per step")
@@ -98,7 +98,7 @@ class TrainConfig(Strict):
     amp: Literal["auto", "bf16", "off"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
-    grad_clip: float | None = None
+    grad_clip: PositiveFloat | None = Field(None, description="max gradient norm; null: no clipping")
     log_every: int = Field(10, ge=1)
     tensorboard: bool = False
     checkpoint_every: int = Field(0, ge=0, description="also save every N steps (0: only per epoch)")
@@ -109,7 +109,8 @@ class ModelSpec(Strict):
 
     name: str
     tasks: list[str] = Field(default_factory=lambda: ["segmentation"])
-    lam: float = Field(1.0, alias="lambda", ge=0, le=1, description="eq. 5 gradient scale")
+    lam: float = Field(None, alias="lambda", ge=0, le=1, validate_default=False,
+                       description="eq. 5 gradient scale; required for a multi-task model (the paper's: 0.1)")
     task_scales: dict[str, float] = Field(default_factory=dict,
                                           description="plugin task -> encoder gradient scale (default 1-λ)")
 
@@ -119,6 +120,15 @@ class ModelSpec(Strict):
         if "segmentation" not in v:
             raise ValueError("every model needs the 'segmentation' task (it is what robustness evaluates)")
         return v
+
+    @model_validator(mode="after")
+    def _lambda(self) -> ModelSpec:
+        if self.lam is None:
+            if len(self.tasks) > 1:
+                raise ValueError(f"model '{self.name}' has the tasks {self.tasks} but no lambda: give the eq. 5 "
+                                 "gradient scale, e.g. lambda: 0.1 (the paper's best)")
+            self.lam = 1.0
+        return self
 
     @model_validator(mode="after")
     def _scales(self) -> ModelSpec:

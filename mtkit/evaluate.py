@@ -19,12 +19,14 @@ from torch.utils.data import DataLoader
 from .build import build_dataset, build_model, build_perturbations, build_segmentation_loss
 from .checkpoint import load_checkpoint
 from .config import ModelSpec, Recipe
-from .errors import CheckpointError
+from .errors import CheckpointError, MtkitError
 from .metrics import confusion_matrix, iou_per_class, miou, q_ratio
 from .perturbations import AttackContext, Perturbation
 from .progress import progress_bar
 from .recipe import validate
 from .results import CleanRow, ModelInfo, ResultRow, RunResults, Spread
+
+NO_LABELS = "no labelled pixel in the evaluation set: mIoU (and Q) undefined"
 
 
 @dataclass
@@ -135,9 +137,11 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
             epsilon=e if kind == "epsilon" else None, epsilon_measured=(sq[(name, e)] / max(elements, 1)) ** 0.5,
             epsilon_measured_per_image=_spread(per_image[(name, e)]), miou=m, miou_clean=clean,
             q=q_ratio(m, clean), per_class_iou=_nan_to_none(iou_per_class(c).tolist()),
-            seconds_sweep=seconds[name], backward_passes_per_batch=backward[name] / max(batches, 1)))
+            seconds_sweep=seconds[name], backward_passes_per_batch=backward[name] / max(batches, 1),
+            note=NO_LABELS if m != m or clean != clean else None))
     clean_row = CleanRow(model=model_name, seed=seed, dataset=dataset_name, miou=clean,
-                         per_class_iou=_nan_to_none(iou_per_class(conf_clean).tolist()))
+                         per_class_iou=_nan_to_none(iou_per_class(conf_clean).tolist()),
+                         note=NO_LABELS if clean != clean else None)
     return Sweep(clean_row, rows, len(dataset))
 
 
@@ -152,12 +156,25 @@ def _nan_to_none(values: list[float]) -> list[float | None]:
     return [None if v != v else v for v in values]
 
 
+def evaluation_sets(recipe: Recipe) -> list[str]:
+    """The keys of ``data.eval`` that robustness is evaluated on: ``robustness.datasets``, or all of them."""
+    keys = recipe.robustness.datasets or list(recipe.data.eval)
+    if not keys:
+        raise MtkitError("the recipe has no evaluation datasets: add data.eval, e.g. {CS: {name: cityscapes, ...}}")
+    return keys
+
+
 def evaluate_checkpoint(loaded: LoadedModel, recipe: Recipe, datasets: list[str], seed: int,
                         device: torch.device | str = "cpu", progress: bool = False,
                         checkpoint: str | None = None) -> RunResults:
     """The one evaluation path: a loaded model on the recipe's evaluation sets ``datasets`` (keys of
     ``data.eval``) with the recipe's perturbations, ε and options, and its segmentation loss for the attacks."""
     rob = recipe.robustness
+    trained = loaded.recipe.model.num_classes
+    if recipe.model.num_classes != trained:
+        raise MtkitError(f"{checkpoint or 'the checkpoint'} was trained for {trained} classes, the recipe's "
+                         f"model.num_classes is {recipe.model.num_classes}: evaluate with -o model.num_classes="
+                         f"{trained}, or a checkpoint of {recipe.model.num_classes} classes")
     perts = build_perturbations(rob.perturbations, rob.options)
     loss = build_segmentation_loss(recipe.loss.segmentation, loaded.class_weights)
     name = loaded.spec.name

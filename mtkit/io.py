@@ -5,10 +5,13 @@ A failed write removes its temporary file; temporaries of processes that died ar
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+from .errors import MtkitError
 
 TMP_MARK = ".tmp"
 
@@ -69,3 +72,47 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold ``folder/.lock`` while writing a run there: a second mtkit process writing to the same folder stops at
+    once with a message instead of interleaving checkpoints and logs."""
+    if not enabled:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise MtkitError(f"{folder} is being written by {holder}: wait for it to finish, or write to another "
+                             "folder") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"mtkit pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_writable_dir(folder: str | Path, what: str = "output folder") -> Path:
+    """Check, before any work, that ``folder`` can be created and written (nothing is created): one clear error
+    for a path that is a file, sits under a file, or lacks permission."""
+    folder = Path(folder)
+    for parent in [folder, *folder.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise MtkitError(f"{what} {folder}: {parent} is a file, not a folder")
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    probe = existing / f".write-test{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise MtkitError(f"{what} {folder} is not writable ({existing}: {exc.strerror or exc})") from None
+    return folder

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import torch
 
+from .errors import MtkitError
+
 IGNORE_INDEX = 255
 
 
@@ -17,7 +19,8 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     t = target[valid].long()
     p = pred[valid].long()
     if t.numel() and (int(t.max()) >= num_classes or int(t.min()) < 0):
-        raise ValueError(f"label {int(t.max())} outside 0..{num_classes - 1} (and not the void label {ignore_index})")
+        raise MtkitError(f"label {int(t.max())} outside 0..{num_classes - 1} (and not the void label {ignore_index}): "
+                         f"the labels have more classes than model.num_classes = {num_classes}")
     idx = t * num_classes + p
     return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
 

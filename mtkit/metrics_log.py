@@ -7,9 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .errors import MtkitError
+from .io import atomic_write_text
+
 
 class MetricsLog:
-    """Appends JSON lines (rank 0); mirrors scalars to TensorBoard when asked and installed."""
+    """Appends JSON lines (rank 0); with TensorBoard, every numeric field becomes a scalar ``<type>/<field>`` at
+    the record's step: ``step/<loss term>``, ``step/lr``, ``step/images_per_s``, ``epoch/val_miou``, ..."""
 
     def __init__(self, path: Path, enabled: bool, tensorboard: bool) -> None:
         self.path = path
@@ -18,13 +22,10 @@ class MetricsLog:
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
             except ImportError:
-                import warnings
-
-                warnings.warn("train.tensorboard is on but tensorboard is not installed: pip install tensorboard",
-                              stacklevel=2)
+                raise MtkitError("train.tensorboard is true but tensorboard is not installed: "
+                                 "pip install 'mtkit[tensorboard]'") from None
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -39,3 +40,11 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the records after ``step`` (a resumed run writes them again): no duplicates after a resume."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))

@@ -24,12 +24,12 @@ import yaml
 from .build import build_dataset
 from .config import ModelSpec, Recipe, config_hash
 from .depth_eval import evaluate_depth_model
-from .errors import DatasetError, MtkitError
-from .evaluate import evaluate_checkpoint, load_model
+from .errors import DatasetError
+from .evaluate import evaluate_checkpoint, evaluation_sets, load_model
 from .io import atomic_write_text
 from .plugins import get_plugins
-from .report import write_report
-from .results import DepthRow, ModelInfo, RunResults
+from .report import save_report
+from .results import DepthRow, ModelInfo, RunResults, strict
 from .runtime import resolve_device
 from .train import train
 
@@ -102,21 +102,29 @@ def environment(device: str) -> dict[str, Any]:
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "git_commit": commit}
 
 
+def run_folder(recipe: Recipe) -> Path:
+    """Where ``mtkit run`` writes by default: ``<output_dir>/<name>``."""
+    return Path(recipe.output_dir) / recipe.name
+
+
+def new_results(recipe: Recipe, seeds: list[int], device: str) -> RunResults:
+    """The results of a run before its stages: the recipe's name, description, models and the environment."""
+    return RunResults(recipe_name=recipe.name, recipe_description=recipe.description, recipe_source=recipe.source,
+                      seeds=seeds, models={m.name: ModelInfo(tasks=m.tasks, lam=m.lam) for m in recipe.models},
+                      environment=environment(device))
+
+
 def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, progress: bool = True,
         run_dir: str | Path | None = None, log=print) -> RunResult:
     """Run every stage of ``recipe`` into ``run_dir`` (default ``<output_dir>/<name>``)."""
     seeds = seeds or recipe.run_seeds()
-    run_dir = Path(run_dir or Path(recipe.output_dir) / recipe.name)
+    run_dir = Path(run_dir or run_folder(recipe))
     check_datasets(recipe)
-    eval_keys = recipe.robustness.datasets or list(recipe.data.eval)
-    if not eval_keys:
-        raise MtkitError("the recipe has no evaluation datasets (data.eval)")
+    eval_keys = evaluation_sets(recipe)
     device = resolve_device(recipe.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     ran, cached = [], []
-    results = RunResults(recipe_name=recipe.name, recipe_source=recipe.source, seeds=seeds,
-                         models={m.name: ModelInfo(tasks=m.tasks, lam=m.lam) for m in recipe.models},
-                         environment=environment(str(device)))
+    results = new_results(recipe, seeds, str(device))
     started = time.perf_counter()
     for seed in seeds:
         for spec in recipe.models:
@@ -137,7 +145,7 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                            "val_miou": res.val_miou, "best_val_miou": res.best_val_miou,
                            "seconds": time.perf_counter() - t0, "class_weights": res.class_weights,
                            "class_weights_key": res.class_weights_key, "history": res.history}
-                atomic_write_text(done, json.dumps(summary, indent=2))
+                atomic_write_text(done, json.dumps(strict(summary), indent=2, allow_nan=False))
                 ran.append(stage)
             results.training.append(summary)
             loaded = None
@@ -173,8 +181,8 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                 results.depth.append(row)
     results.seconds = time.perf_counter() - started
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    atomic_write_text(run_dir / "environment.json", json.dumps(results.environment, indent=2))
-    paths = write_report(results, run_dir)
+    atomic_write_text(run_dir / "environment.json", json.dumps(strict(results.environment), indent=2, allow_nan=False))
+    paths = save_report(results, run_dir)
     get_plugins().hook.mtkit_after_evaluation(run_dir=str(run_dir),
                                              results=[r.model_dump() for r in results.robustness])
     return RunResult(run_dir, results, paths, ran, cached)

@@ -72,7 +72,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RecipeError(f"override '{text}': empty key path")
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, OverflowError):  # not YAML (or a date YAML cannot build): the text itself
         parsed = value
     # YAML reads "1e-4" as a string: accept float-looking strings as floats
     if isinstance(parsed, str):
@@ -110,10 +110,13 @@ def _list_index(node: list, k: str, path: list[str], text: str) -> int:
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names (with aliases) of the model at ``loc`` for suggestions."""
+    """Field names (with aliases) of the model at ``loc`` for suggestions; list indices and the keys of a mapping
+    of models (``data.eval.<key>``) are stepped over."""
     cls: Any = model
+    skip = False
     for part in loc:
-        if isinstance(part, int) or cls is None:
+        if skip or isinstance(part, int) or cls is None:
+            skip = False
             continue
         if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
             return []
@@ -121,6 +124,7 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         field = fields.get(part) or next((f for f in fields.values() if f.alias == part), None)
         if field is None:
             return []
+        skip = typing.get_origin(field.annotation) is dict
         cls = _model_in(field.annotation)
     if isinstance(cls, type) and issubclass(cls, BaseModel):
         return [f.alias or n for n, f in cls.model_fields.items() if n != "source"]

@@ -28,6 +28,17 @@ class Record(BaseModel):
         return None if isinstance(v, float) and v != v else v
 
 
+def strict(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None, for strict JSON."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict(v) for v in obj]
+    return obj
+
+
 class Spread(Record):
     """The spread of one row's per-image measured ε (gray values)."""
 
@@ -45,6 +56,7 @@ class CleanRow(Record):
     dataset: str
     miou: float | None = Field(description="mIoU of eq. 9 in [0, 1]; null when the set has no labelled pixel")
     per_class_iou: list[float | None] = Field(default_factory=list, description="null: class absent (0/0)")
+    note: str | None = Field(None, description="why a value is null")
 
 
 class ResultRow(Record):
@@ -65,6 +77,7 @@ class ResultRow(Record):
     per_class_iou: list[float | None] = Field(default_factory=list)
     seconds_sweep: float = 0.0
     backward_passes_per_batch: float = 0.0
+    note: str | None = Field(None, description="why a value is null")
 
     @property
     def is_epsilon(self) -> bool:
@@ -96,6 +109,7 @@ class RunResults(Record):
 
     schema_version: Literal[2] = SCHEMA_VERSION
     recipe_name: str = ""
+    recipe_description: str = ""
     recipe_source: str | None = None
     seeds: list[int] = Field(default_factory=list)
     models: dict[str, ModelInfo] = Field(default_factory=dict)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import MtkitError
+
 
 @dataclass
 class Dist:
@@ -37,11 +39,23 @@ def init_distributed(device: torch.device) -> Dist:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The recipe's ``device``: ``auto`` (the local rank's GPU when there is one, else the CPU), ``cpu``,
+    ``cuda`` or ``cuda:N``; a name that is no device, or a GPU this machine lacks, is a one-line error."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MtkitError(f"device '{name}' is not a device name: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MtkitError(f"device '{name}' asked for, but this machine has no CUDA GPU: use device: auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MtkitError(f"device '{name}': this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise MtkitError(f"device '{name}' is not supported: use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def seed_everything(seed: int) -> None:

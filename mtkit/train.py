@@ -26,9 +26,10 @@ from . import checkpoint as ckpt
 from .build import build_dataset, build_depth_loss, build_model, build_segmentation_loss
 from .config import ModelSpec, Recipe
 from .data.stats import class_weights
-from .errors import MtkitError, TrainingDiverged
+from .errors import CheckpointError, MtkitError, TrainingDiverged
+from .io import clean_stale_temporaries, run_lock
 from .metrics import confusion_matrix, miou
-from .metrics_log import MetricsLog
+from .metrics_log import MetricsLog, truncate_log
 from .models import MultiTaskNet
 from .plugins import get_plugins
 from .progress import progress_bar
@@ -157,6 +158,10 @@ class Trainer:
     def best_path(self) -> Path:
         return self.run_dir / "best.pt"
 
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
     def _payload(self, resumable: bool = True) -> dict[str, Any]:
         """What a checkpoint holds; ``resumable`` adds optimizer, scheduler and RNG states (last.pt), which the
         best weights (best.pt, for evaluation and deployment) do without: a third of the size with Adam."""
@@ -185,6 +190,9 @@ class Trainer:
         if not self.last_path.is_file():
             return False
         data = ckpt.load_checkpoint(self.last_path)
+        if "optimizer" not in data or "rng" not in data:
+            raise CheckpointError(f"{self.last_path} holds weights only (a best.pt-style checkpoint): it cannot be "
+                                  "resumed; resume needs the last.pt that training wrote")
         self.model.load_state_dict(data["model"])
         self.optimizer.load_state_dict(data["optimizer"])
         ckpt.load_scheduler_state(self.scheduler, data["scheduler"])
@@ -200,6 +208,10 @@ class Trainer:
         dev = self.device
         x = seg["image"].to(dev, non_blocking=True)
         y = seg["label"].to(dev, non_blocking=True)
+        n = self.recipe.model.num_classes
+        if bool(((y >= n) & (y != 255)).any()):
+            raise MtkitError(f"a training label holds class {int(y[y != 255].max())}, but model.num_classes is {n}: "
+                             "set model.num_classes to the labels' class count")
         frames = None if dep is None else dep["frames"].to(dev, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -246,16 +258,33 @@ class Trainer:
         return miou(conf)
 
     # ------------------------------------------------------------------------------------------ the loop
-    def fit(self, resume: bool = False) -> TrainResult:
+    def fit(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
+        """Train to the recipe's epochs. ``resume`` continues from ``last.pt``; a folder that already holds a model
+        is never emptied silently: without ``resume`` it needs ``overwrite``, which keeps the old files in
+        ``previous-<time>/``."""
         self._setup()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        with run_lock(self.run_dir, self.dist.main):
+            return self._fit(resume, overwrite)
+
+    def _fit(self, resume: bool, overwrite: bool) -> TrainResult:
+        clean_stale_temporaries(self.run_dir)
         resumed = resume and self._resume()
-        if not resumed and self.last_path.exists() and self.dist.main:
-            # a fresh run must not mix with an old one's files
-            for p in (self.last_path, self.best_path, self.run_dir / "metrics.jsonl"):
-                p.unlink(missing_ok=True)
+        old = [p for p in (self.last_path, self.best_path, self.metrics_path, self.run_dir / "tensorboard")
+               if p.exists()]
+        if not resumed and old and self.dist.main:
+            if not overwrite:
+                raise MtkitError(f"{self.run_dir} already holds a trained model ({', '.join(p.name for p in old)}): "
+                                 "continue it with --resume, start again with --overwrite (the old files are kept "
+                                 "in previous-<time>/), or train into another --out")
+            keep = self.run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+            keep.mkdir()
+            for p in old:
+                p.rename(keep / p.name)
+        if resumed and self.dist.main:
+            truncate_log(self.metrics_path, self.step)
         t = self.recipe.train
-        log = MetricsLog(self.run_dir / "metrics.jsonl", self.dist.main, t.tensorboard)
+        log = MetricsLog(self.metrics_path, self.dist.main, t.tensorboard)
         hooks = get_plugins().hook
         total_steps = t.epochs * self.steps_per_epoch
         images_per_step = self.seg_batch + self.depth_batch
@@ -318,11 +347,12 @@ class Trainer:
 
 
 def train(recipe: Recipe, spec: ModelSpec | str, run_dir: str | Path, seed: int | None = None,
-          resume: bool = False, progress: bool = True, force_statistics: bool = False) -> TrainResult:
+          resume: bool = False, progress: bool = True, force_statistics: bool = False,
+          overwrite: bool = False) -> TrainResult:
     """Train one model of ``recipe`` (by spec or name) into ``run_dir``."""
     if isinstance(spec, str):
         names = [m.name for m in recipe.models]
         if spec not in names:
             raise MtkitError(f"no model '{spec}' in the recipe; its models are {names}")
         spec = recipe.models[names.index(spec)]
-    return Trainer(recipe, spec, run_dir, seed, progress, force_statistics).fit(resume=resume)
+    return Trainer(recipe, spec, run_dir, seed, progress, force_statistics).fit(resume=resume, overwrite=overwrite)

@@ -98,17 +98,41 @@ def test_cityscapes_errors(tmp_path, city):
         ds[2]
     ds = build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path), split="val", height=64, width=128,
                                      options={"skip_bad_images": True}))
-    assert ds[2]["image"].shape == (3, 64, 128) and ds.skipped == 1
+    # the bad image is left out up front and counted once; no image is seen twice
+    assert len(ds) == len(paths) - 1 and ds.skipped == 1
+    assert all(not torch.equal(ds[i]["image"], ds[i + 1]["image"]) for i in range(len(ds) - 1))
+    for p in paths:
+        p.write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="none of the .* images .* can be read"):
+        build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path), split="val",
+                                    options={"skip_bad_images": True}))
     with pytest.raises(RecipeError, match="unknown option 'data.options.dowscale' of dataset 'cityscapes'; did you "
                                          "mean 'downscale'"):
         build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path), split="val", options={"dowscale": 2}))
 
 
+def test_label_ids_outside_the_table_are_an_error_naming_the_file(tmp_path, city):
+    layouts.write_cityscapes(tmp_path, city, "val")
+    label = sorted((tmp_path / "gtFine").rglob("*_labelIds.png"))[0]
+    ids = np.array(Image.open(label))
+    ids[:4, :4] = 40  # not a Cityscapes labelId
+    Image.fromarray(ids).save(label)
+    ds = build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path), split="val", height=64, width=128))
+    with pytest.raises(DatasetError, match=rf"{label.name} has 16 pixels with label ids \[40\]"):
+        ds[0]
+
+
 def test_kitti_raw_layout(tmp_path, drive):
-    split = layouts.write_kitti_raw(tmp_path, drive)
+    split = layouts.write_kitti_raw(tmp_path, drive, interior_only=False)
     assert len(parse_split_file(split)) == 10
-    ds = build_dataset(DatasetConfig(name="kitti_raw", root=str(tmp_path), split="train", height=24, width=80))
+    with pytest.raises(DatasetError, match=r"4 of the 10 lines .* lack frame t-1 or t\+1 .*max_dropped"):
+        build_dataset(DatasetConfig(name="kitti_raw", root=str(tmp_path), split="train", height=24, width=80))
+    ds = build_dataset(DatasetConfig(name="kitti_raw", root=str(tmp_path), split="train", height=24, width=80,
+                                     options={"max_dropped": 0.5}))
     assert len(ds) == 6 and ds.dropped == 4  # first and last frame of each of the 2 drives lack a neighbour
+    split = layouts.write_kitti_raw(tmp_path, drive)  # what KITTI's split files list: frames with neighbours
+    ds = build_dataset(DatasetConfig(name="kitti_raw", root=str(tmp_path), split="train", height=24, width=80))
+    assert len(ds) == 6 and ds.dropped == 0
     item = ds[0]
     assert item["frames"].shape == (3, 3, 24, 80) and item["K"].shape == (4, 4)
     k = drive["K"]
@@ -117,6 +141,10 @@ def test_kitti_raw_layout(tmp_path, drive):
     assert item["K"][0, 2].item() == pytest.approx(k[0, 2] / 160 * 80, rel=1e-5)
     full = build_dataset(DatasetConfig(name="kitti_raw", root=str(tmp_path), split="train", height=48, width=160))
     assert torch.allclose(full[0]["frames"][1], torch.from_numpy(drive["images"][1]).permute(2, 0, 1).float())
+    frame = sorted((tmp_path / "2011_09_26").rglob("0000000002.png"))[0]
+    Image.fromarray(drive["images"][0][:40]).save(frame)  # a frame of another size
+    with pytest.raises(DatasetError, match=rf"{frame.name} is 160x40, but the calibration .* gives 160x48"):
+        full[0]
     split.write_text("2011_09_26/2011_09_26_drive_0000_sync 1 l\nbroken line\n")
     with pytest.raises(DatasetError, match=r"train_files.txt:2: expected"):
         build_dataset(DatasetConfig(name="kitti_raw", root=str(tmp_path), split="train"))

@@ -214,10 +214,11 @@ def test_depth_evaluation_protocol():
 
 @pytest.mark.slow
 def test_depth_only_training_lowers_abs_rel_on_synthetic_video():
-    """A hundred-odd steps of self-supervised depth training (λ = 0: the encoder sees only the depth gradient) on
+    """Eighty steps of self-supervised depth training (λ = 0: the encoder sees only the depth gradient) on
     the synthetic drive video lower abs_rel against the exact depth of held-out frames (median scaling)."""
     from mtkit.build import build_dataset, build_model
     from mtkit.config import AugmentConfig, DatasetConfig, ModelConfig
+    from mtkit.runtime import seed_everything
 
     opts = {"domain": "drive", "sequences": 6, "frames": 12}
     size = {"height": 48, "width": 160}
@@ -225,7 +226,7 @@ def test_depth_only_training_lowers_abs_rel_on_synthetic_video():
                           augment=AugmentConfig())
     test = build_dataset(DatasetConfig(name="synthetic_video", split="val", options={**opts, "sequences": 2},
                                        **size))
-    torch.manual_seed(0)
+    seed_everything(0)  # the augmentation draws from the global generators: the same draws in any test order
     model = build_model(ModelConfig(), ["segmentation", "depth"], 0.0)
     loss = MonodepthLoss()
     opt = torch.optim.Adam(model.parameters(), 5e-4)
@@ -240,7 +241,7 @@ def test_depth_only_training_lowers_abs_rel_on_synthetic_video():
 
     before = abs_rel()
     g = torch.Generator().manual_seed(0)
-    for _ in range(120):
+    for _ in range(80):
         batch = torch.utils.data.default_collate([train[i] for i in torch.randint(0, len(train), (6,),
                                                                                     generator=g).tolist()])
         out = model(batch["frames"][:1, 1], batch["frames"])

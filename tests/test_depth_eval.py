@@ -4,9 +4,6 @@ layout, the metrics of a whole evaluation, and the CLI."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -178,9 +175,11 @@ def test_evaluation_of_a_constant_prediction_matches_a_hand_computation():
     assert unscaled.metrics["abs_rel"] == pytest.approx(0.25) and unscaled.scale_median is None
 
 
-def test_eval_depth_cli_on_a_trained_multitask_checkpoint(tmp_path, eigen_tree):
+def test_eval_depth_cli_on_a_trained_multitask_checkpoint(tmp_path, eigen_tree, trained, capsys):
     import yaml
 
+    from mtkit import cli
+    from mtkit.checkpoint import atomic_torch_save
     from mtkit.recipe import validate
     from mtkit.train import train
 
@@ -193,15 +192,22 @@ def test_eval_depth_cli_on_a_trained_multitask_checkpoint(tmp_path, eigen_tree):
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(yaml.safe_dump(data))
     train(validate(data), "multi", tmp_path / "multi", progress=False)
-    train(validate(data), "single", tmp_path / "single", progress=False)
+    atomic_torch_save(trained[0].checkpoint, tmp_path / "single.pt")
     (root / "extra_split.txt").write_text("2011_09_26/2011_09_26_drive_0000_sync 1 l\n"
                                           "2011_09_26/2011_09_26_drive_0007_sync 1 l\n")
-    cmd = [sys.executable, "-m", "mtkit", "eval-depth", str(recipe_file), "--checkpoint",
-           str(tmp_path / "multi" / "last.pt"), "--out", str(tmp_path / "out"), "--no-progress"]
-    env = {**os.environ, "COLUMNS": "200"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr
-    assert "Depth on Eigen" in out.stdout and "abs_rel" in out.stdout
+    cmd = ["eval-depth", str(recipe_file), "--checkpoint", str(tmp_path / "multi" / "last.pt"), "--out",
+           str(tmp_path / "out"), "--no-progress"]
+
+    def main(args):
+        with pytest.raises(SystemExit) as done:
+            cli.main(args)
+            raise SystemExit(0)
+        out = capsys.readouterr()
+        return done.value.code, out.out, out.err
+
+    code, stdout, stderr = main(cmd)
+    assert code == 0, stderr
+    assert "Depth on Eigen" in stdout
     results = RunResults.read(tmp_path / "out" / "results.json")
     assert {r.dataset for r in results.depth} == {"Eigen", "synthetic"}
     for r in results.depth:
@@ -210,14 +216,11 @@ def test_eval_depth_cli_on_a_trained_multitask_checkpoint(tmp_path, eigen_tree):
     assert "Depth on Eigen" in (tmp_path / "out" / "report.md").read_text()
     # a split line without its scan: one line naming it, exit 2; --skip-missing counts it
     override = ["-o", f"data.depth_eval.Eigen.options.split_file={root / 'extra_split.txt'}"]
-    bad = subprocess.run([*cmd, *override, "--dataset", "Eigen"], capture_output=True, text=True, timeout=300,
-                         env=env)
-    assert bad.returncode == 2 and "drive_0007_sync" in bad.stderr and "Traceback" not in bad.stderr
-    ok = subprocess.run([*cmd, *override, "--dataset", "Eigen", "--skip-missing"], capture_output=True, text=True,
-                        timeout=300, env=env)
-    assert ok.returncode == 0, ok.stderr
+    code, _, stderr = main([*cmd, *override, "--dataset", "Eigen"])
+    assert code == 2 and "drive_0007_sync" in stderr and "Traceback" not in stderr
+    code, _, stderr = main([*cmd, *override, "--dataset", "Eigen", "--skip-missing"])
+    assert code == 0, stderr
     rows = RunResults.read(tmp_path / "out" / "results.json").depth
     assert rows[0].skipped == 1 and rows[0].images == 1
-    single = subprocess.run([*cmd[:6], str(tmp_path / "single" / "last.pt"), *cmd[7:]], capture_output=True,
-                            text=True, timeout=300, env=env)
-    assert single.returncode == 2 and "no depth task" in single.stderr
+    code, _, stderr = main([*cmd[:3], str(tmp_path / "single.pt"), *cmd[4:]])
+    assert code == 2 and "no depth task" in stderr

@@ -169,7 +169,8 @@ def test_a_plugin_task_trains_through_a_recipe(tmp_path):
     with pytest.raises(MtkitError, match="task_scales names"):
         validate(tiny_recipe(**{"models": [{"name": "m", "tasks": ["segmentation"], "task_scales": {"x": 1}}]}))
     with pytest.raises(MtkitError, match="unknown task 'edge'; did you mean 'edges'"):
-        train(validate(tiny_recipe(**{"models": [{"name": "m", "tasks": ["segmentation", "edge"]}]})), "m",
+        train(validate(tiny_recipe(**{"models": [{"name": "m", "tasks": ["segmentation", "edge"],
+                                                  "lambda": 0.5}]})), "m",
               tmp_path / "x", progress=False)
 
 

@@ -93,10 +93,10 @@ def test_checkpoint_refuses_pickle_payload(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as fh:
         pickle.dump({"model": {}, "x": Evil()}, fh)
-    with pytest.raises(CheckpointError, match="not a safe checkpoint"):
+    with pytest.raises(CheckpointError, match="carries code"):
         load_checkpoint(path)
     torch.save({"model": {}, "x": Evil()}, tmp_path / "evil2.pt")
-    with pytest.raises(CheckpointError, match="not a safe checkpoint"):
+    with pytest.raises(CheckpointError, match="carries code"):
         load_checkpoint(tmp_path / "evil2.pt")
     assert not (tmp_path / "pwned").exists()
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -154,3 +154,19 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     assert moved.abs().sum() > 0
     assert a["history"][0]["val_miou"] == pytest.approx(b["history"][0]["val_miou"], abs=1e-6)
     assert a["history"][0]["train_seg"] == pytest.approx(b["history"][0]["train_seg"], rel=1e-4)
+
+
+def test_tensorboard_gets_every_loss_term_the_learning_rate_speed_and_validation(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = validate(tiny_recipe(**{"train.tensorboard": True, "train.steps_per_epoch": 2, "train.epochs": 2}))
+    train(recipe, "multi", tmp_path, progress=False)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"step/seg", "step/depth", "step/photometric", "step/smoothness", "step/lr", "step/images_per_s",
+            "epoch/val_miou", "epoch/train_seg", "epoch/train_depth"} <= tags
+    assert [e.step for e in events.Scalars("epoch/val_miou")] == [2, 4]
+    jsonl = [__import__("json").loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("step/seg")] == pytest.approx([r["seg"] for r in jsonl
+                                                                          if r["type"] == "step"])

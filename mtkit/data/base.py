@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from ..config import AugmentConfig
 from ..errors import DatasetError
-from .common import read_image, require_dir, resize_image, resize_label, to_image_tensor
+from .common import image_is_readable, read_image, require_dir, resize_image, resize_label, to_image_tensor
 from .transforms import Augment, augment_segmentation, augment_triplet
 
 
@@ -39,7 +39,7 @@ class SegmentationDataset(Dataset):
     task = "segmentation"
 
     def __init__(self, items: list, load: Callable, size: tuple[int, int], train: bool,
-                 augment: AugmentConfig | None, downscale: float = 1.0, skip_bad: bool = False,
+                 augment: AugmentConfig | None, downscale: float = 1.0,
                  content: Callable[[], str] | None = None) -> None:
         self.items = items
         self._content = content
@@ -48,20 +48,13 @@ class SegmentationDataset(Dataset):
         self.train = train
         self.downscale = downscale
         self.aug = Augment(augment) if (train and augment is not None) else None
-        self.skip_bad = skip_bad
-        self.skipped = 0
+        self.skipped = 0  # unreadable images left out (skip_bad_images)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        try:
-            image, label = self.load(self.items[i])
-        except DatasetError:
-            if not self.skip_bad:
-                raise
-            self.skipped += 1
-            return self[(i + 1) % len(self)]
+        image, label = self.load(self.items[i])
         h, w = self.size
         if self.train:
             if self.downscale != 1.0:
@@ -148,11 +141,13 @@ def file_list_key(paths: list[Path], *extra: object) -> str:
 
 
 def labelled_folder(what: str, layout: str, image_dir: Path, label_dir: Path, pattern: str,
-                    label_name: Callable[[Path], Path], lut: np.ndarray, size: tuple[int, int], train: bool,
+                    label_name: Callable[[Path], Path], lut: np.ndarray, known: np.ndarray,
+                    size: tuple[int, int], train: bool,
                     augment: AugmentConfig | None, limit: int | None, downscale: float = 1.0,
                     skip_bad: bool = False) -> SegmentationDataset:
     """A segmentation set of image files and label files of labelIds (mapped to trainIds by ``lut``): the one
-    loader behind Cityscapes and KITTI 2015. ``label_name`` maps an image path to its label path."""
+    loader behind Cityscapes and KITTI 2015. ``label_name`` maps an image path to its label path; a label id that
+    ``known`` does not hold is an error naming the file (a trainId image given as labelIds, a foreign table)."""
     require_dir(image_dir, what, layout)
     require_dir(label_dir, what, layout)
     items = []
@@ -165,10 +160,26 @@ def labelled_folder(what: str, layout: str, image_dir: Path, label_dir: Path, pa
         raise DatasetError(f"{what}: no images matching {pattern} under {image_dir}. Expected layout:\n{layout}")
     if limit is not None:
         items = items[:limit]
-
+    skipped = 0
+    if skip_bad:  # checked once, up front: no image counted twice, an exact count, no recursion
+        good = [item for item in items if all(image_is_readable(p) for p in item)]
+        skipped = len(items) - len(good)
+        if not good:
+            raise DatasetError(f"{what}: none of the {len(items)} images under {image_dir} can be read "
+                               "(skip_bad_images left nothing to use)")
+        items = good
     def load(item: tuple[Path, Path]) -> tuple[torch.Tensor, torch.Tensor]:
         img, lab = item
-        return to_image_tensor(read_image(img)), torch.from_numpy(lut[read_image(lab, "L")].astype(np.int64))
+        ids = read_image(lab, "L")
+        unknown = ~known[ids]
+        if unknown.any():
+            values = sorted(set(np.unique(ids[unknown]).tolist()))
+            raise DatasetError(f"{what}: {lab} has {int(unknown.sum())} pixels with label ids {values[:8]} that the "
+                               f"label table does not know (labelIds {int(np.flatnonzero(known).min())}-"
+                               f"{int(np.flatnonzero(known[:255]).max())} or 255); is it a trainId image?")
+        return to_image_tensor(read_image(img)), torch.from_numpy(lut[ids].astype(np.int64))
 
-    return SegmentationDataset(items, load, size, train, augment, downscale=downscale, skip_bad=skip_bad,
-                               content=lambda: file_list_key([lab for _, lab in items], lut.tobytes()))
+    ds = SegmentationDataset(items, load, size, train, augment, downscale=downscale,
+                             content=lambda: file_list_key([lab for _, lab in items], lut.tobytes()))
+    ds.skipped = skipped
+    return ds

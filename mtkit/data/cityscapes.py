@@ -11,7 +11,7 @@ from ..config import AugmentConfig, DatasetConfig, expand_root
 from ..errors import DatasetError
 from ..registry import register
 from .base import DatasetOptions, SegmentationDataset, labelled_folder
-from .labels import cityscapes_lut
+from .labels import cityscapes_known_ids, cityscapes_lut
 
 CITYSCAPES_LAYOUT = """  <root>/leftImg8bit/{train,val,test}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
   <root>/gtFine/{train,val,test}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png"""
@@ -46,7 +46,8 @@ def cityscapes(cfg: DatasetConfig, options: CityscapesOptions, train: bool = Fal
     return labelled_folder(
         "Cityscapes", CITYSCAPES_LAYOUT, root / "leftImg8bit" / cfg.split, gt_dir, "*/*_leftImg8bit.png",
         lambda img: gt_dir / img.parent.name / img.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"),
-        cityscapes_lut(), (cfg.height, cfg.width), train, augment, cfg.limit, options.downscale,
+        cityscapes_lut(), cityscapes_known_ids(), (cfg.height, cfg.width), train, augment, cfg.limit,
+        options.downscale,
         options.skip_bad_images)
 
 
@@ -58,5 +59,6 @@ def kitti2015(cfg: DatasetConfig, options: Kitti2015Options, train: bool = False
     base = root / "data_semantics" / "training" if (root / "data_semantics").is_dir() else root / "training"
     return labelled_folder(
         "KITTI 2015", KITTI2015_LAYOUT, base / "image_2", base / "semantic", "*.png",
-        lambda img: base / "semantic" / img.name, cityscapes_lut(), (cfg.height, cfg.width), train, augment,
+        lambda img: base / "semantic" / img.name, cityscapes_lut(), cityscapes_known_ids(), (cfg.height, cfg.width),
+        train, augment,
         cfg.limit, skip_bad=options.skip_bad_images)

@@ -31,6 +31,16 @@ def read_image(path: Path, mode: str = "RGB") -> np.ndarray:
         raise DatasetError(f"cannot read image {path}: {exc}") from None
 
 
+def image_is_readable(path: Path) -> bool:
+    """Whether an image file opens and decodes (used to leave unreadable images out up front)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except (OSError, UnidentifiedImageError, SyntaxError):
+        return False
+
+
 def to_image_tensor(rgb: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 → (3, H, W) float32 gray values 0..255."""
     return torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1).float()

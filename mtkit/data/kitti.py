@@ -26,6 +26,8 @@ SIDES = {"l": "image_02", "r": "image_03"}
 
 class KittiRawOptions(DatasetOptions):
     split_file: str | None = Field(None, description="default <root>/splits/<split>_files.txt")
+    max_dropped: float = Field(0.1, ge=0, le=1, description="fail when a larger fraction of the split's lines lack "
+                                                               "frame t-1 or t+1 on disk")
 
 
 def read_kitti_calib(path: Path, side: str) -> tuple[np.ndarray, tuple[int, int]]:
@@ -76,7 +78,7 @@ def kitti_raw(cfg: DatasetConfig, options: KittiRawOptions, train: bool = False,
     split_file = Path(expand_root(options.split_file, None) or root / "splits" / f"{cfg.split}_files.txt")
     entries = parse_split_file(split_file)
     items, dropped = [], 0
-    calib_cache: dict[tuple[str, str], np.ndarray] = {}
+    calib_cache: dict[tuple[str, str], tuple[np.ndarray, tuple[int, int]]] = {}
     for folder, frame, side in entries:
         paths = [frame_path(root, folder, frame + o, side) for o in (-1, 0, 1)]
         if any(p is None for p in paths):
@@ -86,16 +88,25 @@ def kitti_raw(cfg: DatasetConfig, options: KittiRawOptions, train: bool = False,
         key = (date, side)
         if key not in calib_cache:
             p_rect, (h, w) = read_kitti_calib(root / date / "calib_cam_to_cam.txt", side)
-            calib_cache[key] = normalized_intrinsics(p_rect, h, w)
-        items.append((paths, calib_cache[key]))
+            calib_cache[key] = (normalized_intrinsics(p_rect, h, w), (h, w))
+        items.append((paths, *calib_cache[key]))
     if not items:
         raise DatasetError(f"KITTI: none of the {len(entries)} samples in {split_file} has frames t-1, t, t+1 on "
                            f"disk under {root}. Expected:\n{KITTI_LAYOUT}")
+    if dropped > options.max_dropped * len(entries):
+        raise DatasetError(f"KITTI: {dropped} of the {len(entries)} lines of {split_file} lack frame t-1 or t+1 "
+                           f"under {root} (more than options.max_dropped = {options.max_dropped:g}); is the raw "
+                           "data complete?")
     if cfg.limit is not None:
         items = items[: cfg.limit]
 
     def load(item):
-        paths, kn = item
-        return torch.stack([to_image_tensor(read_image(p)) for p in paths]), kn, None
+        paths, kn, size = item
+        frames = [read_image(p) for p in paths]
+        for p, f in zip(paths, frames):
+            if f.shape[:2] != size:
+                raise DatasetError(f"KITTI: {p} is {f.shape[1]}x{f.shape[0]}, but the calibration of its drive "
+                                   f"gives {size[1]}x{size[0]} (S_rect)")
+        return torch.stack([to_image_tensor(f) for f in frames]), kn, None
 
     return VideoDataset(items, load, (cfg.height, cfg.width), train, augment, dropped)

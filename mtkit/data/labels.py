@@ -15,6 +15,16 @@ def cityscapes_lut() -> np.ndarray:
     return lut
 
 
+def cityscapes_known_ids() -> np.ndarray:
+    """(256,) bool: the labelIds of the official table (void classes included); 255 is accepted as void too."""
+    known = np.zeros(256, bool)
+    for lab in labels:
+        if 0 <= lab.id < 256:
+            known[lab.id] = True
+    known[255] = True
+    return known
+
+
 def labelids_to_trainids(label_ids: np.ndarray) -> np.ndarray:
     return cityscapes_lut()[label_ids]
 

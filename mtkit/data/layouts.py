@@ -30,9 +30,10 @@ def write_cityscapes(root: Path, data: dict[str, np.ndarray], split: str = "trai
 
 
 def write_kitti_raw(root: Path, data: dict[str, np.ndarray], date: str = "2011_09_26", side: str = "l",
-                    split: str = "train") -> Path:
+                    split: str = "train", interior_only: bool = True) -> Path:
     """<date>/<date>_drive_<seq>_sync/image_02/data/<frame>.png, <date>/calib_cam_to_cam.txt, and the split
-    file splits/<split>_files.txt listing every frame (the first and last of each drive lack a neighbour)."""
+    file splits/<split>_files.txt listing the frames with both neighbours (as the KITTI split files do), or every
+    frame (``interior_only=False``)."""
     root = Path(root)
     cam = "02" if side == "l" else "03"
     h, w = data["images"].shape[1:3]
@@ -49,7 +50,10 @@ def write_kitti_raw(root: Path, data: dict[str, np.ndarray], date: str = "2011_0
         folder = f"{date}/{date}_drive_{int(data['sequence'][i]):04d}_sync"
         frame = int(data["frame"][i])
         _png(root / folder / f"image_{cam}" / "data" / f"{frame:010d}.png", img)
-        lines.append(f"{folder} {frame} {side}")
+        seq = data["sequence"]
+        interior = 0 < i < len(seq) - 1 and seq[i - 1] == seq[i] == seq[i + 1]
+        if interior or not interior_only:
+            lines.append(f"{folder} {frame} {side}")
     split_file = root / "splits" / f"{split}_files.txt"
     split_file.parent.mkdir(parents=True, exist_ok=True)
     split_file.write_text("\n".join(lines) + "\n")
@@ -82,7 +86,7 @@ def write_kitti_eigen(root: Path, data: dict[str, np.ndarray], date: str = "2011
     Each point is placed so that the standard projection (pixel round(u) - 1, see ``depth_gt``) puts it back on
     the pixel it came from: the ground truth the loader computes equals the synthetic depth map."""
     root = Path(root)
-    split_file = write_kitti_raw(root, data, date, "l", f"eigen_{split}")
+    split_file = write_kitti_raw(root, data, date, "l", f"eigen_{split}", interior_only=False)
     (root / date / "calib_velo_to_cam.txt").write_text(
         "calib_time: synthetic\n"
         f"R: {' '.join(f'{v:.9e}' for v in VELO_TO_CAM_R.flatten())}\n"

@@ -4,15 +4,35 @@ their own module)."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
+from ..data.common import cache_dir
+from ..errors import MtkitError
 from ..io import atomic_write_text
 from ..results import RunResults
 from .aggregate import aggregate, verdict
 from .plots import plot_figure5, plot_figure6, plot_other_levels
 from .tables import depth_table, markdown_tables, rich_tables, write_csv
 
-__all__ = ["aggregate", "depth_table", "markdown_tables", "rich_tables", "verdict", "write_report"]
+__all__ = ["aggregate", "depth_table", "markdown_tables", "rich_tables", "save_report", "verdict", "write_report"]
+
+
+def save_report(results: RunResults, run_dir: Path) -> dict[str, Path]:
+    """``write_report``, and when the final write fails (a full disk, a folder gone unwritable), the results are
+    rescued to the cache folder and the error names where they are: finished work is never lost."""
+    try:
+        return write_report(results, run_dir)
+    except OSError as exc:
+        rescue = cache_dir() / "rescued" / f"results-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+        try:
+            results.write(rescue)
+        except OSError:
+            raise MtkitError(f"cannot write the results to {run_dir} ({exc.strerror or exc}) nor to {rescue}") \
+                from None
+        raise MtkitError(f"cannot write the results to {run_dir} ({exc.strerror or exc}); they were saved to "
+                         f"{rescue}") from None
 
 
 def write_report(results: RunResults, run_dir: Path) -> dict[str, Path]:
@@ -25,7 +45,8 @@ def write_report(results: RunResults, run_dir: Path) -> dict[str, Path]:
     fig6 = plot_figure6(results, run_dir / "figure6_fgsm_lambda.png") if results.robustness else None
     figc = plot_other_levels(results, run_dir / "figure_corruptions.png")
     seeds = results.seeds
-    md = [f"# mtkit report: {results.recipe_name}", "",
+    md = [f"# mtkit report: {results.recipe_name}", "", *([results.recipe_description, ""]
+                                                          if results.recipe_description else []),
           f"Recipe `{results.recipe_source or ''}`, seeds {seeds}"
           + (" (mean ± standard deviation over seeds)" if len(seeds) > 1 else "")
           + f", device {results.environment.get('device', '?')}.", "",

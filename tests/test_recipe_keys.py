@@ -1,0 +1,398 @@
+"""Every recipe key is live: for each key of the schema, two values give two different behaviours, observed where
+mtkit uses the key (a model, a dataset, the trainer, a loss, an evaluation). A schema key without a probe here
+fails ``test_every_schema_key_has_a_probe``, so a new key must come with its proof."""
+
+from __future__ import annotations
+
+import json
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+from pydantic import BaseModel
+from support import tiny_recipe
+
+from mtkit import build
+from mtkit.config import DatasetConfig, Recipe
+from mtkit.data.transforms import Augment
+from mtkit.depth_eval import evaluate_depth_model
+from mtkit.evaluate import evaluation_sets
+from mtkit.pipeline import new_results, run_folder
+from mtkit.recipe import validate
+from mtkit.report import write_report
+from mtkit.runtime import resolve_device
+from mtkit.train import Trainer, build_class_weights, train
+
+X = torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(0)) * 255
+
+
+def _recipe(**over: Any) -> Recipe:
+    return validate(tiny_recipe(**over))
+
+
+def _model(r: Recipe, seed: int = 0, tasks=("segmentation", "depth")):
+    torch.manual_seed(seed)
+    spec = next(m for m in r.models if m.tasks == list(tasks)) if any(m.tasks == list(tasks) for m in r.models) \
+        else r.models[0]
+    return build.build_model(r.model, spec.tasks, spec.lam, r.loss.num_scales, spec.task_scales).eval()
+
+
+def _seg_out(r: Recipe) -> torch.Tensor:
+    with torch.no_grad():
+        return _model(r).segmenter()(X)
+
+
+def _depth_out(r: Recipe) -> torch.Tensor:
+    with torch.no_grad():
+        return _model(r).predict_depth(X)
+
+
+def _trainer(r: Recipe, tmp: Path, name: str = "multi", setup: bool = False) -> Trainer:
+    tr = Trainer(r, next(m for m in r.models if m.name == name), tmp, progress=False)
+    if setup:
+        tr._setup()
+    else:
+        tr.build(None)
+    return tr
+
+
+def _dataset(r: Recipe, key: str):
+    node: Any = r.data
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return build.build_dataset(node)
+
+
+def _fit(r: Recipe, tmp: Path, name: str = "single"):
+    return train(r, name, tmp, progress=False)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines()]
+
+
+def _depth_loss_value(r: Recipe) -> float:
+    g = torch.Generator().manual_seed(0)
+    b, h, w = 2, 32, 64
+    disps = {s: torch.rand(b, 1, h // 2**s, w // 2**s, generator=g) + 0.1 for s in range(4)}
+    frames = [torch.rand(b, 3, h, w, generator=g) * 255 for _ in range(3)]
+    k = torch.eye(4).repeat(b, 1, 1)
+    k[:, 0, 0], k[:, 1, 1], k[:, 0, 2], k[:, 1, 2] = 0.58 * w, 1.92 * h, w / 2, h / 2
+    pose = torch.eye(4).repeat(b, 1, 1)
+    pose[:, 2, 3] = 0.3
+    return float(build.build_depth_loss(r)(disps, frames, k, {-1: pose, 1: pose}).total)
+
+
+class _Depth(torch.nn.Module):
+    def predict_depth(self, images):
+        ramp = torch.linspace(2.0, 60.0, images.shape[-1])
+        return ramp.expand(images.shape[0], 1, *images.shape[-2:]).clone()
+
+
+class _DepthSet(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        gt = torch.linspace(3.0, 90.0, 64).expand(32, 64).clone()
+        return {"image": torch.zeros(3, 32, 64), "depth": gt}
+
+
+def _depth_eval(r: Recipe, monkeypatch) -> Any:
+    sizes = []
+    real = torch.utils.data.DataLoader
+
+    def spy(*a, **k):
+        sizes.append(k.get("batch_size"))
+        return real(*a, **k)
+
+    monkeypatch.setattr("mtkit.depth_eval.DataLoader", spy)
+    res = evaluate_depth_model(_Depth(), _DepthSet(), r.depth_evaluation)
+    return res.metrics, res.scale_median, sizes
+
+
+def _robustness_rows(r: Recipe, trained, monkeypatch) -> Any:
+    from mtkit.evaluate import evaluate_checkpoint
+
+    sizes = []
+    real = torch.utils.data.DataLoader
+
+    def spy(*a, **k):
+        sizes.append(k.get("batch_size"))
+        return real(*a, **k)
+
+    monkeypatch.setattr("mtkit.evaluate.DataLoader", spy)
+    loaded = trained[0]
+    out = evaluate_checkpoint(loaded, r, ["CS"], 0)
+    return [(x.perturbation, x.level, round(x.miou, 6)) for x in out.robustness], sizes
+
+
+def _weights_file(tmp: Path, name: str = "resnet18") -> str:
+    torch.manual_seed(1)
+    path = tmp / f"{name}.pth"
+    torch.save(timm.create_model(name).state_dict(), path)
+    return str(path)
+
+
+# key → (value a, value b, probe(recipe, ctx) → observable). ``ctx`` gives tmp_path, monkeypatch, trained.
+PROBES: dict[str, tuple[Any, Any, Callable[..., Any]]] = {
+    "name": ("a", "b", lambda r, c: run_folder(r)),
+    "description": ("one", "two", lambda r, c: write_report(new_results(r, [0], "cpu"), c.tmp / r.description)[
+        "report"].read_text().splitlines()[2]),
+    "seed": (0, 1, lambda r, c: next(_trainer(r, c.tmp).model.seg_head.parameters()).sum()),
+    "seeds": ([0], [0, 1], lambda r, c: r.run_seeds()),
+    "output_dir": ("runs", "elsewhere", lambda r, c: run_folder(r)),
+    "device": ("cpu", "cuda", lambda r, c: _outcome(lambda: resolve_device(r.device))),
+    "model.backbone": ("resnet18", "resnet10t", lambda r, c: _seg_out(r)),
+    "model.pretrained": (False, "FILE", lambda r, c: _model(r).encoder.body.conv1.weight.sum()),
+    "model.backbone_kwargs": ({}, {"output_stride": 16}, lambda r, c: _model(r).encoder(X)[-1].shape),
+    "model.head": ("monodepth2", "fpn", lambda r, c: type(_model(r).seg_head).__name__),
+    "model.depth_head": ("monodepth2_depth", "probe_depth_head", lambda r, c: type(_model(r).depth_head).__name__),
+    "model.num_classes": (19, 7, lambda r, c: _seg_out(r).shape[1]),
+    "model.min_depth": (0.1, 1.0, lambda r, c: _depth_out(r).min()),
+    "model.max_depth": (100.0, 20.0, lambda r, c: _depth_out(r).max()),
+    "model.pose_backbone": ("resnet18", "resnet10t", lambda r, c: _model(r).pose_net.encoder.name),
+    "model.pose_pretrained": (False, "FILE", lambda r, c: _model(r).pose_net.encoder.body.conv1.weight.sum()),
+    "model.mean": ([123.675, 116.28, 103.53], [0.0, 0.0, 0.0], lambda r, c: _seg_out(r)),
+    "model.std": ([58.395, 57.12, 57.375], [1.0, 1.0, 1.0], lambda r, c: _seg_out(r)),
+    "data.segmentation": (None, "limit", lambda r, c: len(_trainer(r, c.tmp, setup=True).seg_train)),
+    "data.segmentation_val": (None, "limit", lambda r, c: len(_trainer(r, c.tmp, setup=True).seg_val)),
+    "data.depth": (None, "limit", lambda r, c: len(_trainer(r, c.tmp, setup=True).depth_train)),
+    "data.eval": (None, "limit", lambda r, c: len(_dataset(r, "eval.CS"))),
+    "data.depth_eval": (None, "limit", lambda r, c: len(_dataset(r, "depth_eval.Eigen"))),
+    "data.num_workers": (0, 1, lambda r, c: _loader_workers(r, c)),
+    "DatasetConfig.name": ("synthetic", "synthetic_depth", lambda r, c: sorted(_dataset(r, "eval.K")[0])),
+    "DatasetConfig.root": (None, "ROOT", lambda r, c: _dataset(r, "eval.K") and sorted(
+        p.name.split("-")[0] for p in c.tmp.glob("root/*.npz"))),
+    "DatasetConfig.split": ("test", "val", lambda r, c: _dataset(r, "eval.K")[0]["image"].sum()),
+    "DatasetConfig.height": (32, 64, lambda r, c: _dataset(r, "eval.K")[0]["image"].shape),
+    "DatasetConfig.width": (64, 96, lambda r, c: _dataset(r, "eval.K")[0]["image"].shape),
+    "DatasetConfig.limit": (4, 2, lambda r, c: len(_dataset(r, "eval.K"))),
+    "DatasetConfig.options": ({"domain": "drive"}, {"domain": "city"},
+                              lambda r, c: _dataset(r, "eval.K")[0]["image"].sum()),
+    "data.augment.hflip": (True, False, lambda r, c: _augment(r, "flip")),
+    "data.augment.brightness": (0.2, 0.0, lambda r, c: _augment(r, "b")),
+    "data.augment.contrast": (0.2, 0.0, lambda r, c: _augment(r, "c")),
+    "data.augment.saturation": (0.2, 0.0, lambda r, c: _augment(r, "s")),
+    "data.augment.hue": (0.1, 0.0, lambda r, c: _augment(r, "h")),
+    "loss.segmentation": ("weighted_ce", "cross_entropy", lambda r, c: _seg_loss(r)),
+    "loss.depth": ("monodepth", "probe_depth_loss", lambda r, c: _depth_loss_value(r)),
+    "loss.class_weights": ("enet", "none", lambda r, c: build_class_weights(r, _dataset(r, "segmentation"))[1]),
+    "loss.ssim_alpha": (0.85, 0.5, lambda r, c: _depth_loss_value(r)),
+    "loss.smoothness": (1e-3, 1.0, lambda r, c: _depth_loss_value(r)),
+    "loss.num_scales": (4, 1, lambda r, c: (_depth_loss_value(r), len(_model(r).depth_head(
+        _model(r).encoder(X), (32, 64))))),
+    "loss.automask": (False, True, lambda r, c: _depth_loss_value(r)),
+    "train.epochs": (1, 2, lambda r, c: _fit(r, c.tmp).steps),
+    "train.lr": (1e-4, 1e-3, lambda r, c: _trainer(r, c.tmp).optimizer.param_groups[0]["lr"]),
+    "train.lr_drop_epochs": ([30], [1], lambda r, c: _lr_after_one_epoch(r, c)),
+    "train.lr_drop_factor": (0.1, 0.5, lambda r, c: _lr_after_one_epoch(r, c)),
+    "train.batch_size": (4, 2, lambda r, c: _trainer(r, c.tmp, "single").seg_batch),
+    "train.seg_batch_size": (2, 4, lambda r, c: _trainer(r, c.tmp).seg_batch),
+    "train.depth_batch_size": (2, 4, lambda r, c: _trainer(r, c.tmp).depth_batch),
+    "train.steps_per_epoch": (2, 3, lambda r, c: _trainer(r, c.tmp, setup=True).steps_per_epoch),
+    "train.amp": ("off", "bf16", lambda r, c: _trainer(r, c.tmp).amp),
+    "train.channels_last": ("off", "on", lambda r, c: _trainer(r, c.tmp).channels_last),
+    "train.compile": (False, True, lambda r, c: type(_trainer(r, c.tmp).net).__name__),
+    "train.grad_clip": (None, 1e-6, lambda r, c: _one_step_update(r, c)),
+    "train.log_every": (1, 2, lambda r, c: len(_jsonl(_fit(r, c.tmp).run_dir / "metrics.jsonl"))),
+    "train.tensorboard": (False, True, lambda r, c: (_fit(r, c.tmp).run_dir / "tensorboard").is_dir()),
+    "train.checkpoint_every": (0, 1, lambda r, c: _saves(r, c)),
+    "models": (None, "lambda", lambda r, c: _model(r).lam),
+    "ModelSpec.name": ("multi", "other", lambda r, c: [m.name for m in r.models]),
+    "ModelSpec.tasks": (["segmentation", "depth"], ["segmentation"],
+                        lambda r, c: _model(r, tasks=r.models[1].tasks).depth_head is None),
+    "ModelSpec.lambda": (0.1, 0.5, lambda r, c: _model(r).lam),
+    "ModelSpec.task_scales": ({}, {"edges": 0.3}, lambda r, c: _model(r, tasks=r.models[1].tasks).aux_scales),
+    "robustness.perturbations": (["fgsm"], ["gaussian"], lambda r, c: _robustness_rows(r, c.trained, c.mp)[0]),
+    "robustness.epsilons": ([1.0], [2.0], lambda r, c: _robustness_rows(r, c.trained, c.mp)[0]),
+    "robustness.batch_size": (4, 2, lambda r, c: _robustness_rows(r, c.trained, c.mp)[1]),
+    "robustness.datasets": (None, ["K"], lambda r, c: evaluation_sets(r)),
+    "robustness.options": ({}, {"pgd": {"iterations": 1}}, lambda r, c: _robustness_rows(r, c.trained, c.mp)[0]),
+    "depth_evaluation.min_depth": (1e-3, 10.0, lambda r, c: _depth_eval(r, c.mp)[0]),
+    "depth_evaluation.max_depth": (80.0, 40.0, lambda r, c: _depth_eval(r, c.mp)[0]),
+    "depth_evaluation.garg_crop": (True, False, lambda r, c: _depth_eval(r, c.mp)[0]),
+    "depth_evaluation.median_scaling": (True, False, lambda r, c: _depth_eval(r, c.mp)[1]),
+    "depth_evaluation.batch_size": (8, 2, lambda r, c: _depth_eval(r, c.mp)[2]),
+}
+
+
+def _outcome(fn: Callable[[], Any]) -> str:
+    try:
+        return str(fn())
+    except Exception as exc:  # the observable behaviour is the error
+        return type(exc).__name__
+
+
+def _loader_workers(r: Recipe, c) -> list:
+    seen = []
+    real = torch.utils.data.DataLoader
+    c.mp.setattr("mtkit.sampling.DataLoader", lambda *a, **k: seen.append(k["num_workers"]) or real(*a, **k))
+    _fit(r, c.tmp)
+    return seen
+
+
+def _augment(r: Recipe, key: str) -> list:
+    aug = Augment(r.data.augment, __import__("random").Random(0))
+    torch.manual_seed(0)
+    return [aug.sample()[key] for _ in range(8)]
+
+
+def _seg_loss(r: Recipe) -> float:
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 19, 8, 8), torch.randint(0, 19, (2, 8, 8))
+    weights = torch.linspace(0.5, 3.0, 19)
+    return float(build.build_segmentation_loss(r.loss.segmentation, weights)(logits, labels))
+
+
+def _lr_after_one_epoch(r: Recipe, c) -> float:
+    return _trainer_after_fit(r, c).optimizer.param_groups[0]["lr"]
+
+
+def _trainer_after_fit(r: Recipe, c) -> Trainer:
+    tr = Trainer(r, r.models[0], c.tmp, progress=False)
+    tr.fit()
+    return tr
+
+
+def _one_step_update(r: Recipe, c) -> float:
+    tr = _trainer(r, c.tmp, "single")
+    before = next(tr.model.seg_head.parameters()).detach().clone()
+    g = torch.Generator().manual_seed(0)
+    seg = {"image": torch.rand(2, 3, 32, 64, generator=g) * 255,
+           "label": torch.randint(0, 19, (2, 32, 64), generator=g)}
+    tr.train_step(seg, None)
+    return float((next(tr.model.seg_head.parameters()).detach() - before).abs().sum())
+
+
+def _saves(r: Recipe, c) -> int:
+    calls = []
+    real = Trainer.save
+    c.mp.setattr(Trainer, "save", lambda self, path, resumable=True: calls.append(path) or real(self, path, resumable))
+    _fit(r, c.tmp)
+    return len(calls)
+
+
+def _schema_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        if name == "source":
+            continue
+        key = f"{prefix}{field.alias or name}"
+        keys.append(key)
+        inner = _inner_model(field.annotation)
+        if inner is not None and inner.__name__ not in ("DatasetConfig", "ModelSpec"):
+            keys += _schema_keys(inner, key + ".")
+    return keys
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def test_every_schema_key_has_a_probe():
+    keys = _schema_keys(Recipe)
+    keys += [f"DatasetConfig.{k}" for k in DatasetConfig.model_fields]
+    keys += [f"ModelSpec.{f.alias or n}" for n, f in __import__("mtkit.config").config.ModelSpec.model_fields.items()]
+    containers = {"model", "data", "loss", "train", "robustness", "depth_evaluation", "data.augment"}
+    missing = [k for k in keys if k not in PROBES and k not in containers]
+    assert not missing, f"recipe keys without a probe: {missing}"
+
+
+def _apply(data: dict, key: str, value: Any, tmp: Path) -> dict:
+    if value == "FILE":
+        value = _weights_file(tmp)
+    if key.startswith("DatasetConfig."):
+        field = key.split(".", 1)[1]
+        if value == "ROOT":
+            value = str(tmp / "root")
+        if value is None:
+            data["data"]["eval"]["K"].pop(field, None)
+        else:
+            data["data"]["eval"]["K"][field] = value
+        return data
+    if key.startswith("ModelSpec."):
+        field = key.split(".", 1)[1]
+        data["models"][1][field] = value
+        if field == "task_scales":
+            data["models"][1]["tasks"] = ["segmentation", "depth", "edges"]
+        return data
+    if key == "train.lr_drop_factor":
+        data["train"]["lr_drop_epochs"] = [1]
+    if key == "robustness.options":
+        data["robustness"]["perturbations"] = ["pgd"]
+    if value is None:
+        return data
+    if value == "limit":
+        node = data["data"][key.split(".")[1]]
+        targets = node.values() if key in ("data.eval", "data.depth_eval") else [node]
+        for t in targets:
+            t["limit"] = 3
+        return data
+    if value == "lambda":
+        data["models"][1]["lambda"] = 0.7
+        return data
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize("key", sorted(PROBES))
+def test_recipe_key_changes_behaviour(key, tmp_path, monkeypatch, trained):
+    from types import SimpleNamespace
+
+    from mtkit.plugins import get_registry
+
+    reg = get_registry()
+    if ("head", "probe_depth_head") not in reg:
+        from mtkit.models.decoders import DepthDecoder
+
+        class ProbeDepthHead(DepthDecoder):
+            """A depth head registered by this test (another class than the built-in)."""
+
+        reg.add("head", "probe_depth_head", ProbeDepthHead)
+    if ("loss", "probe_depth_loss") not in reg:
+        from mtkit.losses import MonodepthLoss
+
+        class ProbeDepthLoss(MonodepthLoss):
+            """The monodepth loss doubled (a registered alternative)."""
+
+            def forward(self, *args, **kwargs):
+                out = super().forward(*args, **kwargs)
+                return type(out)(2 * out.total, out.photometric, out.smoothness)
+
+        reg.add("loss", "probe_depth_loss", ProbeDepthLoss)
+    a, b, probe = PROBES[key]
+    base = tiny_recipe(**{"train.amp": "off", "train.channels_last": "off", "robustness.epsilons": [1.0],
+                          "robustness.perturbations": ["fgsm"], "robustness.options": {}})
+    base["data"]["eval"]["K"]["options"] = {"domain": "drive", "sequences": 2, "frames": 8}
+    base["models"][1]["task_scales"] = {}
+    observed = []
+    for i, value in enumerate((a, b)):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        data = _apply(json.loads(json.dumps(base)), key, value, folder)
+        ctx = SimpleNamespace(tmp=folder, mp=monkeypatch, trained=trained)
+        observed.append(_normalise(probe(validate(data), ctx)))
+    assert observed[0] != observed[1], f"{key}: {a!r} and {b!r} behave the same ({observed[0]!r})"
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().flatten()[:64].tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return value
