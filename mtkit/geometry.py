@@ -48,11 +48,3 @@ def warp(source: torch.Tensor, depth: torch.Tensor, k: torch.Tensor, t: torch.Te
     h, w = depth.shape[-2:]
     grid = project(backproject(depth, torch.linalg.inv(k)), k, t, h, w)
     return sample(source, grid)
-
-
-def scale_intrinsics(k: torch.Tensor, sx: float, sy: float) -> torch.Tensor:
-    """Intrinsics of an image resized by (sx, sy)."""
-    k = k.clone()
-    k[..., 0, :] *= sx
-    k[..., 1, :] *= sy
-    return k

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from .errors import MtkitError
 
@@ -108,3 +109,15 @@ def evaluate_depth(gt: torch.Tensor, pred: torch.Tensor, min_depth: float = 1e-3
     out = depth_errors(g, p)
     out["scale"] = ratio
     return out
+
+
+@torch.no_grad()
+def confusion_on(segmenter: torch.nn.Module, dataset, num_classes: int, batch_size: int,
+                 device: torch.device) -> torch.Tensor:
+    """Confusion counts of a segmenter's clean predictions over a whole set (validation during training)."""
+    segmenter.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        pred = segmenter(batch["image"].to(device)).argmax(1).cpu()
+        conf += confusion_matrix(pred, batch["label"], num_classes)
+    return conf

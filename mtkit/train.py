@@ -20,15 +20,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from .build import build_dataset, build_depth_loss, build_model, build_segmentation_loss
 from .config import ModelSpec, Recipe
-from .data.stats import class_weights
+from .data.stats import build_class_weights
 from .errors import CheckpointError, MtkitError, TrainingDiverged
 from .io import clean_stale_temporaries, run_lock
-from .metrics import confusion_matrix, miou
+from .metrics import confusion_on, miou
 from .metrics_log import MetricsLog, truncate_log
 from .models import MultiTaskNet
 from .plugins import get_plugins
@@ -50,32 +49,6 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     class_weights: list[float] | None = None
     class_weights_key: str | None = None
-
-
-def build_class_weights(recipe: Recipe, seg_train, force: bool = False) -> tuple[torch.Tensor | None, str | None]:
-    """The class weights of eq. 1 and their cache key: ENet weights over the training labels (cached by the
-    labels' content; ``force`` recounts), the recipe's own weights, or none."""
-    cw = recipe.loss.class_weights
-    if cw == "none":
-        return None, None
-    if isinstance(cw, list):
-        if len(cw) != recipe.model.num_classes:
-            raise MtkitError(f"loss.class_weights has {len(cw)} values, model.num_classes is "
-                             f"{recipe.model.num_classes}")
-        return torch.tensor(cw, dtype=torch.float32), None
-    weights = class_weights(seg_train, recipe.model.num_classes, force)
-    return weights.weights, weights.key
-
-
-@torch.no_grad()
-def confusion_on(segmenter: torch.nn.Module, dataset, num_classes: int, batch_size: int,
-                 device: torch.device) -> torch.Tensor:
-    segmenter.eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        pred = segmenter(batch["image"].to(device)).argmax(1).cpu()
-        conf += confusion_matrix(pred, batch["label"], num_classes)
-    return conf
 
 
 class Trainer:

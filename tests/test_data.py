@@ -145,6 +145,10 @@ def test_kitti_raw_layout(tmp_path, drive):
     Image.fromarray(drive["images"][0][:40]).save(frame)  # a frame of another size
     with pytest.raises(DatasetError, match=rf"{frame.name} is 160x40, but the calibration .* gives 160x48"):
         full[0]
+    calib = tmp_path / "2011_09_26" / "calib_cam_to_cam.txt"
+    calib.write_text(calib.read_text().replace("P_rect_02: ", "P_rect_02: 1.0 ", 1).rsplit(" ", 2)[0] + "\n")
+    with pytest.raises(DatasetError, match=r"calib_cam_to_cam.txt: 'P_rect_02' needs 12 numbers, found 11"):
+        build_dataset(DatasetConfig(name="kitti_raw", root=str(tmp_path), split="train"))
     split.write_text("2011_09_26/2011_09_26_drive_0000_sync 1 l\nbroken line\n")
     with pytest.raises(DatasetError, match=r"train_files.txt:2: expected"):
         build_dataset(DatasetConfig(name="kitti_raw", root=str(tmp_path), split="train"))

@@ -56,7 +56,8 @@ def test_every_artefact_exists_and_parses(first_run):
     assert validate(yaml.safe_load((d / "recipe.yaml").read_text())).to_dict() == recipe.to_dict()
     env = json.loads((d / "environment.json").read_text())
     assert env["versions"]["torch"] and env["device"] == "cpu"
-    for summary in results.training:
+    for summary in results.training:  # the class weights and the content key they were cached under
+        assert len(summary["class_weights"]) == 19 and summary["class_weights_key"]
         assert summary["steps"] == 2 and summary["history"][-1]["val_miou"] >= 0
     from mtkit.checkpoint import load_checkpoint
     from mtkit.evaluate import load_model

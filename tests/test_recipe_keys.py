@@ -18,6 +18,7 @@ from support import tiny_recipe
 
 from mtkit import build
 from mtkit.config import DatasetConfig, Recipe
+from mtkit.data.stats import build_class_weights
 from mtkit.data.transforms import Augment
 from mtkit.depth_eval import evaluate_depth_model
 from mtkit.evaluate import evaluation_sets
@@ -25,7 +26,7 @@ from mtkit.pipeline import new_results, run_folder
 from mtkit.recipe import validate
 from mtkit.report import write_report
 from mtkit.runtime import resolve_device
-from mtkit.train import Trainer, build_class_weights, train
+from mtkit.train import Trainer, train
 
 X = torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(0)) * 255
 

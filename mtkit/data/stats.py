@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..config import Recipe
+from ..errors import MtkitError
 from ..losses import enet_class_weights
 from .base import SegmentationDataset
 from .common import atomic_save_npz, cache_dir
@@ -33,3 +35,18 @@ def class_weights(ds: SegmentationDataset, num_classes: int, force: bool = False
         counts = ds.label_counts(num_classes)
         atomic_save_npz(path, counts=counts.numpy())
     return ClassWeights(enet_class_weights(counts), counts, key)
+
+
+def build_class_weights(recipe: Recipe, seg_train, force: bool = False) -> tuple[torch.Tensor | None, str | None]:
+    """The class weights of eq. 1 and their cache key: ENet weights over the training labels (cached by the
+    labels' content; ``force`` recounts), the recipe's own weights, or none."""
+    cw = recipe.loss.class_weights
+    if cw == "none":
+        return None, None
+    if isinstance(cw, list):
+        if len(cw) != recipe.model.num_classes:
+            raise MtkitError(f"loss.class_weights has {len(cw)} values, model.num_classes is "
+                             f"{recipe.model.num_classes}")
+        return torch.tensor(cw, dtype=torch.float32), None
+    weights = class_weights(seg_train, recipe.model.num_classes, force)
+    return weights.weights, weights.key
