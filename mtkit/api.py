@@ -20,7 +20,7 @@ from .export import export_segmenter
 from .pipeline import RunResult, run
 from .plugins import get_plugins, get_registry
 from .recipe import apply_overrides, load_recipe, validate
-from .results import DepthRow, ModelInfo, RunResults
+from .results import ModelInfo, RunResults
 from .runtime import resolve_device
 from .train import TrainResult, train
 
@@ -93,9 +93,9 @@ def evaluate_depth(recipe: Recipe, checkpoints: list[str | Path], datasets: list
             cfg = cfg.model_copy(update={"options": {**cfg.options, "skip_missing": True}})
         ds = build_dataset(cfg, where=f"data.depth_eval.{k}")
         for _, loaded in loaded_models:
-            res = evaluate_depth_model(loaded.model, ds, recipe.depth_evaluation, device=device, progress=progress,
-                                       label=f"{loaded.spec.name}/{k} depth")
-            out.depth.append(DepthRow(model=loaded.spec.name, seed=recipe.seed, dataset=k, **res.to_dict()))
+            out.depth.append(evaluate_depth_model(loaded.model, ds, recipe.depth_evaluation, device=device,
+                                                  progress=progress, label=f"{loaded.spec.name}/{k} depth",
+                                                  model_name=loaded.spec.name, seed=recipe.seed, dataset_name=k))
     return out
 
 

@@ -11,7 +11,6 @@ the spread of the scale ratios are reported with them.
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -23,22 +22,7 @@ from .config import DepthEvaluationConfig
 from .errors import MtkitError
 from .metrics import DEPTH_METRICS, evaluate_depth
 from .progress import progress_bar
-
-
-@dataclass
-class DepthResult:
-    """Depth metrics of one model on one set: the mean of each metric over images, the scale ratios' median and
-    standard deviation relative to that median (monodepth2's 'std'), images evaluated and split lines skipped."""
-
-    metrics: dict[str, float]
-    images: int
-    skipped: int = 0
-    scale_median: float | None = None
-    scale_std: float | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from .results import DepthRow
 
 
 def resize_depth(depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -55,7 +39,8 @@ def _collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
 
 def evaluate_depth_model(model: nn.Module, dataset, settings: DepthEvaluationConfig | None = None,
                          batch_size: int | None = None, device: torch.device | str = "cpu", progress: bool = False,
-                         label: str = "depth") -> DepthResult:
+                         label: str = "depth", model_name: str = "", seed: int = 0, dataset_name: str = ""
+                         ) -> DepthRow:
     """Evaluate ``model.predict_depth`` (images in gray values → depth in metres) on ``dataset`` (samples with
     ``image`` and native-size ``depth``; see ``mtkit.data.depth_gt``)."""
     settings = settings or DepthEvaluationConfig()
@@ -82,4 +67,6 @@ def evaluate_depth_model(model: nn.Module, dataset, settings: DepthEvaluationCon
     ratios = [m["scale"] for m in per_image]
     med = statistics.median(ratios) if settings.median_scaling else None
     std = statistics.pstdev([r / med for r in ratios]) if med else None
-    return DepthResult(metrics, len(per_image), getattr(dataset, "skipped", 0), med, std, settings.model_dump())
+    return DepthRow(model=model_name, seed=seed, dataset=dataset_name, metrics=metrics, images=len(per_image),
+                    skipped=getattr(dataset, "skipped", 0), scale_median=med, scale_std=std,
+                    settings=settings.model_dump())

@@ -173,9 +173,9 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                     log(f"[stage] {stage}")
                     loaded = loaded or load_model(tdir / "last.pt", device)
                     ds = build_dataset(recipe.data.depth_eval[key], where=f"data.depth_eval.{key}")
-                    res = evaluate_depth_model(loaded.model, ds, recipe.depth_evaluation, device=device,
-                                               progress=progress, label=f"{spec.name}/{key} depth")
-                    row = DepthRow(model=spec.name, seed=seed, dataset=key, **res.to_dict())
+                    row = evaluate_depth_model(loaded.model, ds, recipe.depth_evaluation, device=device,
+                                               progress=progress, label=f"{spec.name}/{key} depth",
+                                               model_name=spec.name, seed=seed, dataset_name=key)
                     atomic_write_text(dpath, row.model_dump_json())
                     ran.append(stage)
                 results.depth.append(row)

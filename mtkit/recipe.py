@@ -125,17 +125,18 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         if field is None:
             return []
         skip = typing.get_origin(field.annotation) is dict
-        cls = _model_in(field.annotation)
+        cls = model_in(field.annotation)
     if isinstance(cls, type) and issubclass(cls, BaseModel):
         return [f.alias or n for n, f in cls.model_fields.items() if n != "source"]
     return []
 
 
-def _model_in(annotation: Any) -> Any:
+def model_in(annotation: Any) -> Any:
+    """The pydantic model inside an annotation (``X``, ``X | None``, ``list[X]``, ``dict[str, X]``), or None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
-        found = _model_in(arg)
+        found = model_in(arg)
         if found is not None:
             return found
     return None

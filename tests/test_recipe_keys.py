@@ -5,7 +5,6 @@ fails ``test_every_schema_key_has_a_probe``, so a new key must come with its pro
 from __future__ import annotations
 
 import json
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from mtkit.data.transforms import Augment
 from mtkit.depth_eval import evaluate_depth_model
 from mtkit.evaluate import evaluation_sets
 from mtkit.pipeline import new_results, run_folder
-from mtkit.recipe import validate
+from mtkit.recipe import model_in, validate
 from mtkit.report import write_report
 from mtkit.runtime import resolve_device
 from mtkit.train import Trainer, train
@@ -103,15 +102,16 @@ class _DepthSet(torch.utils.data.Dataset):
         return {"image": torch.zeros(3, 32, 64), "depth": gt}
 
 
-def _depth_eval(r: Recipe, monkeypatch) -> Any:
+def _batch_sizes(module: str, monkeypatch) -> list:
+    """The batch sizes of the DataLoaders that ``module`` creates from now on."""
     sizes = []
     real = torch.utils.data.DataLoader
+    monkeypatch.setattr(f"{module}.DataLoader", lambda *a, **k: sizes.append(k.get("batch_size")) or real(*a, **k))
+    return sizes
 
-    def spy(*a, **k):
-        sizes.append(k.get("batch_size"))
-        return real(*a, **k)
 
-    monkeypatch.setattr("mtkit.depth_eval.DataLoader", spy)
+def _depth_eval(r: Recipe, monkeypatch) -> Any:
+    sizes = _batch_sizes("mtkit.depth_eval", monkeypatch)
     res = evaluate_depth_model(_Depth(), _DepthSet(), r.depth_evaluation)
     return res.metrics, res.scale_median, sizes
 
@@ -119,14 +119,7 @@ def _depth_eval(r: Recipe, monkeypatch) -> Any:
 def _robustness_rows(r: Recipe, trained, monkeypatch) -> Any:
     from mtkit.evaluate import evaluate_checkpoint
 
-    sizes = []
-    real = torch.utils.data.DataLoader
-
-    def spy(*a, **k):
-        sizes.append(k.get("batch_size"))
-        return real(*a, **k)
-
-    monkeypatch.setattr("mtkit.evaluate.DataLoader", spy)
+    sizes = _batch_sizes("mtkit.evaluate", monkeypatch)
     loaded = trained[0]
     out = evaluate_checkpoint(loaded, r, ["CS"], 0)
     return [(x.perturbation, x.level, round(x.miou, 6)) for x in out.robustness], sizes
@@ -285,20 +278,10 @@ def _schema_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
             continue
         key = f"{prefix}{field.alias or name}"
         keys.append(key)
-        inner = _inner_model(field.annotation)
+        inner = model_in(field.annotation)
         if inner is not None and inner.__name__ not in ("DatasetConfig", "ModelSpec"):
             keys += _schema_keys(inner, key + ".")
     return keys
-
-
-def _inner_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _inner_model(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def test_every_schema_key_has_a_probe():
