@@ -4,7 +4,6 @@ typed model, and builds it. Nothing below this module looks anything up by name.
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import timm
@@ -14,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .config import AugmentConfig, DatasetConfig, ModelConfig, Recipe
-from .errors import MtkitError, RecipeError
+from .errors import MtkitError, RecipeError, did_you_mean, value_problem
 from .models import MultiTaskNet
 from .models.backbones import TimmEncoder
 from .models.pose import PoseNet
@@ -45,14 +44,10 @@ def _options_error(exc: ValidationError, entry: Entry, where: str) -> str:
     for err in exc.errors():
         path = ".".join(str(p) for p in (where, *err["loc"]))
         if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            problems.append(f"unknown option '{path}' of {entry.kind} '{entry.name}'{hint} "
-                            f"(allowed: {', '.join(allowed) or 'none'})")
+            problems.append(f"unknown option '{path}' of {entry.kind} '{entry.name}'"
+                            f"{did_you_mean(str(err['loc'][-1]), allowed)} (allowed: {', '.join(allowed) or 'none'})")
         else:
-            got = err.get("input")
-            got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""
-            problems.append(f"key '{path}': {err['msg'].removeprefix('Value error, ')}{got_s}")
+            problems.append(value_problem(path, err))
     return "; ".join(problems)
 
 
@@ -65,8 +60,7 @@ def build_backbone(name: str, pretrained: bool | str = False, in_chans: int = 3,
         return registry.get("backbone", name)(name=name, pretrained=pretrained, in_chans=in_chans, **kwargs)
     if timm.is_model(name):
         return TimmEncoder(name, pretrained, in_chans, **kwargs)
-    close = difflib.get_close_matches(name, [*registry.names("backbone"), *timm.list_models()], n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    hint = did_you_mean(name, [*registry.names("backbone"), *timm.list_models()])
     raise MtkitError(f"unknown backbone '{name}': neither registered nor a timm model{hint} "
                      "(see mtkit list backbone and timm.list_models())")
 

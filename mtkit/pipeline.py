@@ -161,8 +161,7 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                     ev = evaluate_checkpoint(loaded, recipe, [key], seed, device, progress)
                     ev.write(epath)
                     ran.append(stage)
-                results.clean += ev.clean
-                results.robustness += ev.robustness
+                results.extend(ev)
             for key in recipe.data.depth_eval if "depth" in spec.tasks else ():
                 dpath = run_dir / "depth" / f"{spec.name}-s{seed}-{key}-{depth_hash(th, recipe, key)}.json"
                 stage = f"evaluate depth {spec.name} seed {seed} on {key}"

@@ -25,7 +25,6 @@ KNOWN_PROVIDERS = {
     ("perturbation", "segpgd"): "mtkit-attacks",
     ("perturbation", "uap"): "mtkit-attacks",
     ("perturbation", "corrupt_*"): "mtkit-corruptions",
-    ("perturbation", "cospgd"): "mtkit-attacks",
     ("task", "edges"): "mtkit-edges",
 }
 

@@ -9,7 +9,6 @@ including the options of registry entries (datasets, perturbations), which their
 from __future__ import annotations
 
 import copy
-import difflib
 import typing
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from .build import options_for
 from .config import Recipe
-from .errors import RecipeError
+from .errors import RecipeError, did_you_mean, value_problem
 from .plugins import get_registry
 from .tasks import BUILTIN_TASKS
 
@@ -150,16 +149,11 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         kind = err["type"]
         if kind == "extra_forbidden":
             known = _fields_at(Recipe, loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), known, n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            lines.append(f"unknown key '{path}'{hint} (allowed here: {', '.join(known)})")
+            lines.append(f"unknown key '{path}'{did_you_mean(str(loc[-1]), known)} (allowed here: {', '.join(known)})")
         elif kind == "missing":
             lines.append(f"missing required key '{path}'")
         else:
-            msg = err["msg"].removeprefix("Value error, ")
-            got = err.get("input")
-            got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""
-            lines.append(f"key '{path}': {msg}{got_s}")
+            lines.append(value_problem(path, err))
     head = f"{source}: invalid recipe: "
     return head + lines[0] if len(lines) == 1 else head + "; ".join(lines)
 

@@ -12,7 +12,6 @@ against that model when the recipe loads, with the same path-precise errors as e
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import inspect
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
-from .errors import MtkitError
+from .errors import MtkitError, did_you_mean
 
 KINDS = ("backbone", "head", "loss", "perturbation", "dataset", "task")
 
@@ -106,9 +105,7 @@ class Registry:
     def _unknown_message(self, kind: str, name: str) -> str:
         known = self.names(kind)
         msg = f"unknown {kind} '{name}'"
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        if close:
-            msg += f"; did you mean {' or '.join(repr(c) for c in close)}?"
+        msg += did_you_mean(name, known, cutoff=0.5)
         provider = next((dist for (k, pattern), dist in self.known_providers.items()
                          if k == kind and fnmatch.fnmatchcase(name, pattern)), None)
         if provider:

@@ -26,7 +26,7 @@ from .build import build_dataset, build_depth_loss, build_model, build_segmentat
 from .config import ModelSpec, Recipe
 from .data.stats import build_class_weights
 from .errors import CheckpointError, MtkitError, TrainingDiverged
-from .io import clean_stale_temporaries, run_lock
+from .io import run_lock
 from .metrics import confusion_on, miou
 from .metrics_log import MetricsLog, truncate_log
 from .models import MultiTaskNet
@@ -241,7 +241,6 @@ class Trainer:
             return self._fit(resume, overwrite)
 
     def _fit(self, resume: bool, overwrite: bool) -> TrainResult:
-        clean_stale_temporaries(self.run_dir)
         resumed = resume and self._resume()
         old = [p for p in (self.last_path, self.best_path, self.metrics_path, self.run_dir / "tensorboard")
                if p.exists()]

@@ -40,7 +40,7 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, items: list, load: Callable, size: tuple[int, int], train: bool,
                  augment: AugmentConfig | None, downscale: float = 1.0,
-                 content: Callable[[], str] | None = None) -> None:
+                 content: Callable[[], str] | None = None, skipped: int = 0) -> None:
         self.items = items
         self._content = content
         self.load = load
@@ -48,7 +48,7 @@ class SegmentationDataset(Dataset):
         self.train = train
         self.downscale = downscale
         self.aug = Augment(augment) if (train and augment is not None) else None
-        self.skipped = 0  # unreadable images left out (skip_bad_images)
+        self.skipped = skipped  # unreadable images left out (skip_bad_images)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -179,7 +179,6 @@ def labelled_folder(what: str, layout: str, image_dir: Path, label_dir: Path, pa
                                f"{int(np.flatnonzero(known[:255]).max())} or 255); is it a trainId image?")
         return to_image_tensor(read_image(img)), torch.from_numpy(lut[ids].astype(np.int64))
 
-    ds = SegmentationDataset(items, load, size, train, augment, downscale=downscale,
-                             content=lambda: file_list_key([lab for _, lab in items], lut.tobytes()))
-    ds.skipped = skipped
-    return ds
+    return SegmentationDataset(items, load, size, train, augment, downscale=downscale,
+                               content=lambda: file_list_key([lab for _, lab in items], lut.tobytes()),
+                               skipped=skipped)

@@ -47,8 +47,7 @@ def cityscapes(cfg: DatasetConfig, options: CityscapesOptions, train: bool = Fal
         "Cityscapes", CITYSCAPES_LAYOUT, root / "leftImg8bit" / cfg.split, gt_dir, "*/*_leftImg8bit.png",
         lambda img: gt_dir / img.parent.name / img.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"),
         cityscapes_lut(), cityscapes_known_ids(), (cfg.height, cfg.width), train, augment, cfg.limit,
-        options.downscale,
-        options.skip_bad_images)
+        options.downscale, options.skip_bad_images)
 
 
 @register("dataset", "kitti2015", options=Kitti2015Options)
@@ -60,5 +59,4 @@ def kitti2015(cfg: DatasetConfig, options: Kitti2015Options, train: bool = False
     return labelled_folder(
         "KITTI 2015", KITTI2015_LAYOUT, base / "image_2", base / "semantic", "*.png",
         lambda img: base / "semantic" / img.name, cityscapes_lut(), cityscapes_known_ids(), (cfg.height, cfg.width),
-        train, augment,
-        cfg.limit, skip_bad=options.skip_bad_images)
+        train, augment, cfg.limit, skip_bad=options.skip_bad_images)
