@@ -19,13 +19,20 @@ from .evaluate import evaluate_checkpoint, evaluation_sets, load_model
 from .export import export_segmenter
 from .pipeline import RunResult, run
 from .plugins import get_plugins, get_registry
+from .prepare import Prepared, prepare_recipe
 from .recipe import apply_overrides, load_recipe, validate
 from .results import ModelInfo, RunResults
 from .runtime import resolve_device
 from .train import TrainResult, train
 
-__all__ = ["Recipe", "RunResult", "RunResults", "TrainResult", "bench", "evaluate", "evaluate_depth", "export_onnx",
-           "list_entries", "load_recipe", "run", "train", "with_overrides"]
+__all__ = ["Prepared", "Recipe", "RunResult", "RunResults", "TrainResult", "bench", "evaluate", "evaluate_depth",
+           "export_onnx", "list_entries", "load_recipe", "prepare", "run", "train", "with_overrides"]
+
+
+def prepare(recipe: Recipe, workers: int | None = None, skip_bad: bool = False, force: bool = False,
+            progress: bool = True, log=print) -> list[Prepared]:
+    """Decode the recipe's datasets into the prepared cache (reused while sources and sizes are unchanged)."""
+    return prepare_recipe(recipe, workers, skip_bad, force, progress, log)
 
 
 def list_entries(kind: str | None = None) -> list[dict[str, str]]:

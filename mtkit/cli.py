@@ -82,9 +82,10 @@ def list_cmd(kind: str | None) -> None:
 @click.option("--force", is_flag=True, help="rerun every stage, ignoring cached results")
 @click.option("--seeds", help="comma-separated seeds to repeat the run with, e.g. 0,1,2")
 @click.option("--out", "out_dir", type=click.Path(), help="run folder (default <output_dir>/<name>)")
+@click.option("--skip-bad", is_flag=True, help="prepare: leave out unreadable source files instead of stopping")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 def run(recipe: str, overrides: tuple[str, ...], force: bool, seeds: str | None, out_dir: str | None,
-        no_progress: bool) -> None:
+        skip_bad: bool, no_progress: bool) -> None:
     """Run the whole protocol of RECIPE: train, evaluate, sweep perturbations, report."""
     from . import api
     from .io import ensure_writable_dir
@@ -95,12 +96,38 @@ def run(recipe: str, overrides: tuple[str, ...], force: bool, seeds: str | None,
     ensure_writable_dir(out_dir or run_folder(r), "run folder")
     _warn_plugin_failures()
     res = api.run(r, force=force, seeds=_seeds(seeds), progress=not no_progress, run_dir=out_dir,
-                  log=lambda m: console.print(m, markup=False))
+                  log=lambda m: console.print(m, markup=False), skip_bad=skip_bad)
     for t in [*rich_tables(res.results), *depth_table(res.results)]:
         console.print(t)
     console.print(f"stages run: {len(res.stages_run)}, cached: {len(res.stages_cached)}, "
                   f"{res.results.seconds:.0f} s")
     console.print(f"report: {res.paths['report']}")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path())
+@override_opt
+@click.option("--workers", type=int, help="decoding processes (default data.num_workers, or one per core)")
+@click.option("--skip-bad", is_flag=True, help="leave out unreadable source files (counted in the manifest) "
+              "instead of stopping")
+@click.option("--force", is_flag=True, help="prepare again even where the cache is up to date")
+@click.option("--no-progress", is_flag=True)
+def prepare(recipe: str, overrides: tuple[str, ...], workers: int | None, skip_bad: bool, force: bool,
+            no_progress: bool) -> None:
+    """Decode RECIPE's datasets once into the prepared cache (the first stage of run; train and eval read it)."""
+    from . import api
+
+    r = _recipe(recipe, overrides)
+    table = Table(title="prepared datasets")
+    for col in ("dataset", "samples", "size", "skipped", "images/s", "state", "folder"):
+        table.add_column(col)
+    for p in api.prepare(r, workers=workers, skip_bad=skip_bad, force=force, progress=not no_progress,
+                         log=lambda m: console.print(m, markup=False)):
+        m = p.manifest
+        table.add_row(p.key, str(m.count), f"{m.size[1]}x{m.size[0]}", str(len(m.skipped)),
+                      "" if p.cached else f"{m.images_per_s:.0f}", "cached" if p.cached else f"prepared ({p.reason})",
+                      escape(str(p.folder)))
+    console.print(table)
 
 
 @cli.command()

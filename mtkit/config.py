@@ -51,7 +51,9 @@ class DataConfig(Strict):
     depth_eval: dict[str, DatasetConfig] = Field(
         default_factory=dict, description="key (e.g. Eigen) -> dataset with ground-truth depth, for multi-task models")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | None = Field(None, ge=0, description="loader and prepare processes; null: one per core")
+    pin_memory: bool | Literal["auto"] = Field("auto", description="auto: on when training on a GPU")
+    persistent_workers: bool = Field(True, description="keep loader workers alive between epochs")
 
 
 class ModelConfig(Strict):

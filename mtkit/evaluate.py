@@ -16,12 +16,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .build import build_dataset, build_model, build_perturbations, build_segmentation_loss
+from .build import build_model, build_perturbations, build_segmentation_loss
 from .checkpoint import load_checkpoint
 from .config import ModelSpec, Recipe
 from .errors import CheckpointError, MtkitError
 from .metrics import confusion_matrix, iou_per_class, miou, q_ratio
 from .perturbations import AttackContext, Perturbation
+from .prepare import prepared_dataset
 from .progress import progress_bar
 from .recipe import validate
 from .results import CleanRow, ModelInfo, ResultRow, RunResults, Spread
@@ -181,7 +182,7 @@ def evaluate_checkpoint(loaded: LoadedModel, recipe: Recipe, datasets: list[str]
     out = RunResults(seeds=[seed], models={name: ModelInfo(tasks=loaded.spec.tasks, lam=loaded.spec.lam,
                                                              checkpoint=checkpoint)})
     for key in datasets:
-        ds = build_dataset(recipe.data.eval[key], where=f"data.eval.{key}")
+        ds = prepared_dataset(recipe, f"data.eval.{key}", progress)
         sweep = robustness_sweep(loaded.segmenter, ds, perts, rob.epsilons, recipe.model.num_classes,
                                  loaded.class_weights, rob.batch_size, seed, device, progress,
                                  label=f"{name}/{key}", loss=loss, model_name=name, dataset_name=key)

@@ -1,5 +1,5 @@
-"""``mtkit run``: the paper's protocol as stages (train each model, evaluate clean + sweep perturbations on each
-evaluation set, report), each cached by a hash of the config that shapes it.
+"""``mtkit run``: the paper's protocol as stages (prepare the data, train each model, evaluate clean + sweep
+perturbations on each evaluation set, report), each cached by a hash of the config that shapes it.
 
 Re-running skips finished stages; a changed key reruns only the stages that depend on it; ``force`` reruns all.
 An interrupted training stage resumes from its last checkpoint, an interrupted evaluation reruns only the
@@ -28,8 +28,9 @@ from .errors import DatasetError
 from .evaluate import evaluate_checkpoint, evaluation_sets, load_model
 from .io import atomic_write_text
 from .plugins import get_plugins
+from .prepare import prepare_recipe
 from .report import save_report
-from .results import DepthRow, ModelInfo, RunResults, strict
+from .results import DataRow, DepthRow, ModelInfo, RunResults, strict
 from .runtime import resolve_device
 from .train import train
 
@@ -115,8 +116,9 @@ def new_results(recipe: Recipe, seeds: list[int], device: str) -> RunResults:
 
 
 def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, progress: bool = True,
-        run_dir: str | Path | None = None, log=print) -> RunResult:
-    """Run every stage of ``recipe`` into ``run_dir`` (default ``<output_dir>/<name>``)."""
+        run_dir: str | Path | None = None, log=print, skip_bad: bool = False) -> RunResult:
+    """Run every stage of ``recipe`` into ``run_dir`` (default ``<output_dir>/<name>``): prepare the data, train,
+    evaluate, report. ``skip_bad`` leaves unreadable source files out of the prepared data (counted)."""
     seeds = seeds or recipe.run_seeds()
     run_dir = Path(run_dir or run_folder(recipe))
     check_datasets(recipe)
@@ -126,6 +128,12 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
     ran, cached = [], []
     results = new_results(recipe, seeds, str(device))
     started = time.perf_counter()
+    for p in prepare_recipe(recipe, skip_bad=skip_bad, force=force, progress=progress, log=log):
+        (cached if p.cached else ran).append(f"prepare {p.key}")
+        m = p.manifest
+        results.data.append(DataRow(key=p.key, name=m.dataset["name"], split=m.dataset["split"], samples=m.count,
+                                    height=m.size[0], width=m.size[1], skipped=len(m.skipped),
+                                    skipped_items=m.skipped[:20], folder=str(p.folder)))
     for seed in seeds:
         for spec in recipe.models:
             th = train_hash(recipe, spec, seed)

@@ -98,6 +98,20 @@ class DepthRow(Record):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
+class DataRow(Record):
+    """One prepared dataset a run read: how many samples, at which size, and the source items left out."""
+
+    key: str
+    name: str
+    split: str
+    samples: int
+    height: int
+    width: int
+    skipped: int = 0
+    skipped_items: list[str] = Field(default_factory=list, description="the first unreadable sources left out")
+    folder: str
+
+
 class ModelInfo(Record):
     tasks: list[str]
     lam: float = Field(alias="lambda")
@@ -116,6 +130,7 @@ class RunResults(Record):
     clean: list[CleanRow] = Field(default_factory=list)
     robustness: list[ResultRow] = Field(default_factory=list)
     depth: list[DepthRow] = Field(default_factory=list)
+    data: list[DataRow] = Field(default_factory=list)
     training: list[dict[str, Any]] = Field(default_factory=list)
     environment: dict[str, Any] = Field(default_factory=dict)
     seconds: float | None = None

@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .errors import MtkitError
 from .runtime import Dist
@@ -28,14 +28,25 @@ def epoch_batches(n: int, batch: int, steps: int, seed: int, epoch: int, d: Dist
     return [out[i * local:(i + 1) * local] for i in range(steps)]
 
 
-def batch_loader(dataset, batches: list[list[int]], workers: int, seed: int, pin_memory: bool = False
-                 ) -> Iterator[dict[str, torch.Tensor]]:
-    """The batches, loaded by ``workers`` processes; a user error raised in a worker (a corrupt image) surfaces as
-    its own one-line message, not as the worker's traceback."""
-    # a private generator: creating the iterator must not draw from the global RNG (exact resume)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
-                        generator=torch.Generator().manual_seed(seed))
-    return unwrap_worker_errors(iter(loader))
+class EpochLoader:
+    """One DataLoader for a whole training run: each epoch hands it that epoch's batches of keys (``epoch``), so
+    ``persistent_workers`` keeps the worker processes between epochs. A user error raised in a worker (a corrupt
+    file) surfaces as its own one-line message, not as the worker's traceback."""
+
+    def __init__(self, dataset: Dataset, workers: int, pin_memory: bool = False, persistent: bool = True) -> None:
+        self.batches: list[list] = []
+        self.loader = DataLoader(dataset, batch_sampler=self, num_workers=workers, pin_memory=pin_memory,
+                                 persistent_workers=persistent and workers > 0)
+
+    def __iter__(self) -> Iterator[list]:  # the batch sampler: the current epoch's batches
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, batches: list[list]) -> Iterator[dict[str, torch.Tensor]]:
+        self.batches = batches
+        return unwrap_worker_errors(iter(self.loader))
 
 
 def unwrap_worker_errors(iterator: Iterator) -> Iterator:

@@ -22,8 +22,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from .build import build_dataset, build_depth_loss, build_model, build_segmentation_loss
-from .config import ModelSpec, Recipe
+from .build import build_depth_loss, build_model, build_segmentation_loss
+from .config import ModelSpec, Recipe, config_hash
+from .data.augment import AugmentParams, augment_segmentation, augment_video, draw_params
+from .data.cache import CachedSegmentation, CachedVideo, training_keys
 from .data.stats import build_class_weights
 from .errors import CheckpointError, MtkitError, TrainingDiverged
 from .io import run_lock
@@ -31,9 +33,10 @@ from .metrics import confusion_on, miou
 from .metrics_log import MetricsLog, truncate_log
 from .models import MultiTaskNet
 from .plugins import get_plugins
+from .prepare import default_workers, prepared_dataset
 from .progress import progress_bar
 from .runtime import init_distributed, resolve_device, seed_everything
-from .sampling import batch_loader, epoch_batches
+from .sampling import EpochLoader, epoch_batches
 
 
 @dataclass
@@ -80,11 +83,10 @@ class Trainer:
     def _setup(self) -> None:
         r = self.recipe
         seed_everything(self.seed)
-        self.seg_train = build_dataset(r.data.segmentation, train=True, augment=r.data.augment,
-                                       where="data.segmentation")
-        self.seg_val = build_dataset(r.data.segmentation_val, train=False, where="data.segmentation_val")
-        self.depth_train = build_dataset(r.data.depth, train=True, augment=r.data.augment, where="data.depth") \
-            if self.multitask else None
+        log = print if self.dist.main and self.show_progress else (lambda *_: None)
+        self.seg_train = prepared_dataset(r, "data.segmentation", self.show_progress, log)
+        self.seg_val = prepared_dataset(r, "data.segmentation_val", self.show_progress, log)
+        self.depth_train = prepared_dataset(r, "data.depth", self.show_progress, log) if self.multitask else None
         if len(self.seg_train) < self.seg_batch:
             raise MtkitError(f"the segmentation training set has {len(self.seg_train)} samples, fewer than one "
                              f"batch of {self.seg_batch}")
@@ -175,6 +177,26 @@ class Trainer:
         ckpt.set_rng_state(data["rng"])
         return True
 
+    # ----------------------------------------------------------------------------------------- the data
+    def epoch_plan(self, dataset: CachedSegmentation | CachedVideo, batches: list[list[int]], stream: int
+                   ) -> tuple[list[list], AugmentParams]:
+        """This epoch's loader keys (training crops at drawn offsets) and augmentation parameters, drawn from a
+        generator seeded by (seed, epoch, rank, stream): known in advance, so a resumed run draws the same."""
+        g = torch.Generator().manual_seed(int(config_hash(self.seed, self.epoch, self.dist.rank, stream), 16))
+        params = draw_params(self.recipe.data.augment, sum(map(len, batches)), g)
+        return training_keys(dataset, batches, g), params
+
+    def augment(self, seg: dict[str, torch.Tensor], dep: dict[str, torch.Tensor] | None, seg_p: AugmentParams,
+                dep_p: AugmentParams | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """A loaded uint8 batch moved to the device and augmented there (flip and colour jitter per sample)."""
+        dev = self.device
+        out = augment_segmentation(seg["image"].to(dev, non_blocking=True), seg["label"].to(dev, non_blocking=True),
+                                   seg_p)
+        if dep is None or dep_p is None:
+            return out, None
+        return out, augment_video(dep["frames"].to(dev, non_blocking=True), dep["K"].to(dev, non_blocking=True),
+                                  dep_p)
+
     # ----------------------------------------------------------------------------------------- one step
     def train_step(self, seg: dict[str, torch.Tensor], dep: dict[str, torch.Tensor] | None) -> dict[str, float]:
         """One optimisation step on a segmentation batch and (multi-task) a video batch; the loss terms."""
@@ -260,23 +282,31 @@ class Trainer:
         hooks = get_plugins().hook
         total_steps = t.epochs * self.steps_per_epoch
         images_per_step = self.seg_batch + self.depth_batch
+        d = self.recipe.data
+        workers = default_workers(d.num_workers)
+        pin = d.pin_memory if d.pin_memory != "auto" else self.device.type == "cuda"
+        seg_loader = EpochLoader(self.seg_train, workers, pin, d.persistent_workers)
+        dep_loader = EpochLoader(self.depth_train, workers, pin, d.persistent_workers) \
+            if self.depth_train is not None else None
         self.model.train()
         with progress_bar(self.show_progress and self.dist.main, total_steps, self.spec.name, self.step) as advance:
             while self.epoch < t.epochs:
                 seg_b = epoch_batches(len(self.seg_train), self.seg_batch, self.steps_per_epoch, self.seed, self.epoch,
-                                 self.dist)
-                dep_b = epoch_batches(len(self.depth_train), self.depth_batch, self.steps_per_epoch, self.seed + 7919,
-                                 self.epoch, self.dist) if self.depth_train is not None else None
+                                      self.dist)
+                seg_keys, seg_p = self.epoch_plan(self.seg_train, seg_b, 0)
+                dep_keys, dep_p = self.epoch_plan(self.depth_train, epoch_batches(
+                    len(self.depth_train), self.depth_batch, self.steps_per_epoch, self.seed + 7919, self.epoch,
+                    self.dist), 1) if self.depth_train is not None else (None, None)
                 skip = self.step_in_epoch
-                workers = self.recipe.data.num_workers
-                loader_seed = self.seed * 100003 + self.epoch * 1009
-                seg_it = batch_loader(self.seg_train, seg_b[skip:], workers, loader_seed)
-                dep_it = batch_loader(self.depth_train, dep_b[skip:], workers, loader_seed + 1) \
-                    if dep_b is not None else None
+                seg_it = seg_loader.epoch(seg_keys[skip:])
+                dep_it = dep_loader.epoch(dep_keys[skip:]) if dep_loader is not None and dep_keys else None
                 sums: dict[str, float] = {}
                 tick = time.perf_counter()
-                for seg in seg_it:
-                    dep = next(dep_it) if dep_it is not None else None
+                for k, seg_raw in enumerate(seg_it, start=skip):
+                    ls, ld = self.seg_batch // self.dist.world, self.depth_batch // self.dist.world
+                    seg, dep = self.augment(seg_raw, next(dep_it) if dep_it is not None else None,
+                                            seg_p[k * ls:(k + 1) * ls],
+                                            dep_p[k * ld:(k + 1) * ld] if dep_p is not None else None)
                     terms = self.train_step(seg, dep)
                     self.step += 1
                     self.step_in_epoch += 1

@@ -28,6 +28,7 @@ def tiny_recipe(**over: Any) -> dict[str, Any]:
                            "options": {"domain": "drive", **syn}}},
             "depth_eval": {"Eigen": {"name": "synthetic_depth", "split": "test", **size, "limit": 4,
                                      "options": {"domain": "drive", **syn}}},
+            "num_workers": 0,
         },
         "train": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "seg_batch_size": 2, "depth_batch_size": 2,
                   "log_every": 1},

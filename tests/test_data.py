@@ -1,20 +1,17 @@
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from mtkit.build import build_dataset
-from mtkit.config import AugmentConfig, DatasetConfig
+from mtkit.config import DatasetConfig
 from mtkit.data import layouts, synthetic
 from mtkit.data.kitti import parse_split_file
 from mtkit.data.labels import labelids_to_trainids
 from mtkit.data.stats import class_weights
 from mtkit.data.synthetic_sets import synthetic_arrays
-from mtkit.data.transforms import Augment, augment_segmentation, augment_triplet
 from mtkit.errors import DatasetError, RecipeError
 
 
@@ -74,16 +71,13 @@ def test_cityscapes_layout_roundtrip(tmp_path, city):
     assert item["image"].shape == (3, 64, 128) and item["label"].dtype == torch.int64
     assert torch.equal(item["label"], torch.from_numpy(city["labels"][3].astype(np.int64)))
     assert torch.allclose(item["image"], torch.from_numpy(city["images"][3]).permute(2, 0, 1).float())
-    # training: downscale by 2, then random crop to the configured size
+    # training form: downscaled by 2 (the crops are cut from the prepared cache)
     train = build_dataset(DatasetConfig(name="cityscapes", root=str(tmp_path), split="train", height=24, width=48),
-                          train=True, augment=None)
-    random.seed(0)
-    sample = train[0]
-    assert sample["image"].shape == (3, 24, 48) and sample["label"].shape == (24, 48)
+                          train=True)
+    image, label = train.stored(train.items[0])
     half = torch.nn.functional.interpolate(torch.from_numpy(city["labels"][0].astype(np.float32))[None, None],
                                            size=(32, 64), mode="nearest")[0, 0].long()
-    found = any(torch.equal(half[y:y + 24, x:x + 48], sample["label"]) for y in range(9) for x in range(17))
-    assert found
+    assert image.shape == (3, 32, 64) and train.stored_size() == (32, 64) and torch.equal(label, half)
 
 
 def test_cityscapes_errors(tmp_path, city):
@@ -163,36 +157,6 @@ def test_kitti2015_layout(tmp_path, drive):
     assert torch.equal(ds[4]["label"], torch.from_numpy(drive["labels"][4].astype(np.int64)))
     with pytest.raises(DatasetError, match="image_2.*Expected layout"):
         build_dataset(DatasetConfig(name="kitti2015", root=str(tmp_path / "x"), split="test"))
-
-
-def test_triplet_augmentation_is_consistent():
-    torch.manual_seed(0)
-    base = torch.rand(3, 16, 24) * 255
-    frames = torch.stack([base, base, base])
-    k = torch.eye(4)
-    k[0, 2] = 10.0
-    aug = Augment(AugmentConfig(), random.Random(1))
-    flips = 0
-    for _ in range(8):
-        out, raw, k2 = augment_triplet(frames, k, aug)
-        assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])  # same parameters for every frame
-        flipped = torch.equal(raw[0], base.flip(-1))
-        assert flipped or torch.equal(raw[0], base)  # raw frames: no colour change
-        assert not torch.allclose(out[1], raw[1])  # the network sees jittered colours
-        assert k2[0, 2].item() == pytest.approx(23 - 10 if flipped else 10)
-        flips += flipped
-    assert 0 < flips < 8
-
-
-def test_segmentation_augmentation_keeps_labels_aligned():
-    torch.manual_seed(0)
-    image = torch.zeros(3, 8, 10)
-    image[:, :, :3] = 255
-    label = (image[0] > 0).long()
-    aug = Augment(AugmentConfig(brightness=0, contrast=0, saturation=0, hue=0), random.Random(0))
-    for _ in range(6):
-        img, lab = augment_segmentation(image, label, aug)
-        assert torch.equal((img[0] > 127).long(), lab)
 
 
 def test_class_weights_are_cached_by_the_labels_content(tmp_path, city, monkeypatch):

@@ -22,16 +22,23 @@ export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
 unset PIP_FIND_LINKS PIP_EXTRA_INDEX_URL PIP_NO_INDEX || true
 editables=(-e "$repo[test]")
 for p in "${plugins[@]}"; do editables+=(-e "$p"); done
+# Run a pip step silently; on failure show its whole output (build backends print pages of warnings otherwise).
+quiet() {
+  local log
+  log="$(mktemp)"
+  "$@" >"$log" 2>&1 || { cat "$log" >&2; rm -f "$log"; exit 1; }
+  rm -f "$log"
+}
 if [ ! -f "$venv/.complete" ]; then
   echo "mtkit: building the environment in $venv (first time only: ~1-2 min, ~5 GB)" >&2
   start=$(date +%s)
   rm -rf "$venv"
   mkdir -p "$root"
   "$py" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -c "$repo/constraints.txt" setuptools wheel
-  "$venv/bin/python" -m pip install -q -c "$repo/constraints.txt" "${editables[@]}"
-  "$venv/bin/python" -m pip install -q --no-deps -c "$repo/constraints.txt" torchattacks
+  quiet "$venv/bin/python" -m pip install -q --upgrade pip
+  quiet "$venv/bin/python" -m pip install -q -c "$repo/constraints.txt" setuptools wheel
+  quiet "$venv/bin/python" -m pip install -q -c "$repo/constraints.txt" "${editables[@]}"
+  quiet "$venv/bin/python" -m pip install -q --no-deps -c "$repo/constraints.txt" torchattacks
   touch "$venv/.complete"
   echo "mtkit: environment ready in $(( $(date +%s) - start )) s" >&2
 fi
@@ -53,10 +60,7 @@ for name, path in wanted.items():
 EOF
 then
   echo "mtkit: pointing the environment's editable installs at $repo" >&2
-  log="$(mktemp)"
-  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation "${editables[@]}" >"$log" 2>&1 \
-    || { cat "$log" >&2; rm -f "$log"; exit 1; }
-  rm -f "$log"
+  quiet "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation "${editables[@]}"
 fi
 export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv"
 cd "$repo"

@@ -2,29 +2,28 @@
 
 Samples are dicts of tensors in gray values 0..255:
 - segmentation: ``image`` (3, H, W) float, ``label`` (H, W) int64 trainIds (255 void);
-- video (depth): ``frames`` (3, 3, H, W) colour-augmented [x_{t-1}, x_t, x_{t+1}], ``frames_raw`` the same
-  without colour augmentation (for the photometric loss), ``K`` (4, 4) at (H, W); ``depth`` (H, W) when known.
+- video (depth): ``frames`` (3, 3, H, W) [x_{t-1}, x_t, x_{t+1}], ``K`` (4, 4) at (H, W); ``depth`` (H, W) when
+  known.
 
 Every loader is a builder ``build(cfg, options, train, augment)`` in the ``dataset`` registry, with its options
-declared as a pydantic model (``DatasetOptions``) that the recipe validates when it loads.
+declared as a pydantic model (``DatasetOptions``) that the recipe validates when it loads. These datasets are the
+sources of the prepared cache (``data.cache``): training augmentation happens on the device (``data.augment``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch.utils.data import Dataset
 
-from ..config import AugmentConfig
 from ..errors import DatasetError
 from .common import image_is_readable, read_image, require_dir, resize_image, resize_label, to_image_tensor
-from .transforms import Augment, augment_segmentation, augment_triplet
 
 
 class DatasetOptions(BaseModel):
@@ -34,42 +33,66 @@ class DatasetOptions(BaseModel):
 
 
 class SegmentationDataset(Dataset):
-    """Images and labels from a list of loaders; resize (eval) or downscale + random crop (train)."""
+    """Images and labels from a list of loaders, at their stored size: the evaluation size, or for training the
+    image downscaled by ``downscale`` (at least the crop ``size``), from which training crops are cut.
+
+    ``mtkit prepare`` decodes every item once into the cache (``data.cache``); training and evaluation read there.
+    Indexing this source directly decodes the files (the raw path, for tools and benchmarks)."""
 
     task = "segmentation"
 
-    def __init__(self, items: list, load: Callable, size: tuple[int, int], train: bool,
-                 augment: AugmentConfig | None, downscale: float = 1.0,
-                 content: Callable[[], str] | None = None, skipped: int = 0) -> None:
+    def __init__(self, items: list, load: Callable, size: tuple[int, int], train: bool, downscale: float = 1.0,
+                 content: Callable[[], str] | None = None, skipped: int = 0,
+                 files: Callable[[], list[Path]] | None = None) -> None:
         self.items = items
         self._content = content
+        self._files = files
         self.load = load
         self.size = size
         self.train = train
         self.downscale = downscale
-        self.aug = Augment(augment) if (train and augment is not None) else None
         self.skipped = skipped  # unreadable images left out (skip_bad_images)
+        self._stored_size: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        image, label = self.load(self.items[i])
+    def stored(self, item: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """An item decoded and sized as it is stored: float (3, H, W) gray values and int64 (H, W) labels."""
+        image, label = self.load(item)
         h, w = self.size
         if self.train:
             if self.downscale != 1.0:
-                sh, sw = round(image.shape[-2] / self.downscale), round(image.shape[-1] / self.downscale)
-                image, label = resize_image(image, (sh, sw)), resize_label(label, (sh, sw))
+                size = (round(image.shape[-2] / self.downscale), round(image.shape[-1] / self.downscale))
+                image, label = resize_image(image, size), resize_label(label, size)
             if image.shape[-2] < h or image.shape[-1] < w:
                 image, label = resize_image(image, (h, w)), resize_label(label, (h, w))
-            y0 = random.randint(0, image.shape[-2] - h)
-            x0 = random.randint(0, image.shape[-1] - w)
-            image, label = image[:, y0:y0 + h, x0:x0 + w], label[y0:y0 + h, x0:x0 + w]
-            if self.aug is not None:
-                image, label = augment_segmentation(image, label, self.aug)
         else:
             image, label = resize_image(image, (h, w)), resize_label(label, (h, w))
+        if self._stored_size is not None and tuple(image.shape[-2:]) != self._stored_size:
+            image, label = resize_image(image, self._stored_size), resize_label(label, self._stored_size)
+        return image, label
+
+    def stored_size(self) -> tuple[int, int]:
+        """The size every item is stored at: the first item's (training images of another size are resized)."""
+        if self._stored_size is None:
+            self._stored_size = tuple(self.stored(self.items[0])[0].shape[-2:])  # type: ignore[assignment]
+        return self._stored_size  # type: ignore[return-value]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image, label = self.stored(self.items[i])
         return {"image": image.contiguous(), "label": label.contiguous()}
+
+    def describe(self, item: Any) -> str:
+        return str(item[0]) if isinstance(item, tuple) else f"item {item}"
+
+    def files(self) -> list[Path]:
+        """The source files (their sizes and mtimes key the prepared cache)."""
+        return self._files() if self._files is not None else []
+
+    def content_extra(self) -> str:
+        """What else the items are made of (generated arrays, a label mapping)."""
+        return self._content() if self._content is not None else repr(self.items)
 
     def content_key(self) -> str:
         """A hash of what the labels are made of (files with sizes and mtimes, or generated arrays, and the label
@@ -86,39 +109,58 @@ class SegmentationDataset(Dataset):
 
 
 class VideoDataset(Dataset):
-    """Triplets [t-1, t, t+1] resized to (H, W) with intrinsics scaled accordingly."""
+    """Triplets [t-1, t, t+1] resized to (H, W) with intrinsics scaled accordingly.
+
+    ``frame_keys(item)`` names the three frames (a frame shared by neighbouring triplets is decoded and stored
+    once), ``read_frame(key)`` decodes one as float (3, H0, W0), ``meta(item)`` gives the normalized intrinsics and
+    the depth (or None)."""
 
     task = "depth"
 
-    def __init__(self, items: list, load: Callable, size: tuple[int, int], train: bool,
-                 augment: AugmentConfig | None, dropped: int = 0) -> None:
+    def __init__(self, items: list, frame_keys: Callable[[Any], Sequence[Hashable]],
+                 read_frame: Callable[[Any], torch.Tensor], meta: Callable[[Any], tuple[np.ndarray, Any]],
+                 size: tuple[int, int], dropped: int = 0, files: Callable[[], list[Path]] | None = None,
+                 content: Callable[[], str] | None = None) -> None:
         self.items = items
-        self.load = load
+        self.frame_keys = frame_keys
+        self.read_frame = read_frame
+        self._meta = meta
         self.size = size
-        self.aug = Augment(augment) if (train and augment is not None) else None
         self.dropped = dropped  # split lines without both neighbour frames
+        self._files = files
+        self._content = content
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        frames, k_norm, depth = self.load(self.items[i])
+    def frame(self, key: Hashable) -> torch.Tensor:
+        return resize_image(self.read_frame(key), self.size)
+
+    def meta(self, item: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """Pixel intrinsics (4, 4) at (H, W) and the depth at (H, W) (nearest), or None."""
+        k_norm, depth = self._meta(item)
         h, w = self.size
-        frames = resize_image(frames, (h, w))
-        k = torch.eye(4)
-        k[0, :3] = torch.as_tensor(k_norm[0, :3]) * w
-        k[1, :3] = torch.as_tensor(k_norm[1, :3]) * h
-        if self.aug is not None:
-            aug_frames, raw, k = augment_triplet(frames, k, self.aug)
-            flipped = raw is not frames
-        else:
-            aug_frames, raw, flipped = frames, frames, False
-        out = {"frames": aug_frames.contiguous(), "frames_raw": raw.contiguous(), "K": k}
+        k = np.eye(4, dtype=np.float32)
+        k[0, :3] = np.asarray(k_norm)[0, :3] * w
+        k[1, :3] = np.asarray(k_norm)[1, :3] * h
         if depth is not None:
-            d = torch.as_tensor(depth)
-            d = torch.nn.functional.interpolate(d[None, None], size=(h, w), mode="nearest")[0, 0]
-            out["depth"] = d.flip(-1) if flipped else d
+            d = torch.as_tensor(np.asarray(depth, dtype=np.float32))
+            depth = torch.nn.functional.interpolate(d[None, None], size=(h, w), mode="nearest")[0, 0].numpy()
+        return k, depth
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.items[i]
+        k, depth = self.meta(item)
+        out = {"frames": torch.stack([self.frame(key) for key in self.frame_keys(item)]), "K": torch.from_numpy(k)}
+        if depth is not None:
+            out["depth"] = torch.from_numpy(depth)
         return out
+
+    def files(self) -> list[Path]:
+        return self._files() if self._files is not None else []
+
+    def content_extra(self) -> str:
+        return self._content() if self._content is not None else repr(self.items)
 
 
 def normalized_intrinsics(k: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -142,8 +184,7 @@ def file_list_key(paths: list[Path], *extra: object) -> str:
 
 def labelled_folder(what: str, layout: str, image_dir: Path, label_dir: Path, pattern: str,
                     label_name: Callable[[Path], Path], lut: np.ndarray, known: np.ndarray,
-                    size: tuple[int, int], train: bool,
-                    augment: AugmentConfig | None, limit: int | None, downscale: float = 1.0,
+                    size: tuple[int, int], train: bool, limit: int | None, downscale: float = 1.0,
                     skip_bad: bool = False) -> SegmentationDataset:
     """A segmentation set of image files and label files of labelIds (mapped to trainIds by ``lut``): the one
     loader behind Cityscapes and KITTI 2015. ``label_name`` maps an image path to its label path; a label id that
@@ -179,6 +220,6 @@ def labelled_folder(what: str, layout: str, image_dir: Path, label_dir: Path, pa
                                f"{int(np.flatnonzero(known[:255]).max())} or 255); is it a trainId image?")
         return to_image_tensor(read_image(img)), torch.from_numpy(lut[ids].astype(np.int64))
 
-    return SegmentationDataset(items, load, size, train, augment, downscale=downscale,
+    return SegmentationDataset(items, load, size, train, downscale=downscale,
                                content=lambda: file_list_key([lab for _, lab in items], lut.tobytes()),
-                               skipped=skipped)
+                               skipped=skipped, files=lambda: [p for item in items for p in item])

@@ -46,7 +46,7 @@ def cityscapes(cfg: DatasetConfig, options: CityscapesOptions, train: bool = Fal
     return labelled_folder(
         "Cityscapes", CITYSCAPES_LAYOUT, root / "leftImg8bit" / cfg.split, gt_dir, "*/*_leftImg8bit.png",
         lambda img: gt_dir / img.parent.name / img.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"),
-        cityscapes_lut(), cityscapes_known_ids(), (cfg.height, cfg.width), train, augment, cfg.limit,
+        cityscapes_lut(), cityscapes_known_ids(), (cfg.height, cfg.width), train, cfg.limit,
         options.downscale, options.skip_bad_images)
 
 
@@ -59,4 +59,4 @@ def kitti2015(cfg: DatasetConfig, options: Kitti2015Options, train: bool = False
     return labelled_folder(
         "KITTI 2015", KITTI2015_LAYOUT, base / "image_2", base / "semantic", "*.png",
         lambda img: base / "semantic" / img.name, cityscapes_lut(), cityscapes_known_ids(), (cfg.height, cfg.width),
-        train, augment, cfg.limit, skip_bad=options.skip_bad_images)
+        train, cfg.limit, skip_bad=options.skip_bad_images)

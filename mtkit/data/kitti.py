@@ -100,13 +100,17 @@ def kitti_raw(cfg: DatasetConfig, options: KittiRawOptions, train: bool = False,
     if cfg.limit is not None:
         items = items[: cfg.limit]
 
-    def load(item):
-        paths, kn, size = item
-        frames = [read_image(p) for p in paths]
-        for p, f in zip(paths, frames):
-            if f.shape[:2] != size:
-                raise DatasetError(f"KITTI: {p} is {f.shape[1]}x{f.shape[0]}, but the calibration of its drive "
-                                   f"gives {size[1]}x{size[0]} (S_rect)")
-        return torch.stack([to_image_tensor(f) for f in frames]), kn, None
+    def read_frame(key: tuple[Path, tuple[int, int]]) -> torch.Tensor:
+        path, size = key
+        frame = read_image(path)
+        if frame.shape[:2] != size:
+            raise DatasetError(f"KITTI: {path} is {frame.shape[1]}x{frame.shape[0]}, but the calibration of its drive "
+                               f"gives {size[1]}x{size[0]} (S_rect)")
+        return to_image_tensor(frame)
 
-    return VideoDataset(items, load, (cfg.height, cfg.width), train, augment, dropped)
+    def files() -> list[Path]:  # each frame once, the calibrations and the split file
+        frames = list(dict.fromkeys(p for paths, _, _ in items for p in paths))
+        return [*frames, *sorted({p.parents[3] / "calib_cam_to_cam.txt" for p in frames}), split_file]
+
+    return VideoDataset(items, lambda item: [(p, item[2]) for p in item[0]], read_frame, lambda item: (item[1], None),
+                        (cfg.height, cfg.width), dropped, files=files, content=lambda: "")

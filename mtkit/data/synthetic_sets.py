@@ -52,6 +52,14 @@ def synthetic_arrays(cfg: DatasetConfig, options: SyntheticOptions | None = None
     return arrays
 
 
+def array_key(*arrays: np.ndarray) -> str:
+    """A hash of generated arrays (the content key of a dataset without files)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
 @register("dataset", "synthetic", options=SyntheticOptions)
 def synthetic_segmentation(cfg: DatasetConfig, options: SyntheticOptions, train: bool = False,
                            augment: AugmentConfig | None = None) -> SegmentationDataset:
@@ -63,8 +71,8 @@ def synthetic_segmentation(cfg: DatasetConfig, options: SyntheticOptions, train:
     def load(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return to_image_tensor(images[i]), torch.from_numpy(labels[i].astype(np.int64))
 
-    return SegmentationDataset(list(range(n)), load, (cfg.height, cfg.width), train, augment,
-                               content=lambda: hashlib.sha256(labels[:n].tobytes()).hexdigest()[:16])
+    return SegmentationDataset(list(range(n)), load, (cfg.height, cfg.width), train,
+                               content=lambda: array_key(images[:n], labels[:n]))
 
 
 @register("dataset", "synthetic_video", options=SyntheticOptions)
@@ -79,11 +87,9 @@ def synthetic_video(cfg: DatasetConfig, options: SyntheticOptions, train: bool =
     if cfg.limit is not None:
         items = items[: cfg.limit]
 
-    def load(i: int):
-        frames = torch.stack([to_image_tensor(images[j]) for j in (i - 1, i, i + 1)])
-        return frames, kn, depth[i]
-
-    return VideoDataset(items, load, (cfg.height, cfg.width), train, augment, dropped)
+    return VideoDataset(items, lambda i: (i - 1, i, i + 1), lambda j: to_image_tensor(images[j]),
+                        lambda i: (kn, depth[i]), (cfg.height, cfg.width), dropped,
+                        content=lambda: array_key(images, depth, np.array(items)))
 
 
 @register("dataset", "synthetic_depth", options=SyntheticOptions)

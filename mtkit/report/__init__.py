@@ -60,6 +60,11 @@ def write_report(results: RunResults, run_dir: Path) -> dict[str, Path]:
     if figc:
         paths["figure_corruptions"] = figc
         md += ["## Corruptions on the same SNR axis", "", f"![Corruptions]({figc.name})", ""]
+    if results.data:
+        md += ["## Data", "", "| dataset | name | split | samples | size | skipped |", "|---|---|---|---|---|---|",
+               *(f"| {d.key} | {d.name} | {d.split} | {d.samples} | {d.width}x{d.height} | {d.skipped}"
+                 + (f" ({', '.join(d.skipped_items[:3])})" if d.skipped_items else "") + " |" for d in results.data),
+               ""]
     md += ["## Notes", "",
            "- ε is the RMS of the perturbation in gray values (eq. 7); 'measured ε' is the RMS after clipping "
            "the perturbed image to [0, 255], over the whole evaluation set.",

@@ -1,0 +1,457 @@
+"""The prepared cache: every dataset decoded once, at the size training and evaluation use, into memory-mappable
+numpy ``.npy`` arrays, so that loader workers only slice uint8 arrays.
+
+Layout (format ``FORMAT``; a folder per dataset, size and mode)::
+
+    <cache>/prepared/<name>-<split>-<train|eval>-<key>/
+        manifest.json      format, mtkit version, dataset config, sizes, source files (path, bytes, mtime),
+                           skipped items, rate; written last, ``complete: true`` only after verification
+        images.npy         segmentation: (N, H, W, 3) uint8     labels.npy  (N, H, W) uint8 trainIds, 255 void
+        frames.npy         video: (F, H, W, 3) uint8, each frame once   triplets.npy (N, 3) int64 frame indices
+        K.npy              video: (N, 4, 4) float32 pixel intrinsics at (H, W)   depth.npy (N, H, W) when known
+        crc.npy            a CRC-32 per stored item (images with labels, or frames), checked before completion
+
+Training sets are stored at their training size (Cityscapes: downscaled by ``options.downscale``, cropped at
+load), evaluation sets at the evaluation size, video frames at the recipe's size with their intrinsics.
+
+``.npy`` is numpy's documented, versioned format: any tool reads it, ``np.load(mmap_mode="r")`` maps it without
+copying, and a worker's random crop is a slice (see the README for why not WebDataset/LitData shards).
+
+Preparing is resumable and atomic: items are written with plain file writes into ``<folder>.partial/`` (a full
+disk raises an error instead of a crash in a memory map), progress is saved every second, and the folder is renamed
+into place only when every item is written and its checksum verified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Callable, Hashable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import DatasetError, MtkitError
+from ..io import atomic_path, atomic_write, atomic_write_text, run_lock
+from ..progress import progress_bar
+from ..sampling import unwrap_worker_errors
+from .base import SegmentationDataset, VideoDataset
+
+FORMAT = 1
+SAVE_EVERY_S = 1.0
+
+
+class Manifest(BaseModel):
+    """What a prepared folder holds and what it was made from."""
+
+    format: int
+    mtkit_version: str
+    kind: Literal["segmentation", "video"]
+    dataset: dict[str, Any]
+    train: bool
+    size: tuple[int, int]
+    crop: tuple[int, int]
+    count: int
+    frames: int = 0
+    source_key: str
+    sources: list[tuple[str, int, int]]
+    skipped: list[str] = []
+    complete: bool = False
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+
+
+def mtkit_version() -> str:
+    try:
+        return metadata.version("mtkit")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def source_stats(files: Sequence[Path]) -> list[tuple[str, int, int]]:
+    """(path, bytes, mtime in ns) of each source file; a missing one is an error naming it."""
+    out = []
+    for p in files:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise DatasetError(f"source file missing: {p}") from None
+        out.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def stats_key(stats: list[tuple[str, int, int]], extra: str) -> str:
+    h = zlib.crc32(extra.encode())
+    for s in stats:
+        h = zlib.crc32(f"{s[0]}|{s[1]}|{s[2]}\n".encode(), h)
+    return f"{h:08x}-{len(stats)}"
+
+
+def source_key(source: SegmentationDataset | VideoDataset, dataset: dict[str, Any]
+               ) -> tuple[list[tuple[str, int, int]], str]:
+    """The source files' stats and the key of what a prepared folder is made of (files, config, content)."""
+    stats = source_stats(source.files())
+    return stats, stats_key(stats, json.dumps(dataset, sort_keys=True) + source.content_extra())
+
+
+# ------------------------------------------------------------------------------------------------- reading
+def read_manifest(folder: Path) -> Manifest | None:
+    """The manifest of a prepared folder, or None when there is none; a cache of another format is an error that
+    says to prepare again."""
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("format") != FORMAT:
+        raise DatasetError(f"{folder} was prepared by mtkit {data.get('mtkit_version', '?')} in cache format "
+                           f"{data.get('format')}, this mtkit reads format {FORMAT}: run `mtkit prepare RECIPE` "
+                           "again (or delete the folder)")
+    return Manifest.model_validate(data)
+
+
+class CachedSegmentation(Dataset):
+    """A prepared segmentation set. Key ``(i, y0, x0)``: the training crop at (y0, x0) as uint8 ``image`` (3, h, w)
+    and uint8 ``label`` (augmented on the device, ``data.augment``); key ``i``: the stored image as float gray
+    values and int64 labels (evaluation)."""
+
+    task = "segmentation"
+
+    def __init__(self, folder: Path, manifest: Manifest) -> None:
+        self.folder, self.manifest = folder, manifest
+        self.images = np.load(folder / "images.npy", mmap_mode="r")
+        self.labels = np.load(folder / "labels.npy", mmap_mode="r")
+        self.size, self.crop, self.skipped = manifest.size, manifest.crop, len(manifest.skipped)
+
+    def __len__(self) -> int:
+        return self.manifest.count
+
+    def __getitem__(self, key: int | tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        if isinstance(key, tuple):
+            i, y0, x0 = key
+            h, w = self.crop
+            image = np.array(self.images[i, y0:y0 + h, x0:x0 + w])  # a copy: the map is read-only
+            label = np.array(self.labels[i, y0:y0 + h, x0:x0 + w])
+            return {"image": torch.from_numpy(image).permute(2, 0, 1), "label": torch.from_numpy(label)}
+        image = torch.from_numpy(np.array(self.images[key])).permute(2, 0, 1).float()
+        return {"image": image.contiguous(), "label": torch.from_numpy(self.labels[key].astype(np.int64))}
+
+    def content_key(self) -> str:
+        """The labels' content (source files, sizes and mtimes, and the stored size) for derived statistics."""
+        return f"{self.manifest.source_key}-{self.size[0]}x{self.size[1]}"
+
+    def label_counts(self, num_classes: int) -> torch.Tensor:
+        counts = np.zeros(256, dtype=np.int64)
+        for i in range(0, len(self), 64):
+            counts += np.bincount(np.asarray(self.labels[i:i + 64]).ravel(), minlength=256)
+        return torch.from_numpy(counts[:num_classes].astype(np.float64))
+
+
+class CachedVideo(Dataset):
+    """A prepared video set: ``frames`` uint8 (3, 3, H, W) [t-1, t, t+1], ``K`` (4, 4) at (H, W), ``depth`` when
+    known. Flip and colour jitter happen on the device (``data.augment``)."""
+
+    task = "depth"
+
+    def __init__(self, folder: Path, manifest: Manifest) -> None:
+        self.folder, self.manifest = folder, manifest
+        self.frames = np.load(folder / "frames.npy", mmap_mode="r")
+        self.triplets = np.load(folder / "triplets.npy")
+        self.k = torch.from_numpy(np.load(folder / "K.npy"))
+        self.depth = np.load(folder / "depth.npy", mmap_mode="r") if (folder / "depth.npy").is_file() else None
+        self.size, self.skipped = manifest.size, len(manifest.skipped)
+
+    def __len__(self) -> int:
+        return self.manifest.count
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        frames = torch.from_numpy(np.stack([self.frames[j] for j in self.triplets[i]])).permute(0, 3, 1, 2)
+        out = {"frames": frames, "K": self.k[i]}
+        if self.depth is not None:
+            out["depth"] = torch.from_numpy(np.array(self.depth[i]))
+        return out
+
+
+def training_keys(dataset: CachedSegmentation | CachedVideo, batches: list[list[int]], generator: torch.Generator
+                  ) -> list[list]:
+    """Loader keys for batches of indices: for segmentation ``(i, y0, x0)``, a random crop of the stored image
+    (offsets uniform over every position, as ``random.randint`` drew them per sample), for video the index."""
+    if not isinstance(dataset, CachedSegmentation):
+        return batches
+    (height, width), (h, w) = dataset.size, dataset.crop
+    n = sum(map(len, batches))
+    offsets = iter(zip(torch.randint(0, height - h + 1, (n,), generator=generator).tolist(),
+                       torch.randint(0, width - w + 1, (n,), generator=generator).tolist()))
+    return [[(i, *next(offsets)) for i in batch] for batch in batches]
+
+
+def open_prepared(folder: Path) -> CachedSegmentation | CachedVideo:
+    """A complete prepared folder as a dataset; an incomplete or missing one is an error."""
+    manifest = read_manifest(folder)
+    if manifest is None or not manifest.complete:
+        raise DatasetError(f"{folder} is not a complete prepared dataset: run `mtkit prepare RECIPE`")
+    return (CachedSegmentation if manifest.kind == "segmentation" else CachedVideo)(folder, manifest)
+
+
+# ------------------------------------------------------------------------------------------------- writing
+class ArrayFile:
+    """A ``.npy`` file of a known shape, written item by item with plain writes at their offsets (a full disk is
+    an OSError here, where writing through a memory map would kill the process)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: Any) -> None:
+        if not path.is_file():
+            np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)._mmap.close()  # header, sparse body
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            stored_shape, _, stored_dtype = read_header(fh)
+            self.offset = fh.tell()
+        if tuple(stored_shape) != tuple(shape) or np.dtype(stored_dtype) != np.dtype(dtype):
+            raise MtkitError(f"{path} holds {stored_shape} {stored_dtype}, expected {shape} {np.dtype(dtype)}")
+        self.dtype = np.dtype(dtype)
+        self.item_bytes = int(np.prod(shape[1:])) * self.dtype.itemsize
+        self.fh = open(path, "r+b")  # noqa: SIM115 (closed by close())
+
+    def write(self, i: int, array: np.ndarray) -> None:
+        data = np.ascontiguousarray(array, dtype=self.dtype).tobytes()
+        if len(data) != self.item_bytes:
+            raise MtkitError(f"item {i} has {len(data)} bytes, the array's items have {self.item_bytes}")
+        self.fh.seek(self.offset + i * self.item_bytes)
+        self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _crc(*arrays: np.ndarray) -> int:
+    h = 0
+    for a in arrays:
+        h = zlib.crc32(np.ascontiguousarray(a).tobytes(), h)
+    return h
+
+
+class _Decode(Dataset):
+    """The work of one prepare item, run in loader workers: decode, resize, convert to uint8, checksum."""
+
+    def __init__(self, fn: Callable[[Any], tuple[np.ndarray, ...]], keys: Sequence[Any], skip_bad: bool) -> None:
+        self.fn, self.keys, self.skip_bad = fn, keys, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, j: int) -> tuple[int, tuple[np.ndarray, ...] | None, int | str]:
+        try:
+            arrays = self.fn(self.keys[j])
+        except (DatasetError, OSError, ValueError) as exc:
+            if not self.skip_bad:
+                raise DatasetError(f"{exc} (prepare stops; --skip-bad leaves such items out and counts them)"
+                                   ) from None
+            return j, None, str(exc).splitlines()[0]
+        return j, arrays, _crc(*arrays)
+
+
+def _unbatched(x: Any) -> Any:
+    return x
+
+
+def _uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float gray values → (H, W, 3) uint8, rounded."""
+    return image.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def segmentation_item(source: SegmentationDataset, item: Any) -> tuple[np.ndarray, np.ndarray]:
+    image, label = source.stored(item)
+    if int(label.max()) > 255 or int(label.min()) < 0:
+        raise DatasetError(f"{source.describe(item)}: labels must be trainIds 0..254 or 255 (void) to be stored as "
+                           "uint8")
+    return _uint8(image), label.to(torch.uint8).numpy()
+
+
+def prepare_folder(source: SegmentationDataset | VideoDataset, folder: Path, dataset: dict[str, Any], train: bool,
+                   workers: int = 0, skip_bad: bool = False, progress: bool = True, label: str = "prepare",
+                   log: Callable[[str], None] = print) -> Manifest:
+    """Decode ``source`` into ``folder`` (resuming a ``.partial`` folder of the same sources); the manifest."""
+    stats, skey = source_key(source, dataset)
+    partial = folder.with_name(folder.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    with run_lock(partial):
+        old = read_manifest(partial) if (partial / "manifest.json").is_file() else None
+        if old is not None and old.source_key != skey:
+            log(f"{label}: the sources changed since the interrupted prepare; starting again")
+            for p in partial.iterdir():
+                if p.name != ".lock":
+                    p.unlink()
+        if isinstance(source, VideoDataset):
+            return _prepare_video(source, folder, partial, dataset, train, stats, skey, workers, skip_bad, progress,
+                                  label, log)
+        return _prepare_segmentation(source, folder, partial, dataset, train, stats, skey, workers, skip_bad,
+                                     progress, label, log)
+
+
+def _run(work: _Decode, todo: list[int], workers: int, write: Callable[[int, tuple[np.ndarray, ...]], None],
+         done: np.ndarray, crc: np.ndarray, bad: dict[int, str], save: Callable[[], None], progress: bool,
+         label: str) -> tuple[float, float]:
+    """Decode the ``todo`` items (in loader workers), write each, save progress every second; (seconds, items/s)."""
+    start = last = time.perf_counter()
+    if not todo:
+        return 0.0, 0.0
+    loader = DataLoader(work, batch_size=None, sampler=todo, num_workers=min(workers, len(todo)),
+                        collate_fn=_unbatched)
+    try:
+        with progress_bar(progress, len(todo), label) as advance:
+            for n, (j, arrays, check) in enumerate(unwrap_worker_errors(iter(loader)), 1):
+                if arrays is None:
+                    bad[j] = str(check)
+                else:
+                    write(j, arrays)
+                    crc[j] = check
+                done[j] = True
+                if time.perf_counter() - last > SAVE_EVERY_S:
+                    save()
+                    last = time.perf_counter()
+                advance(info=f"{n / max(time.perf_counter() - start, 1e-9):.0f} img/s")
+        save()
+    except OSError as exc:  # a full disk, a lost mount: the cache stays incomplete and resumable
+        raise DatasetError(f"{label}: cannot write the prepared cache ({exc.strerror or exc}): free space or fix "
+                           "the folder, then run prepare again: it resumes where it stopped") from None
+    seconds = time.perf_counter() - start
+    return seconds, len(todo) / max(seconds, 1e-9)
+
+
+def _progress_io(partial: Path, n: int, files: list[ArrayFile]) -> tuple[np.ndarray, np.ndarray, dict[int, str],
+                                                                           Callable[[], None]]:
+    """The done mask, checksums and skipped items of an interrupted prepare (or fresh ones), and their saver."""
+    path = partial / "progress.npz"
+    done, crc, bad = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.uint32), {}
+    if path.is_file():
+        with np.load(path) as data:
+            if len(data["done"]) == n:
+                done, crc = data["done"].copy(), data["crc"].copy()
+                bad = dict(zip(data["bad_index"].tolist(), data["bad_reason"].tolist()))
+
+    def save() -> None:
+        for f in files:  # the data first: progress never claims an item that is not on disk
+            f.flush()
+        atomic_write(path, lambda fh: np.savez(fh, done=done, crc=crc, bad_index=np.array(list(bad), dtype=np.int64),
+                                               bad_reason=np.array(list(bad.values()), dtype=str)))
+    return done, crc, bad, save
+
+
+def _finish(partial: Path, folder: Path, manifest: Manifest, arrays: list[np.ndarray], crc: np.ndarray,
+            items: np.ndarray) -> Manifest:
+    """Verify each of ``items`` (its rows of ``arrays``) against its checksum, write the complete manifest and
+    rename the folder into place."""
+    for i in items:
+        if _crc(*(a[i] for a in arrays)) != int(crc[i]):
+            raise DatasetError(f"{partial}: item {i} does not match its checksum after writing (disk error?); "
+                               "delete the folder and run prepare again")
+    manifest.complete = True
+    atomic_write_text(partial / "manifest.json", manifest.model_dump_json())
+    (partial / "progress.npz").unlink(missing_ok=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    (partial / ".lock").unlink(missing_ok=True)
+    os.replace(partial, folder)
+    return manifest
+
+
+def _start(partial: Path, manifest: Manifest) -> None:
+    atomic_write_text(partial / "manifest.json", manifest.model_dump_json())
+
+
+def _prepare_segmentation(source: SegmentationDataset, folder: Path, partial: Path, dataset: dict[str, Any],
+                          train: bool, stats: list, skey: str, workers: int, skip_bad: bool, progress: bool,
+                          label: str, log: Callable[[str], None]) -> Manifest:
+    n = len(source)
+    h, w = source.stored_size()
+    manifest = Manifest(format=FORMAT, mtkit_version=mtkit_version(), kind="segmentation", dataset=dataset,
+                        train=train, size=(h, w), crop=source.size if train else (h, w), count=n, source_key=skey,
+                        sources=stats)
+    _start(partial, manifest)
+    images = ArrayFile(partial / "images.npy", (n, h, w, 3), np.uint8)
+    labels = ArrayFile(partial / "labels.npy", (n, h, w), np.uint8)
+    done, crc, bad, save = _progress_io(partial, n, [images, labels])
+
+    def write(j: int, arrays: tuple[np.ndarray, ...]) -> None:
+        images.write(j, arrays[0])
+        labels.write(j, arrays[1])
+
+    work = _Decode(lambda item: segmentation_item(source, item), source.items, skip_bad)
+    try:
+        seconds, rate = _run(work, np.flatnonzero(~done).tolist(), workers, write, done, crc, bad, save, progress,
+                             label)
+    finally:
+        images.close()
+        labels.close()
+    keep = np.ones(n, dtype=bool)
+    keep[list(bad)] = False
+    if not keep.any():
+        raise DatasetError(f"{label}: none of the {n} items could be read (first: {next(iter(bad.values()))})")
+    img, lab = np.load(partial / "images.npy", mmap_mode="r"), np.load(partial / "labels.npy", mmap_mode="r")
+    if bad:  # compact: the kept items first, in order
+        order = np.flatnonzero(keep)
+        _compact(partial, "images.npy", img, order)
+        _compact(partial, "labels.npy", lab, order)
+        crc = crc[order]
+        img, lab = np.load(partial / "images.npy", mmap_mode="r"), np.load(partial / "labels.npy", mmap_mode="r")
+    np.save(partial / "crc.npy", crc)
+    manifest.count, manifest.skipped = int(keep.sum()), [bad[j] for j in sorted(bad)]
+    manifest.seconds, manifest.images_per_s = seconds, rate
+    return _finish(partial, folder, manifest, [img, lab], crc, np.arange(manifest.count))
+
+
+def _compact(partial: Path, name: str, array: np.ndarray, order: np.ndarray) -> None:
+    with atomic_path(partial / name) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=(len(order), *array.shape[1:]))
+        for k, i in enumerate(order):
+            out[k] = array[i]
+        out.flush()
+        del out
+
+
+def _prepare_video(source: VideoDataset, folder: Path, partial: Path, dataset: dict[str, Any], train: bool,
+                   stats: list, skey: str, workers: int, skip_bad: bool, progress: bool, label: str,
+                   log: Callable[[str], None]) -> Manifest:
+    frame_index: dict[Hashable, int] = {}
+    triplets = np.array([[frame_index.setdefault(k, len(frame_index)) for k in source.frame_keys(item)]
+                         for item in source.items], dtype=np.int64)
+    keys = list(frame_index)
+    h, w = source.size
+    n, f = len(source.items), len(keys)
+    manifest = Manifest(format=FORMAT, mtkit_version=mtkit_version(), kind="video", dataset=dataset, train=train,
+                        size=(h, w), crop=(h, w), count=n, frames=f, source_key=skey, sources=stats)
+    _start(partial, manifest)
+    frames = ArrayFile(partial / "frames.npy", (f, h, w, 3), np.uint8)
+    done, crc, bad, save = _progress_io(partial, f, [frames])
+    work = _Decode(lambda key: (_uint8(source.frame(key)),), keys, skip_bad)
+    try:
+        seconds, rate = _run(work, np.flatnonzero(~done).tolist(), workers, lambda j, a: frames.write(j, a[0]),
+                             done, crc, bad, save, progress, label)
+    finally:
+        frames.close()
+    keep = ~np.isin(triplets, list(bad)).any(axis=1)
+    if not keep.any():
+        raise DatasetError(f"{label}: no sample has all three frames readable (first: {next(iter(bad.values()))})")
+    kept = np.flatnonzero(keep)
+    ks, depths = zip(*(source.meta(source.items[i]) for i in kept))
+    np.save(partial / "triplets.npy", triplets[kept])
+    np.save(partial / "K.npy", np.stack(ks).astype(np.float32))
+    if depths[0] is not None:
+        np.save(partial / "depth.npy", np.stack(depths).astype(np.float32))
+    np.save(partial / "crc.npy", crc)
+    manifest.count, manifest.skipped = len(kept), [bad[j] for j in sorted(bad)]
+    manifest.seconds, manifest.images_per_s = seconds, rate
+    frames_array = np.load(partial / "frames.npy", mmap_mode="r")
+    return _finish(partial, folder, manifest, [frames_array], crc, np.unique(triplets[kept]))

@@ -1,0 +1,114 @@
+"""``mtkit prepare``: decode every dataset a recipe trains and evaluates on, once, into the prepared cache
+(``mtkit.data.cache``), and open prepared datasets for training and evaluation.
+
+A prepared folder is reused while its sources (file list, sizes, mtimes, or generated content) and the dataset's
+config (name, split, sizes, options) are unchanged: a changed size gives another folder, changed sources rebuild
+the folder, a cache of another format version is rebuilt with a message. The cache lives under
+``$MTKIT_CACHE/prepared`` (default ``~/.cache/mtkit/prepared``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from .build import build_dataset
+from .config import DatasetConfig, Recipe, config_hash
+from .data.base import SegmentationDataset, VideoDataset
+from .data.cache import (
+    FORMAT,
+    CachedSegmentation,
+    CachedVideo,
+    Manifest,
+    open_prepared,
+    prepare_folder,
+    read_manifest,
+    source_key,
+)
+from .data.common import cache_dir
+from .errors import DatasetError
+
+
+@dataclass
+class Prepared:
+    """One dataset of a recipe in the cache: where, what it holds, and whether this call reused it."""
+
+    key: str
+    folder: Path
+    manifest: Manifest
+    cached: bool
+    reason: str
+
+
+def default_workers(recipe_workers: int | None) -> int:
+    """Loader and prepare processes: the recipe's ``data.num_workers``, or one per core."""
+    return (os.cpu_count() or 1) if recipe_workers is None else recipe_workers
+
+
+def dataset_folder(cfg: DatasetConfig, train: bool) -> Path:
+    """The prepared folder of a dataset config in training or evaluation form."""
+    mode = "train" if train else "eval"
+    return cache_dir() / "prepared" / f"{cfg.name}-{cfg.split}-{mode}-{config_hash(cfg.model_dump(), train, FORMAT)}"
+
+
+def recipe_datasets(recipe: Recipe) -> dict[str, tuple[DatasetConfig, bool]]:
+    """The datasets training and evaluation read from the cache: recipe key → (config, training form)."""
+    d = recipe.data
+    out = {"data.segmentation": (d.segmentation, True), "data.segmentation_val": (d.segmentation_val, False)}
+    if d.depth is not None and any("depth" in m.tasks for m in recipe.models):
+        out["data.depth"] = (d.depth, True)
+    out.update({f"data.eval.{k}": (v, False) for k, v in d.eval.items()})
+    return out
+
+
+def prepare_dataset(cfg: DatasetConfig, train: bool, where: str, workers: int = 0, skip_bad: bool = False,
+                    force: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> Prepared:
+    """Decode one dataset into the cache, or reuse it when its sources and config are unchanged."""
+    source = build_dataset(cfg, train=train, where=where)
+    if not isinstance(source, SegmentationDataset | VideoDataset):
+        raise DatasetError(f"{where} ({cfg.name}): the loader returns a {type(source).__name__}; the prepared cache "
+                           "stores SegmentationDataset and VideoDataset sources (mtkit.plugin_api)")
+    folder = dataset_folder(cfg, train)
+    reason = "new"
+    try:
+        manifest = read_manifest(folder)
+    except DatasetError as exc:
+        manifest, reason = None, "another cache format"
+        log(f"{where}: {str(exc).split(': run')[0]}; preparing it again")
+    if manifest is not None and manifest.complete and not force:
+        if source_key(source, cfg.model_dump(mode="json"))[1] == manifest.source_key:
+            return Prepared(where, folder, manifest, True, "unchanged")
+        reason = "sources changed"
+        log(f"{where}: the source files changed since {folder.name} was prepared; preparing it again")
+    elif force and manifest is not None:
+        reason = "forced"
+    if folder.with_name(folder.name + ".partial").is_dir() and reason == "new":
+        reason = "resumed"
+    manifest = prepare_folder(source, folder, cfg.model_dump(mode="json"), train, workers, skip_bad, progress,
+                              label=f"prepare {where}", log=log)
+    return Prepared(where, folder, manifest, False, reason)
+
+
+def prepare_recipe(recipe: Recipe, workers: int | None = None, skip_bad: bool = False, force: bool = False,
+                   progress: bool = True, log: Callable[[str], None] = print) -> list[Prepared]:
+    """Prepare every dataset of ``recipe`` (the first stage of ``mtkit run``)."""
+    n = default_workers(recipe.data.num_workers if workers is None else workers)
+    return [prepare_dataset(cfg, train, key, n, skip_bad, force, progress, log)
+            for key, (cfg, train) in recipe_datasets(recipe).items()]
+
+
+def prepared_dataset(recipe: Recipe, key: str, progress: bool = True,
+                     log: Callable[[str], None] = print) -> CachedSegmentation | CachedVideo:
+    """A recipe's dataset (``data.segmentation``, ``data.eval.CS``, ...) from the cache, preparing it first when
+    needed; under torchrun rank 0 prepares while the others wait."""
+    cfg, train = recipe_datasets(recipe)[key]
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        prepare_dataset(cfg, train, key, default_workers(recipe.data.num_workers), progress=progress, log=log)
+    if distributed:
+        dist.barrier()
+    return open_prepared(dataset_folder(cfg, train))
