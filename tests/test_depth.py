@@ -218,15 +218,18 @@ def test_depth_only_training_lowers_abs_rel_on_synthetic_video():
     the synthetic drive video lower abs_rel against the exact depth of held-out frames (median scaling)."""
     from mtkit.build import build_dataset, build_model
     from mtkit.config import AugmentConfig, DatasetConfig, ModelConfig
-    from mtkit.runtime import seed_everything
+    from mtkit.data.augment import augment_video, draw_params
+    from mtkit.data.cache import open_prepared
+    from mtkit.prepare import prepare_dataset
 
     opts = {"domain": "drive", "sequences": 6, "frames": 12}
     size = {"height": 48, "width": 160}
-    train = build_dataset(DatasetConfig(name="synthetic_video", split="train", options=opts, **size), train=True,
-                          augment=AugmentConfig())
+    # the training path: the prepared cache, augmented per batch as the trainer does
+    train = open_prepared(prepare_dataset(DatasetConfig(name="synthetic_video", split="train", options=opts, **size),
+                                          True, "data.depth", progress=False, log=lambda *_: None).folder)
     test = build_dataset(DatasetConfig(name="synthetic_video", split="val", options={**opts, "sequences": 2},
                                        **size))
-    seed_everything(0)  # the augmentation draws from the global generators: the same draws in any test order
+    torch.manual_seed(0)
     model = build_model(ModelConfig(), ["segmentation", "depth"], 0.0)
     loss = MonodepthLoss()
     opt = torch.optim.Adam(model.parameters(), 5e-4)
@@ -244,6 +247,7 @@ def test_depth_only_training_lowers_abs_rel_on_synthetic_video():
     for _ in range(80):
         batch = torch.utils.data.default_collate([train[i] for i in torch.randint(0, len(train), (6,),
                                                                                     generator=g).tolist()])
+        batch = augment_video(batch["frames"], batch["K"], draw_params(AugmentConfig(), 6, g))
         out = model(batch["frames"][:1, 1], batch["frames"])
         raw = batch["frames_raw"]
         total = loss(out["disp"], [raw[:, 0], raw[:, 1], raw[:, 2]], batch["K"], out["poses"]).total

@@ -32,8 +32,14 @@ def first_run(tmp_path_factory):
 def test_every_artefact_exists_and_parses(first_run):
     _, recipe, res = first_run
     d = res.run_dir
-    assert res.stages_cached == []
-    assert len(res.stages_run) == 2 * (1 + 2) + 1  # two models: train, evaluate on CS and K; depth of multi
+    work = [s for s in res.stages_run if not s.startswith("prepare ")]
+    assert [s for s in res.stages_cached if not s.startswith("prepare ")] == []
+    assert len(work) == 2 * (1 + 2) + 1  # two models: train, evaluate on CS and K; depth of multi
+    # the data stage comes first: every dataset training and evaluation read, from the prepared cache
+    assert [r.key for r in res.results.data] == ["data.segmentation", "data.segmentation_val", "data.depth",
+                                                 "data.eval.CS", "data.eval.K"]
+    assert res.results.data[0].samples == 16 and "| data.eval.K | synthetic | test | 4 | 64x32 | 0 |" in (
+        d / "report.md").read_text()
     results = RunResults.read(d / "results.json")
     assert results == res.results  # the typed results round-trip through strict JSON
     depth = results.depth
@@ -71,21 +77,21 @@ def test_every_artefact_exists_and_parses(first_run):
 def test_rerun_is_cached_and_a_changed_key_reruns_only_what_depends_on_it(first_run, tmp_path):
     recipe_file, recipe, res = first_run
     again = run(recipe, progress=False, run_dir=res.run_dir, log=lambda m: None)
-    assert again.stages_run == [] and len(again.stages_cached) == 7
+    assert again.stages_run == [] and len(again.stages_cached) == 5 + 7  # the data, and the 7 stages
     assert again.results.depth == res.results.depth
     assert again.results.robustness == res.results.robustness
     # a robustness key shapes only the evaluation stages
     changed = load_recipe(recipe_file, ["robustness.epsilons=[2.0]"])
     part = run(changed, progress=False, run_dir=res.run_dir, log=lambda m: None)
     assert all(s.startswith("evaluate") for s in part.stages_run) and len(part.stages_run) == 4
-    assert all(s.startswith(("train", "evaluate depth")) for s in part.stages_cached)
+    assert all(s.startswith(("prepare", "train", "evaluate depth")) for s in part.stages_cached)
     # λ of the multi-task model shapes its training and evaluation, not the single-task model's
     lam = load_recipe(recipe_file, ["models.1.lambda=0.5"])
     part = run(lam, progress=False, run_dir=res.run_dir, log=lambda m: None)
     assert sorted(part.stages_run) == ["evaluate depth multi seed 0 on Eigen", "evaluate multi seed 0 on CS",
                                        "evaluate multi seed 0 on K", "train multi seed 0"]
     forced = run(recipe, force=True, progress=False, run_dir=res.run_dir, log=lambda m: None)
-    assert len(forced.stages_run) == 7 and forced.stages_cached == []
+    assert len(forced.stages_run) == 5 + 7 and forced.stages_cached == []  # the data prepared again too
 
 
 def test_cli_run_uses_the_cache_and_prints_tables(first_run):
@@ -94,7 +100,7 @@ def test_cli_run_uses_the_cache_and_prints_tables(first_run):
                           "--no-progress"], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "COLUMNS": "160"})
     assert out.returncode == 0, out.stderr
-    assert "stages run: 0, cached: 7" in out.stdout and "Table 2: mIoU" in out.stdout
+    assert "stages run: 0, cached: 12" in out.stdout and "Table 2: mIoU" in out.stdout
     assert "Depth on Eigen" in out.stdout
 
 

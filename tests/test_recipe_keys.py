@@ -17,8 +17,8 @@ from support import tiny_recipe
 
 from mtkit import build
 from mtkit.config import DatasetConfig, Recipe
+from mtkit.data.augment import draw_params
 from mtkit.data.stats import build_class_weights
-from mtkit.data.transforms import Augment
 from mtkit.depth_eval import evaluate_depth_model
 from mtkit.evaluate import evaluation_sets
 from mtkit.pipeline import new_results, run_folder
@@ -158,7 +158,9 @@ PROBES: dict[str, tuple[Any, Any, Callable[..., Any]]] = {
     "data.depth": (None, "limit", lambda r, c: len(_trainer(r, c.tmp, setup=True).depth_train)),
     "data.eval": (None, "limit", lambda r, c: len(_dataset(r, "eval.CS"))),
     "data.depth_eval": (None, "limit", lambda r, c: len(_dataset(r, "depth_eval.Eigen"))),
-    "data.num_workers": (0, 1, lambda r, c: _loader_workers(r, c)),
+    "data.num_workers": (0, 1, lambda r, c: _loader_kwargs(r, c, "num_workers")),
+    "data.pin_memory": ("auto", True, lambda r, c: _loader_kwargs(r, c, "pin_memory")),
+    "data.persistent_workers": (True, False, lambda r, c: _loader_kwargs(r, c, "persistent_workers", 1)),
     "DatasetConfig.name": ("synthetic", "synthetic_depth", lambda r, c: sorted(_dataset(r, "eval.K")[0])),
     "DatasetConfig.root": (None, "ROOT", lambda r, c: _dataset(r, "eval.K") and sorted(
         p.name.split("-")[0] for p in c.tmp.glob("root/*.npz"))),
@@ -222,18 +224,21 @@ def _outcome(fn: Callable[[], Any]) -> str:
         return type(exc).__name__
 
 
-def _loader_workers(r: Recipe, c) -> list:
+def _loader_kwargs(r: Recipe, c, name: str, workers: int | None = None) -> list:
+    """What the training loaders were built with (``workers``: with this many loader processes)."""
+    if workers is not None:
+        r.data.num_workers = workers
     seen = []
     real = torch.utils.data.DataLoader
-    c.mp.setattr("mtkit.sampling.DataLoader", lambda *a, **k: seen.append(k["num_workers"]) or real(*a, **k))
+    c.mp.setattr("mtkit.sampling.DataLoader", lambda *a, **k: seen.append(k[name]) or real(*a, **k))
     _fit(r, c.tmp)
     return seen
 
 
 def _augment(r: Recipe, key: str) -> list:
-    aug = Augment(r.data.augment, __import__("random").Random(0))
-    torch.manual_seed(0)
-    return [aug.sample()[key] for _ in range(8)]
+    p = draw_params(r.data.augment, 8, torch.Generator().manual_seed(0))
+    values = p.flip if key == "flip" else p.factors["bcsh".index(key)]
+    return None if values is None else values.tolist()
 
 
 def _seg_loss(r: Recipe) -> float:
