@@ -167,25 +167,3 @@ def test_pgd_iteration(benchmark, trained_segmenter):
         benchmark.extra_info["ratio_vs_torchattacks"] = ours / theirs
     out = benchmark(pgd, ctx, x, y, eps, 1.0, 1)
     assert (out - x).abs().max() <= eps + 1e-4
-
-
-def test_data_loading(benchmark, tmp_path_factory):
-    """Images/s through the real Cityscapes loader from PNG files on disk (written in the official layout)."""
-    from mtkit.build import build_dataset
-    from mtkit.config import AugmentConfig, DatasetConfig
-    from mtkit.data.layouts import write_cityscapes
-    from mtkit.data.synthetic_sets import synthetic_arrays
-
-    root = tmp_path_factory.mktemp("cityscapes")
-    cfg = DatasetConfig(name="synthetic", split="train", height=192, width=640, options={"sequences": 4})
-    write_cityscapes(root, synthetic_arrays(cfg), "train")
-    ds = build_dataset(DatasetConfig(name="cityscapes", root=str(root), split="train", height=96, width=320),
-                       train=True, augment=AugmentConfig())
-    loader = torch.utils.data.DataLoader(ds, batch_size=12, shuffle=False)
-
-    def load_all():
-        return sum(b["image"].shape[0] for b in loader)
-
-    n = benchmark(load_all)
-    assert n == len(ds)
-    benchmark.extra_info["images"] = n

@@ -13,7 +13,7 @@ from pydantic import Field
 from .build import build_dataset
 from .checkpoint import atomic_torch_save, load_checkpoint
 from .config import DatasetConfig, ModelConfig, config_hash
-from .data.base import DatasetOptions
+from .data.base import DatasetOptions, SegmentationDataset, VideoDataset
 from .data.common import cache_dir
 from .errors import MtkitError
 from .hookspecs import hookimpl
@@ -34,7 +34,8 @@ from .tasks import AuxiliaryTask
 
 __all__ = [
     "IGNORE_INDEX", "AttackContext", "AuxiliaryTask", "DatasetConfig", "DatasetOptions", "Field", "ModelConfig",
-    "MtkitError", "Perturbation", "PerturbationOptions", "RegistryView", "SegmentationDecoder", "atomic_torch_save",
+    "MtkitError", "Perturbation", "PerturbationOptions", "RegistryView", "SegmentationDataset", "SegmentationDecoder",
+    "VideoDataset", "atomic_torch_save",
     "build_dataset", "cache_dir", "clip_image", "config_hash", "fgsm_direction", "hookimpl", "load_checkpoint",
     "measured_epsilon", "pgd_iterations", "project", "weighted_cross_entropy",
 ]

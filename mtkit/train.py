@@ -4,6 +4,8 @@ Epochs: one epoch is one pass over the segmentation training set (``len(seg_set)
 or ``train.steps_per_epoch``); the depth set is drawn alongside from its own shuffled stream, reshuffled
 whenever it runs out, so the two datasets may differ in size. Shuffling is seeded by (seed, epoch), so an epoch's
 batches are known in advance; a resumed run skips the steps already done and continues bit for bit on the CPU.
+Data: the datasets are read from the prepared cache (``mtkit.prepare``); loader workers slice uint8 crops, and
+flip and colour jitter run batched on the device with parameters drawn per epoch from the seed.
 DDP: start with ``torchrun --nproc_per_node N -m mtkit train RECIPE``; DistributedSampler shards each global
 batch over the ranks, rank 0 writes checkpoints and logs.
 """
