@@ -73,6 +73,8 @@ def prepare_dataset(cfg: DatasetConfig, train: bool, where: str, workers: int = 
         raise DatasetError(f"{where} ({cfg.name}): the loader returns a {type(source).__name__}; the prepared cache "
                            "stores SegmentationDataset and VideoDataset sources (mtkit.plugin_api)")
     folder = dataset_folder(cfg, train)
+    dataset = cfg.model_dump(mode="json")
+    sources = source_key(source, dataset)  # stats every source file once, for the check and the manifest
     reason = "new"
     try:
         manifest = read_manifest(folder)
@@ -80,7 +82,7 @@ def prepare_dataset(cfg: DatasetConfig, train: bool, where: str, workers: int = 
         manifest, reason = None, "another cache format"
         log(f"{where}: {str(exc).split(': run')[0]}; preparing it again")
     if manifest is not None and manifest.complete and not force:
-        if source_key(source, cfg.model_dump(mode="json"))[1] == manifest.source_key:
+        if sources[1] == manifest.source_key:
             return Prepared(where, folder, manifest, True, "unchanged")
         reason = "sources changed"
         log(f"{where}: the source files changed since {folder.name} was prepared; preparing it again")
@@ -88,7 +90,7 @@ def prepare_dataset(cfg: DatasetConfig, train: bool, where: str, workers: int = 
         reason = "forced"
     if folder.with_name(folder.name + ".partial").is_dir() and reason == "new":
         reason = "resumed"
-    manifest = prepare_folder(source, folder, cfg.model_dump(mode="json"), train, workers, skip_bad, progress,
+    manifest = prepare_folder(source, folder, dataset, train, sources, workers, skip_bad, progress,
                               label=f"prepare {where}", log=log)
     return Prepared(where, folder, manifest, False, reason)
 

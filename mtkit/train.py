@@ -284,6 +284,7 @@ class Trainer:
         hooks = get_plugins().hook
         total_steps = t.epochs * self.steps_per_epoch
         images_per_step = self.seg_batch + self.depth_batch
+        ls, ld = self.seg_batch // self.dist.world, self.depth_batch // self.dist.world  # samples per rank and step
         d = self.recipe.data
         workers = default_workers(d.num_workers)
         pin = d.pin_memory if d.pin_memory != "auto" else self.device.type == "cuda"
@@ -305,7 +306,6 @@ class Trainer:
                 sums: dict[str, float] = {}
                 tick = time.perf_counter()
                 for k, seg_raw in enumerate(seg_it, start=skip):
-                    ls, ld = self.seg_batch // self.dist.world, self.depth_batch // self.dist.world
                     seg, dep = self.augment(seg_raw, next(dep_it) if dep_it is not None else None,
                                             seg_p[k * ls:(k + 1) * ls],
                                             dep_p[k * ld:(k + 1) * ld] if dep_p is not None else None)

@@ -124,6 +124,12 @@ def test_another_cache_format_is_a_clear_message_and_prepare_rebuilds_it(tmp_pat
         cache.open_prepared(p.folder)
     again = prepare_dataset(cfg, False, "data.eval.CS", **QUIET)
     assert again.reason == "another cache format" and cache.open_prepared(again.folder).manifest.format == 1
+    # an interrupted prepare of another format is started again, not an error
+    small = _cityscapes(tmp_path, "val", height=16, width=32)
+    partial = dataset_folder(small, False).with_name(dataset_folder(small, False).name + ".partial")
+    partial.mkdir(parents=True)
+    (partial / "manifest.json").write_text('{"format": 0}')
+    assert cache.open_prepared(prepare_dataset(small, False, "data.eval.CS", **QUIET).folder).manifest.count == 8
 
 
 def test_kitti_video_stores_each_frame_once_with_its_intrinsics(tmp_path):

@@ -280,24 +280,27 @@ def segmentation_item(source: SegmentationDataset, item: Any) -> tuple[np.ndarra
 
 
 def prepare_folder(source: SegmentationDataset | VideoDataset, folder: Path, dataset: dict[str, Any], train: bool,
-                   workers: int = 0, skip_bad: bool = False, progress: bool = True, label: str = "prepare",
-                   log: Callable[[str], None] = print) -> Manifest:
-    """Decode ``source`` into ``folder`` (resuming a ``.partial`` folder of the same sources); the manifest."""
-    stats, skey = source_key(source, dataset)
+                   sources: tuple[list[tuple[str, int, int]], str], workers: int = 0, skip_bad: bool = False,
+                   progress: bool = True, label: str = "prepare", log: Callable[[str], None] = print) -> Manifest:
+    """Decode ``source`` into ``folder`` (resuming a ``.partial`` folder of the same sources); the manifest.
+    ``sources``: the source files' stats and key, as ``source_key`` gives them."""
+    stats, skey = sources
     partial = folder.with_name(folder.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     with run_lock(partial):
-        old = read_manifest(partial) if (partial / "manifest.json").is_file() else None
-        if old is not None and old.source_key != skey:
-            log(f"{label}: the sources changed since the interrupted prepare; starting again")
+        try:
+            stale = (old := read_manifest(partial)) is not None and old.source_key != skey
+        except DatasetError:  # an interrupted prepare of another cache format
+            stale = True
+        if stale:
+            log(f"{label}: the sources or the cache format changed since the interrupted prepare; starting again")
             for p in partial.iterdir():
                 if p.name != ".lock":
                     p.unlink()
+        args = (folder, partial, dataset, train, stats, skey, workers, skip_bad, progress, label)
         if isinstance(source, VideoDataset):
-            return _prepare_video(source, folder, partial, dataset, train, stats, skey, workers, skip_bad, progress,
-                                  label, log)
-        return _prepare_segmentation(source, folder, partial, dataset, train, stats, skey, workers, skip_bad,
-                                     progress, label, log)
+            return _prepare_video(source, *args)
+        return _prepare_segmentation(source, *args)
 
 
 def _run(work: _Decode, todo: list[int], workers: int, write: Callable[[int, tuple[np.ndarray, ...]], None],
@@ -358,7 +361,7 @@ def _finish(partial: Path, folder: Path, manifest: Manifest, arrays: list[np.nda
             raise DatasetError(f"{partial}: item {i} does not match its checksum after writing (disk error?); "
                                "delete the folder and run prepare again")
     manifest.complete = True
-    atomic_write_text(partial / "manifest.json", manifest.model_dump_json())
+    _write_manifest(partial, manifest)
     (partial / "progress.npz").unlink(missing_ok=True)
     if folder.exists():
         shutil.rmtree(folder)
@@ -367,19 +370,19 @@ def _finish(partial: Path, folder: Path, manifest: Manifest, arrays: list[np.nda
     return manifest
 
 
-def _start(partial: Path, manifest: Manifest) -> None:
+def _write_manifest(partial: Path, manifest: Manifest) -> None:
     atomic_write_text(partial / "manifest.json", manifest.model_dump_json())
 
 
 def _prepare_segmentation(source: SegmentationDataset, folder: Path, partial: Path, dataset: dict[str, Any],
                           train: bool, stats: list, skey: str, workers: int, skip_bad: bool, progress: bool,
-                          label: str, log: Callable[[str], None]) -> Manifest:
+                          label: str) -> Manifest:
     n = len(source)
     h, w = source.stored_size()
     manifest = Manifest(format=FORMAT, mtkit_version=mtkit_version(), kind="segmentation", dataset=dataset,
                         train=train, size=(h, w), crop=source.size if train else (h, w), count=n, source_key=skey,
                         sources=stats)
-    _start(partial, manifest)
+    _write_manifest(partial, manifest)
     images = ArrayFile(partial / "images.npy", (n, h, w, 3), np.uint8)
     labels = ArrayFile(partial / "labels.npy", (n, h, w), np.uint8)
     done, crc, bad, save = _progress_io(partial, n, [images, labels])
@@ -413,17 +416,19 @@ def _prepare_segmentation(source: SegmentationDataset, folder: Path, partial: Pa
 
 
 def _compact(partial: Path, name: str, array: np.ndarray, order: np.ndarray) -> None:
+    """Rewrite ``name`` with only the rows ``order`` (plain writes, like every other write of the cache)."""
     with atomic_path(partial / name) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=(len(order), *array.shape[1:]))
-        for k, i in enumerate(order):
-            out[k] = array[i]
-        out.flush()
-        del out
+        out = ArrayFile(tmp, (len(order), *array.shape[1:]), array.dtype)
+        try:
+            for k, i in enumerate(order):
+                out.write(k, array[i])
+            out.flush()
+        finally:
+            out.close()
 
 
 def _prepare_video(source: VideoDataset, folder: Path, partial: Path, dataset: dict[str, Any], train: bool,
-                   stats: list, skey: str, workers: int, skip_bad: bool, progress: bool, label: str,
-                   log: Callable[[str], None]) -> Manifest:
+                   stats: list, skey: str, workers: int, skip_bad: bool, progress: bool, label: str) -> Manifest:
     frame_index: dict[Hashable, int] = {}
     triplets = np.array([[frame_index.setdefault(k, len(frame_index)) for k in source.frame_keys(item)]
                          for item in source.items], dtype=np.int64)
@@ -432,7 +437,7 @@ def _prepare_video(source: VideoDataset, folder: Path, partial: Path, dataset: d
     n, f = len(source.items), len(keys)
     manifest = Manifest(format=FORMAT, mtkit_version=mtkit_version(), kind="video", dataset=dataset, train=train,
                         size=(h, w), crop=(h, w), count=n, frames=f, source_key=skey, sources=stats)
-    _start(partial, manifest)
+    _write_manifest(partial, manifest)
     frames = ArrayFile(partial / "frames.npy", (f, h, w, 3), np.uint8)
     done, crc, bad, save = _progress_io(partial, f, [frames])
     work = _Decode(lambda key: (_uint8(source.frame(key)),), keys, skip_bad)
