@@ -97,9 +97,10 @@ class TrainConfig(Strict):
     seg_batch_size: int = Field(6, ge=1, description="multi-task: segmentation samples per step")
     depth_batch_size: int = Field(6, ge=1, description="multi-task: depth samples per step")
     steps_per_epoch: int | None = Field(None, ge=1, description="null: one pass over the segmentation set")
-    amp: Literal["auto", "bf16", "off"] = "auto"
-    channels_last: Literal["auto", "on", "off"] = "auto"
-    compile: bool = False
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="autocast dtype; auto: bf16 on CUDA, "
+                                                        "fp32 on the CPU; fp16 adds a gradient scaler")
+    channels_last: bool | Literal["auto"] = Field("auto", description="auto: on CUDA")
+    compile: bool | str = Field(False, description="torch.compile: true (inductor) or a backend name, e.g. aot_eager")
     grad_clip: PositiveFloat | None = Field(None, description="max gradient norm; null: no clipping")
     log_every: int = Field(10, ge=1)
     tensorboard: bool = False
@@ -143,7 +144,15 @@ class ModelSpec(Strict):
 class RobustnessConfig(Strict):
     perturbations: list[str] = Field(default_factory=lambda: ["gaussian", "salt_pepper", "fgsm", "pgd"])
     epsilons: list[float] = Field(default_factory=lambda: list(PAPER_EPSILONS))
-    batch_size: int = Field(8, ge=1)
+    batch_size: PositiveInt | Literal["auto"] = Field(
+        8, description="images per loaded batch; auto: what fits the device's memory with every ε of the sweep")
+    pass_images: PositiveInt | Literal["auto"] = Field(
+        "auto", description="most images in one forward/backward pass of a batched sweep (the ε copies of a batch "
+                            "go through together); auto: what fits the device's memory")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "off", description="autocast of the model's forward passes; attack gradients are always taken in fp32")
+    channels_last: bool | Literal["auto"] = Field("auto", description="auto: on CUDA")
+    compile: bool | str = Field(False, description="torch.compile the segmenter: true (inductor) or a backend name")
     datasets: list[str] | None = Field(None, description="keys of data.eval; null: all")
     options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="perturbation -> kwargs")
 

@@ -22,10 +22,20 @@ from .config import ModelSpec, Recipe
 from .errors import CheckpointError, MtkitError
 from .metrics import confusion_matrix, iou_per_class, miou, q_ratio
 from .perturbations import AttackContext, Perturbation
-from .prepare import prepared_dataset
+from .prepare import default_workers, prepared_dataset
 from .progress import progress_bar
 from .recipe import validate
 from .results import CleanRow, ModelInfo, ResultRow, RunResults, Spread
+from .runtime import (
+    Dist,
+    Precision,
+    all_gather_objects,
+    all_reduce_sum,
+    available_memory,
+    current_dist,
+    resolve_precision,
+)
+from .sampling import evaluation_batches
 
 NO_LABELS = "no labelled pixel in the evaluation set: mIoU (and Q) undefined"
 
@@ -55,12 +65,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
 
 
 class CountingContext(AttackContext):
-    """AttackContext that counts backward passes (one per gradient call per batch)."""
+    """AttackContext that counts backward passes, in units of the loaded batch: a pass over k stacked ε copies of
+    the batch counts k (what the attack would cost one ε at a time)."""
 
-    backward_passes = 0
+    backward_passes = 0.0
 
     def gradient(self, x, loss_fn):
-        self.backward_passes += 1
+        self.backward_passes += x.shape[0] / max(len(self.indices or ()), 1)
         return super().gradient(x, loss_fn)
 
 
@@ -73,11 +84,38 @@ class Sweep:
     images: int
 
 
+def activation_bytes(segmenter: nn.Module, shape: tuple[int, ...], device: torch.device) -> int:
+    """Bytes one image of ``shape`` (C, H, W) costs in a forward and input-gradient pass: the tensors autograd
+    saves for the backward pass (counted with ``saved_tensors_hooks``), plus the logits three times over (loss
+    and gradient)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    x = torch.zeros(1, *shape, device=device, requires_grad=True)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = segmenter(x)
+    return total + 3 * out.numel() * out.element_size()
+
+
+def pass_size(segmenter: nn.Module, shape: tuple[int, ...], device: torch.device, fraction: float = 0.5,
+              limit: int = 512) -> int:
+    """The most images one forward/backward pass may hold: ``fraction`` of the device's free memory over
+    ``activation_bytes`` per image (between 1 and ``limit``)."""
+    per_image = max(activation_bytes(segmenter, shape, device), 1)
+    return int(max(1, min(limit, fraction * available_memory(device) // per_image)))
+
+
 def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Perturbation],
                      epsilons: list[float], num_classes: int, class_weights: torch.Tensor | None = None,
-                     batch_size: int = 8, seed: int = 0, device: torch.device | str = "cpu",
+                     batch_size: int | str = 8, seed: int = 0, device: torch.device | str = "cpu",
                      progress: bool = False, label: str = "", loss: nn.Module | None = None,
-                     model_name: str = "", dataset_name: str = "") -> Sweep:
+                     model_name: str = "", dataset_name: str = "", precision: Precision | None = None,
+                     pass_images: int | str = "auto", workers: int = 0, pin_memory: bool = False,
+                     dist: Dist | None = None) -> Sweep:
     """Evaluate one model on one dataset: the clean pass and every (perturbation, ε) (ε validated at recipe load).
 
     Each row holds the requested ε (or, for a perturbation with another ``level_kind`` such as a corruption's
@@ -85,63 +123,96 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
     images, mIoU, Q, seconds and backward passes of its perturbation. Random perturbations draw from one generator
     per image, seeded by ``seed`` and the image's index, so an image's perturbation does not depend on
     ``batch_size``. Gradient attacks attack ``loss`` (the recipe's ``loss.segmentation``; default J^ce of eq. 1).
+
+    Batched: the images of every level of a perturbation are predicted together, in passes of at most
+    ``pass_images`` images ("auto": what fits the device's memory, ``pass_size``), and attacks may stack their ε
+    copies likewise (``pgd_sweep``). ``precision`` runs the predictions under autocast, channels_last and
+    torch.compile; attack gradients stay fp32. Under torchrun (``dist``, default the current process group) each
+    rank takes every world-th batch; counts and ε sums are combined over the ranks, in image order, so the rows
+    equal a single process's.
     """
     device = torch.device(device)
+    d = dist or current_dist()
+    precision = precision or Precision(device_type=device.type)
     segmenter.eval()
+    copies = max([len(p.levels(list(epsilons))) for p in perturbations.values()] + [1])
+    if pass_images == "auto" or batch_size == "auto":
+        auto = pass_size(segmenter, tuple(dataset[0]["image"].shape), device)
+        pass_images = auto if pass_images == "auto" else pass_images
+        batch_size = max(1, int(pass_images) // copies) if batch_size == "auto" else batch_size
+    model = precision.apply(segmenter)
     gen = torch.Generator().manual_seed(seed)
     cw = None if class_weights is None else class_weights.to(device)
     loss_fn = None if loss is None else loss.to(device)
-    conf_clean = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     levels = {p: pert.levels(list(epsilons)) for p, pert in perturbations.items()}
-    conf = {(p, e): torch.zeros_like(conf_clean) for p in perturbations for e in levels[p]}
-    sq = dict.fromkeys(conf, 0.0)
-    per_image: dict[tuple[str, float], list[float]] = {k: [] for k in conf}
+    keys = [(p, e) for p in perturbations for e in levels[p]]
+    conf = torch.zeros(1 + len(keys), num_classes, num_classes, dtype=torch.int64)  # clean first, then keys
+    sq: dict[int, list[float]] = {}  # image index -> Σ r² per key (eq. 7), summed over the set in image order
+    numel: dict[int, int] = {}
     seconds = dict.fromkeys(perturbations, 0.0)
-    backward = dict.fromkeys(perturbations, 0)
-    elements = 0
-    batches = 0
-    start = 0  # dataset index of the batch's first image (per-image noise generators)
-    loader = DataLoader(dataset, batch_size=batch_size)
-    with progress_bar(progress, len(loader) * (1 + len(perturbations)), label or "robustness") as advance:
-        for batch in loader:
-            x = batch["image"].to(device)
-            y = batch["label"].to(device)
-            with torch.no_grad():
-                conf_clean += confusion_matrix(segmenter(x).argmax(1).cpu(), y.cpu(), num_classes)
+    backward = dict.fromkeys(perturbations, 0.0)
+    batches = evaluation_batches(len(dataset), int(batch_size), d)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        """argmax predictions in passes of at most ``pass_images`` images."""
+        with torch.no_grad(), precision.autocast():
+            return torch.cat([model(precision.input(c)).argmax(1) for c in x.split(int(pass_images))]).cpu()
+
+    with progress_bar(progress and d.main, len(batches) * (1 + len(perturbations)), label or "robustness") as advance:
+        for batch, indices in zip(loader, batches):
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["label"].to(device, non_blocking=True)
+            y_cpu = batch["label"]
+            conf[0] += confusion_matrix(predict(x), y_cpu, num_classes)
             advance(description=f"{label} clean")
+            per_image = {i: [0.0] * len(keys) for i in indices}
+            numel.update(dict.fromkeys(indices, x[0].numel()))
             for name, pert in perturbations.items():
-                ctx = CountingContext(segmenter, cw, gen, seed, list(range(start, start + x.shape[0])), loss_fn)
+                ctx = CountingContext(segmenter if precision.compile is None else model, cw, gen, seed, indices,
+                                      loss_fn, int(pass_images))
                 t0 = time.perf_counter()
                 with contextlib.nullcontext() if pert.needs_gradient else torch.no_grad():
                     advs = pert.sweep(ctx, x, y, list(epsilons))
-                for e in levels[name]:
-                    xa = advs[e]
-                    with torch.no_grad():
-                        pred = segmenter(xa).argmax(1).cpu()
-                    conf[(name, e)] += confusion_matrix(pred, y.cpu(), num_classes)
-                    sq_img = ((xa - x).double() ** 2).flatten(1)
-                    sq[(name, e)] += float(sq_img.sum())
-                    per_image[(name, e)] += sq_img.mean(1).sqrt().tolist()
+                preds = predict(torch.cat([advs[e] for e in levels[name]])).split(x.shape[0])
+                for e, pred in zip(levels[name], preds):
+                    k = keys.index((name, e))
+                    conf[1 + k] += confusion_matrix(pred, y_cpu, num_classes)
+                    for i, v in zip(indices, ((advs[e] - x).double() ** 2).flatten(1).sum(1).tolist()):
+                        per_image[i][k] = v
                 seconds[name] += time.perf_counter() - t0
                 backward[name] += ctx.backward_passes
                 advance(description=f"{label} {name}")
-            elements += x.numel()
-            batches += 1
-            start += x.shape[0]
-    clean = miou(conf_clean)
+            sq.update(per_image)
+    all_reduce_sum(conf, d)
+    parts = all_gather_objects((sq, numel, seconds, backward, len(batches)), d)
+    for p_sq, p_numel, *_ in parts:
+        sq.update(p_sq)
+        numel.update(p_numel)
+    seconds = {n: max(p[2][n] for p in parts) for n in perturbations}  # wall time: the slowest rank
+    backward = {n: sum(p[3][n] for p in parts) for n in perturbations}
+    n_batches = sum(p[4] for p in parts)
+    order = sorted(sq)
+    elements = sum(numel[i] for i in order)
+    clean = miou(conf[0])
     rows = []
-    for (name, e), c in conf.items():
+    for k, (name, e) in enumerate(keys):
+        c = conf[1 + k]
         m = miou(c)
         kind = perturbations[name].level_kind
+        total = 0.0
+        for i in order:
+            total += sq[i][k]
+        per = [(sq[i][k] / numel[i]) ** 0.5 for i in order]
         rows.append(ResultRow(
             model=model_name, seed=seed, dataset=dataset_name, perturbation=name, level_kind=kind, level=e,
-            epsilon=e if kind == "epsilon" else None, epsilon_measured=(sq[(name, e)] / max(elements, 1)) ** 0.5,
-            epsilon_measured_per_image=_spread(per_image[(name, e)]), miou=m, miou_clean=clean,
+            epsilon=e if kind == "epsilon" else None, epsilon_measured=(total / max(elements, 1)) ** 0.5,
+            epsilon_measured_per_image=_spread(per), miou=m, miou_clean=clean,
             q=q_ratio(m, clean), per_class_iou=_nan_to_none(iou_per_class(c).tolist()),
-            seconds_sweep=seconds[name], backward_passes_per_batch=backward[name] / max(batches, 1),
+            seconds_sweep=seconds[name], backward_passes_per_batch=backward[name] / max(n_batches, 1),
             note=NO_LABELS if m != m or clean != clean else None))
     clean_row = CleanRow(model=model_name, seed=seed, dataset=dataset_name, miou=clean,
-                         per_class_iou=_nan_to_none(iou_per_class(conf_clean).tolist()),
+                         per_class_iou=_nan_to_none(iou_per_class(conf[0]).tolist()),
                          note=NO_LABELS if clean != clean else None)
     return Sweep(clean_row, rows, len(dataset))
 
@@ -181,11 +252,16 @@ def evaluate_checkpoint(loaded: LoadedModel, recipe: Recipe, datasets: list[str]
     name = loaded.spec.name
     out = RunResults(seeds=[seed], models={name: ModelInfo(tasks=loaded.spec.tasks, lam=loaded.spec.lam,
                                                              checkpoint=checkpoint)})
+    device = torch.device(device)
+    precision = resolve_precision(rob.amp, rob.channels_last, rob.compile, device, "robustness")
+    workers = default_workers(recipe.data.num_workers)
+    pin = recipe.data.pin_memory if recipe.data.pin_memory != "auto" else device.type == "cuda"
     for key in datasets:
         ds = prepared_dataset(recipe, f"data.eval.{key}", progress)
         sweep = robustness_sweep(loaded.segmenter, ds, perts, rob.epsilons, recipe.model.num_classes,
                                  loaded.class_weights, rob.batch_size, seed, device, progress,
-                                 label=f"{name}/{key}", loss=loss, model_name=name, dataset_name=key)
+                                 label=f"{name}/{key}", loss=loss, model_name=name, dataset_name=key,
+                                 precision=precision, pass_images=rob.pass_images, workers=workers, pin_memory=pin)
         out.clean.append(sweep.clean)
         out.robustness += sweep.rows
     return out

@@ -9,6 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from .errors import MtkitError
+from .runtime import Dist, Precision, all_reduce_sum, current_dist
+from .sampling import evaluation_batches
 
 IGNORE_INDEX = 255
 
@@ -113,11 +115,16 @@ def evaluate_depth(gt: torch.Tensor, pred: torch.Tensor, min_depth: float = 1e-3
 
 @torch.no_grad()
 def confusion_on(segmenter: torch.nn.Module, dataset, num_classes: int, batch_size: int,
-                 device: torch.device) -> torch.Tensor:
-    """Confusion counts of a segmenter's clean predictions over a whole set (validation during training)."""
+                 device: torch.device, precision: Precision | None = None, dist: Dist | None = None
+                 ) -> torch.Tensor:
+    """Confusion counts of a segmenter's clean predictions over a whole set (validation during training). Under
+    torchrun each rank predicts every world-th batch and the counts are summed over the ranks."""
+    d = dist or current_dist()
+    precision = precision or Precision(device_type=torch.device(device).type)
     segmenter.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        pred = segmenter(batch["image"].to(device)).argmax(1).cpu()
+    for batch in DataLoader(dataset, batch_sampler=evaluation_batches(len(dataset), batch_size, d)):
+        with precision.autocast():
+            pred = segmenter(precision.input(batch["image"].to(device))).argmax(1).cpu()
         conf += confusion_matrix(pred, batch["label"], num_classes)
-    return conf
+    return all_reduce_sum(conf, d)

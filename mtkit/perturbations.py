@@ -48,6 +48,8 @@ class AttackContext:
     indices: list[int] | None = None
     #: the attacked loss J(logits, labels): the recipe's ``loss.segmentation`` (default J^ce of eq. 1)
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    #: the most images in one forward/backward pass (a batched sweep chunks its ε copies by it); None: no limit
+    pass_images: int | None = None
 
     def objective(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.loss_fn is not None:
@@ -67,17 +69,29 @@ class AttackContext:
         return self.objective(self.model(x), y)
 
     def gradient(self, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """∇_x loss_fn(model(x)) (one forward and one backward pass): the one place attacks differentiate."""
+        """∇_x loss_fn(model(x)) (one forward and one backward pass): the one place attacks differentiate. It runs
+        in fp32 even inside an autocast region: the sign of a bf16 gradient flips on small values."""
         x = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             (grad,) = torch.autograd.grad(loss_fn(self.model(x)), x)
         return grad
 
-    def input_gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """∇_x J(ȳ, y(x)) of the attacked loss (J^ce of eq. 1 by default) against the ground truth."""
+    def input_gradient(self, x: torch.Tensor, y: torch.Tensor, copies: int = 1) -> torch.Tensor:
+        """∇_x J(ȳ, y(x)) of the attacked loss (J^ce of eq. 1 by default) against the ground truth.
+
+        ``x`` may stack ``copies`` copies of the batch (a batched sweep: one copy per ε). The gradient is then that
+        of Σ_c J(ȳ, y(x_c)), so each copy gets exactly its own gradient, taken in passes of at most
+        ``pass_images`` images (whole copies per pass)."""
         if y is None:
             raise MtkitError("a gradient attack needs ground-truth labels; this dataset gives none")
-        return self.gradient(x, lambda logits: self.objective(logits, y))
+        b = x.shape[0] // copies
+        per_pass = max(1, (self.pass_images or x.shape[0]) // b)
+        grads = []
+        for c0 in range(0, copies, per_pass):
+            n = min(per_pass, copies - c0)
+            grads.append(self.gradient(x[c0 * b:(c0 + n) * b], lambda logits, n=n: torch.stack(
+                [self.objective(logits[i * b:(i + 1) * b], y) for i in range(n)]).sum()))
+        return grads[0] if len(grads) == 1 else torch.cat(grads)
 
 
 def clip_image(x: torch.Tensor) -> torch.Tensor:
@@ -177,8 +191,37 @@ def pgd(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, eps: float, step: 
     return x_adv
 
 
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Projection onto the L∞ ε-ball around x, then onto real images [0, 255] (PGD's projection step)."""
+def pgd_sweep(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, epsilons: list[float], step: float = 1.0,
+              iterations: int | dict[float, int] | None = None, random_start: bool = False
+              ) -> dict[float, torch.Tensor]:
+    """``pgd`` at every ε of a sweep at once: the ε copies of the batch are stacked into one larger batch, and each
+    copy iterates until its own iteration count is reached (the copies still iterating share each gradient pass,
+    chunked by ``ctx.pass_images``). Equal, element for element, to ``pgd`` run at each ε in turn: the random
+    starts are drawn in the same order, and each copy's gradient is its own."""
+    counts = [pgd_iterations(e, iterations) for e in epsilons]
+    b = x.shape[0]
+    starts = []
+    for e in epsilons:
+        start = x.clone()
+        if random_start:
+            noise = torch.rand(x.shape, generator=ctx.generator, dtype=x.dtype, device="cpu").to(x.device)
+            start = clip_image(x + (2 * noise - 1) * e)
+        starts.append(start)
+    x_adv = torch.cat(starts)
+    x0 = x.repeat(len(epsilons), *([1] * (x.dim() - 1)))
+    eps = torch.tensor(epsilons, dtype=x.dtype, device=x.device).repeat_interleave(b).view(-1, *([1] * (x.dim() - 1)))
+    for it in range(max(counts)):
+        active = [i for i, n in enumerate(counts) if n > it]
+        rows = torch.cat([torch.arange(i * b, (i + 1) * b, device=x.device) for i in active])
+        xa = x_adv[rows]
+        direction = fgsm_direction(ctx.input_gradient(xa, y, copies=len(active)))
+        x_adv[rows] = project(xa + step * direction, x0[rows], eps[rows])
+    return {e: x_adv[i * b:(i + 1) * b] for i, e in enumerate(epsilons)}
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    """Projection onto the L∞ ε-ball around x, then onto real images [0, 255] (PGD's projection step); ``eps``
+    may be a tensor that broadcasts against x (one ε per image)."""
     return clip_image(torch.maximum(torch.minimum(x_adv, x + eps), x - eps))
 
 
@@ -252,12 +295,12 @@ class PGDOptions(PerturbationOptions):
 
 @register("perturbation", "pgd")
 class PGD(Perturbation):
-    """PGD: step 1 gray value, ceil(min(ε+4, 1.25ε)) iterations (Kurakin et al.), L∞ projection; options:
-    step, iterations (a count, or ε → count), random_start."""
+    """PGD: step 1 gray value, ceil(min(ε+4, 1.25ε)) iterations (Kurakin et al.), L∞ projection, every ε of the
+    sweep in one batch (``pgd_sweep``); options: step, iterations (a count, or ε → count), random_start."""
 
     Options = PGDOptions
     needs_gradient = True
 
     def sweep(self, ctx, x, y, epsilons):
         o = self.options
-        return {e: pgd(ctx, x, y, e, o.step, o.iterations, o.random_start) for e in epsilons}
+        return pgd_sweep(ctx, x, y, list(epsilons), o.step, o.iterations, o.random_start)

@@ -28,6 +28,13 @@ def epoch_batches(n: int, batch: int, steps: int, seed: int, epoch: int, d: Dist
     return [out[i * local:(i + 1) * local] for i in range(steps)]
 
 
+def evaluation_batches(n: int, batch: int, d: Dist) -> list[list[int]]:
+    """This rank's batches of an evaluation set of ``n`` samples: the set in order, cut into batches of ``batch``,
+    batch k to rank k mod world. Every sample is counted once (no padding, unlike ``DistributedSampler``), and each
+    batch holds the same images as in a single process, so sharded results equal one process's exactly."""
+    return [list(range(s, min(s + batch, n))) for k, s in enumerate(range(0, n, batch)) if k % d.world == d.rank]
+
+
 class EpochLoader:
     """One DataLoader for a whole training run: each epoch hands it that epoch's batches of keys (``epoch``), so
     ``persistent_workers`` keeps the worker processes between epochs. A user error raised in a worker (a corrupt

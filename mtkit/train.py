@@ -12,7 +12,6 @@ batch over the ranks, rank 0 writes checkpoints and logs.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from .models import MultiTaskNet
 from .plugins import get_plugins
 from .prepare import default_workers, prepared_dataset
 from .progress import progress_bar
-from .runtime import init_distributed, resolve_device, seed_everything
+from .runtime import init_distributed, resolve_device, resolve_precision, seed_everything
 from .sampling import EpochLoader, epoch_batches
 
 
@@ -77,9 +76,7 @@ class Trainer:
         for name, b in (("segmentation", self.seg_batch), ("depth", self.depth_batch)):
             if b % self.dist.world:
                 raise MtkitError(f"the {name} batch ({b}) must divide evenly over {self.dist.world} processes")
-        cuda = self.device.type == "cuda"
-        self.amp = t.amp == "bf16" or (t.amp == "auto" and cuda)
-        self.channels_last = t.channels_last == "on" or (t.channels_last == "auto" and cuda)
+        self.precision = resolve_precision(t.amp, t.channels_last, t.compile, self.device)
 
     # ------------------------------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -107,19 +104,21 @@ class Trainer:
         self.model: MultiTaskNet = build_model(r.model, self.spec.tasks, self.spec.lam, r.loss.num_scales,
                                               self.spec.task_scales)
         self.model.to(self.device)
-        if self.channels_last:
+        if self.precision.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.depth_loss = build_depth_loss(r) if self.multitask else None
         self.seg_loss = build_segmentation_loss(r.loss.segmentation, self.weights).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=r.train.lr)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, r.train.lr_drop_epochs,
                                                               r.train.lr_drop_factor)
+        # fp16 needs loss scaling (bf16 has fp32's range); the scaler's state is part of last.pt
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.dtype == torch.float16)
         self.net: torch.nn.Module = self.model
         if self.dist.enabled:
             self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if
                                                self.device.type == "cuda" else None)
-        if r.train.compile:
-            self.net = torch.compile(self.net)
+        if self.precision.compile:
+            self.net = torch.compile(self.net, backend=self.precision.compile)
         self.epoch = 0
         self.step = 0
         self.step_in_epoch = 0
@@ -156,7 +155,7 @@ class Trainer:
         }
         if resumable:
             payload.update(optimizer=self.optimizer.state_dict(), scheduler=ckpt.scheduler_state(self.scheduler),
-                           rng=ckpt.rng_state())
+                           rng=ckpt.rng_state(), scaler=self.scaler.state_dict())
         return payload
 
     def save(self, path: Path, resumable: bool = True) -> None:
@@ -173,6 +172,8 @@ class Trainer:
         self.model.load_state_dict(data["model"])
         self.optimizer.load_state_dict(data["optimizer"])
         ckpt.load_scheduler_state(self.scheduler, data["scheduler"])
+        if data.get("scaler"):
+            self.scaler.load_state_dict(data["scaler"])
         self.epoch, self.step, self.step_in_epoch = data["epoch"], data["step"], data["step_in_epoch"]
         self.best = -math.inf if data["best"] is None else data["best"]
         self.history = list(data.get("history", []))
@@ -210,11 +211,8 @@ class Trainer:
             raise MtkitError(f"a training label holds class {int(y[y != 255].max())}, but model.num_classes is {n}: "
                              "set model.num_classes to the labels' class count")
         frames = None if dep is None else dep["frames"].to(dev, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
-        with autocast:
-            out = self.net(x, frames)
+        with self.precision.autocast():
+            out = self.net(self.precision.input(x), frames)
         terms: dict[str, torch.Tensor] = {"seg": self.seg_loss(out["seg_logits"].float(), y)}
         total = terms["seg"]
         for name, task in self.model.aux_tasks.items():  # plugin tasks, on the segmentation batch's images
@@ -238,10 +236,12 @@ class Trainer:
                     f"training stopped, the last good checkpoint is kept at {self.last_path}"
                     + ("" if self.last_path.is_file() else " (none written yet)"))
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        self.scaler.scale(total).backward()
         if self.recipe.train.grad_clip:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
+        self.scaler.update()
         values = torch.stack([v.detach().float() for v in terms.values()])
         if self.dist.enabled:  # log the mean over ranks, i.e. over the global batch
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
@@ -249,8 +249,9 @@ class Trainer:
         return dict(zip(terms, values.tolist()))
 
     def validate(self) -> float:
+        bs = self.recipe.robustness.batch_size
         conf = confusion_on(self.model.segmenter(), self.seg_val, self.recipe.model.num_classes,
-                            self.recipe.robustness.batch_size, self.device)
+                            bs if isinstance(bs, int) else self.seg_batch, self.device, self.precision, self.dist)
         self.model.train()
         return miou(conf)
 

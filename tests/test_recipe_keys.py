@@ -106,8 +106,31 @@ def _batch_sizes(module: str, monkeypatch) -> list:
     """The batch sizes of the DataLoaders that ``module`` creates from now on."""
     sizes = []
     real = torch.utils.data.DataLoader
-    monkeypatch.setattr(f"{module}.DataLoader", lambda *a, **k: sizes.append(k.get("batch_size")) or real(*a, **k))
+
+    def spy(*a, **k):
+        sizes.append(k.get("batch_size") or len(k["batch_sampler"][0]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(f"{module}.DataLoader", spy)
     return sizes
+
+
+def _eval_passes(r: Recipe, trained, monkeypatch) -> Any:
+    """(logits dtype, images, channels_last input) of every forward pass of an evaluation, and torch.compile calls."""
+    from mtkit.evaluate import evaluate_checkpoint
+
+    seen, compiled = [], []
+    real = torch.compile
+    monkeypatch.setattr("torch.compile", lambda m, **k: compiled.append(k) or real(m, **k))
+    seg = trained[0].segmenter
+    hook = seg.register_forward_hook(lambda m, i, o: seen.append(
+        (str(o.dtype), i[0].shape[0], i[0].is_contiguous(memory_format=torch.channels_last))))
+    try:
+        evaluate_checkpoint(trained[0], r, ["CS"], 0)
+    finally:
+        hook.remove()
+        seg.to(memory_format=torch.contiguous_format)
+    return sorted(set(seen)), list(compiled)  # a copy: a later probe chains its spy onto this one
 
 
 def _depth_eval(r: Recipe, monkeypatch) -> Any:
@@ -191,8 +214,8 @@ PROBES: dict[str, tuple[Any, Any, Callable[..., Any]]] = {
     "train.seg_batch_size": (2, 4, lambda r, c: _trainer(r, c.tmp).seg_batch),
     "train.depth_batch_size": (2, 4, lambda r, c: _trainer(r, c.tmp).depth_batch),
     "train.steps_per_epoch": (2, 3, lambda r, c: _trainer(r, c.tmp, setup=True).steps_per_epoch),
-    "train.amp": ("off", "bf16", lambda r, c: _trainer(r, c.tmp).amp),
-    "train.channels_last": ("off", "on", lambda r, c: _trainer(r, c.tmp).channels_last),
+    "train.amp": ("off", "bf16", lambda r, c: str(_trainer(r, c.tmp).precision.dtype)),
+    "train.channels_last": (False, True, lambda r, c: _trainer(r, c.tmp).precision.channels_last),
     "train.compile": (False, True, lambda r, c: type(_trainer(r, c.tmp).net).__name__),
     "train.grad_clip": (None, 1e-6, lambda r, c: _one_step_update(r, c)),
     "train.log_every": (1, 2, lambda r, c: len(_jsonl(_fit(r, c.tmp).run_dir / "metrics.jsonl"))),
@@ -208,6 +231,10 @@ PROBES: dict[str, tuple[Any, Any, Callable[..., Any]]] = {
     "robustness.epsilons": ([1.0], [2.0], lambda r, c: _robustness_rows(r, c.trained, c.mp)[0]),
     "robustness.batch_size": (4, 2, lambda r, c: _robustness_rows(r, c.trained, c.mp)[1]),
     "robustness.datasets": (None, ["K"], lambda r, c: evaluation_sets(r)),
+    "robustness.pass_images": (1, 4, lambda r, c: _eval_passes(r, c.trained, c.mp)),
+    "robustness.amp": ("off", "bf16", lambda r, c: _eval_passes(r, c.trained, c.mp)),
+    "robustness.channels_last": (False, True, lambda r, c: _eval_passes(r, c.trained, c.mp)),
+    "robustness.compile": (False, "aot_eager", lambda r, c: _eval_passes(r, c.trained, c.mp)[1]),
     "robustness.options": ({}, {"pgd": {"iterations": 1}}, lambda r, c: _robustness_rows(r, c.trained, c.mp)[0]),
     "depth_evaluation.min_depth": (1e-3, 10.0, lambda r, c: _depth_eval(r, c.mp)[0]),
     "depth_evaluation.max_depth": (80.0, 40.0, lambda r, c: _depth_eval(r, c.mp)[0]),
@@ -365,7 +392,7 @@ def test_recipe_key_changes_behaviour(key, tmp_path, monkeypatch, trained):
 
         reg.add("loss", "probe_depth_loss", ProbeDepthLoss)
     a, b, probe = PROBES[key]
-    base = tiny_recipe(**{"train.amp": "off", "train.channels_last": "off", "robustness.epsilons": [1.0],
+    base = tiny_recipe(**{"train.amp": "off", "train.channels_last": False, "robustness.epsilons": [1.0],
                           "robustness.perturbations": ["fgsm"], "robustness.options": {}})
     base["data"]["eval"]["K"]["options"] = {"domain": "drive", "sequences": 2, "frames": 8}
     base["models"][1]["task_scales"] = {}

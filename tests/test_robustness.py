@@ -96,15 +96,15 @@ def test_pgd_runs_at_least_one_iteration_for_every_epsilon_and_takes_overrides(t
 
     class Counting(AttackContext):
         def gradient(self, x, loss_fn):
-            calls.append(1)
+            calls.append(x.shape[0])  # images in the pass: the ε copies still iterating share a pass
             return super().gradient(x, loss_fn)
 
     ctx = Counting(loaded.segmenter, loaded.class_weights, torch.Generator())
     adv = PGD().sweep(ctx, x[:1], y[:1], [0.25])[0.25]
-    assert len(calls) == 1 and not torch.equal(adv, x[:1])  # ε < 1 still attacks
+    assert calls == [1] and not torch.equal(adv, x[:1])  # ε < 1 still attacks
     calls.clear()
     build_perturbation("pgd", {"iterations": {"0.25": 3, 16: 2}}).sweep(ctx, x[:1], y[:1], [0.25, 16.0])
-    assert len(calls) == 3 + 2
+    assert calls == [2, 2, 1]  # 3 + 2 iterations: two passes with both copies, one with the ε = 0.25 copy
     for bad in ({"iterations": 0}, {"iterations": {4: -1}}, {"iterations": {"x": 2}}, {"step": -1}):
         with pytest.raises(MtkitError):
             build_perturbation("pgd", bad)

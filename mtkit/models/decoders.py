@@ -14,15 +14,18 @@ DECODER_CHANNELS = (16, 32, 64, 128, 256)
 
 class Conv3x3(nn.Module):
     """3x3 convolution with reflection padding (replicate padding for maps of one pixel in height or width,
-    which cannot be reflected, e.g. the bottleneck of a 32-pixel-high input)."""
+    which cannot be reflected, e.g. the bottleneck of a 32-pixel-high input). Replicate padding is written as a
+    concatenation: torch.compile (inductor, torch 2.13) miscompiles ``replication_pad2d_backward`` on such maps."""
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mode = "reflect" if min(x.shape[-2:]) > 1 else "replicate"
-        return self.conv(F.pad(x, (1, 1, 1, 1), mode=mode))
+        if min(x.shape[-2:]) > 1:
+            return self.conv(F.pad(x, (1, 1, 1, 1), mode="reflect"))
+        x = torch.cat([x[:, :, :1], x, x[:, :, -1:]], 2)
+        return self.conv(torch.cat([x[..., :1], x, x[..., -1:]], 3))
 
 
 class ConvBlock(nn.Sequential):
