@@ -22,7 +22,7 @@ class Setup:
     images: int
 
 
-def make_trainer(size: str, multitask: bool) -> Setup:
+def make_trainer(size: str, multitask: bool, **train) -> Setup:
     from mtkit.recipe import validate
     from mtkit.train import Trainer
 
@@ -31,7 +31,7 @@ def make_trainer(size: str, multitask: bool) -> Setup:
     recipe = validate({
         "name": "bench", "device": "cpu",
         "data": {"segmentation": ds, "segmentation_val": ds, "depth": {**ds, "name": "synthetic_video"}},
-        "train": {"amp": "off", "channels_last": "off"},
+        "train": {"amp": "off", "channels_last": False, **train},
         "models": [{"name": "m", "tasks": ["segmentation", "depth"] if multitask else ["segmentation"],
                     "lambda": 0.1}],
     })
@@ -49,3 +49,57 @@ def make_trainer(size: str, multitask: bool) -> Setup:
         k[:, 0, 0], k[:, 1, 1], k[:, 0, 2], k[:, 1, 2] = 0.58 * w, 1.92 * h, w / 2, h / 2
         dep = {"frames": frames, "frames_raw": frames.clone(), "K": k}
     return Setup(trainer, seg, dep, b_seg + trainer.depth_batch)
+
+
+def count_flops(fn, *args) -> int:
+    """FLOPs of one call of ``fn`` (forward and backward), counted by torch's own ``FlopCounterMode``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return int(counter.get_total_flops())
+
+
+def input_gradient_flops(segmenter, x: torch.Tensor, y: torch.Tensor) -> int:
+    """FLOPs of one attack gradient pass (forward, loss, backward to the input only) over the batch ``x``.
+    Counted through ``.backward()`` with the weights frozen: FlopCounterMode's module tracker cannot follow the
+    ``torch.autograd.grad`` that attacks call."""
+    from mtkit.losses import weighted_cross_entropy
+
+    frozen = [p for p in segmenter.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        xr = x.clone().requires_grad_(True)
+        return count_flops(lambda: weighted_cross_entropy(segmenter(xr), y, None).backward())
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048,
+                rounds: int = 5) -> float:
+    """The device's achievable matmul rate in FLOP/s: the best of ``rounds`` n x n matmuls (2n³ FLOPs each),
+    measured in this run, so a fraction of it is comparable across machines of different speed."""
+    import time
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def record_flops(benchmark, flops: int, peak: float) -> None:
+    """FLOPs per call, achieved FLOP/s at the median time and its fraction of the measured matmul peak."""
+    benchmark.extra_info.update(flops=flops, peak_flop_per_s=peak)
+    if benchmark.stats:
+        achieved = flops / benchmark.stats.stats.median
+        benchmark.extra_info.update(flop_per_s=achieved, peak_fraction=achieved / peak)

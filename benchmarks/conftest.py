@@ -12,9 +12,17 @@ import time
 
 import pytest
 import torch
-from bench_support import SIZES
+from bench_support import SIZES, matmul_peak
 
 torch.set_num_threads(int(os.environ.get("MTKIT_BENCH_THREADS", "2")))
+
+
+@pytest.fixture(scope="session")
+def peak() -> float:
+    """The fp32 matmul peak of this CPU in FLOP/s (bf16 on a GPU), measured once per run."""
+    if torch.cuda.is_available():
+        return matmul_peak("cuda", torch.bfloat16, 8192)
+    return matmul_peak("cpu", torch.float32, 2048)
 
 
 @pytest.fixture(scope="session")

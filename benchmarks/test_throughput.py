@@ -8,17 +8,18 @@ vs 7 independent FGSM runs, and PGD vs torchattacks' PGD on the same model and i
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from bench_support import SIZES, make_trainer, rounds
+from bench_support import SIZES, count_flops, input_gradient_flops, make_trainer, record_flops, rounds
 
 from mtkit.losses import IGNORE_INDEX, MonodepthLoss
 from mtkit.models.decoders import disp_to_depth
-from mtkit.perturbations import FGSM, AttackContext, fgsm, fgsm_direction, pgd
+from mtkit.perturbations import FGSM, PGD, AttackContext, fgsm, fgsm_direction, pgd
 
 EPSILONS = [0.25, 0.5, 1, 2, 4, 8, 16]
 
@@ -89,8 +90,9 @@ def plain_pytorch_step(model, depth_loss: MonodepthLoss, optimizer, seg, dep, la
 
 @pytest.mark.parametrize("size", ["quick", "paper"])
 @pytest.mark.parametrize("multitask", [True, False], ids=["multitask", "single"])
-def test_train_step(benchmark, size, multitask):
-    """One training step of the toolkit's trainer (images/s); ratio vs the plain-PyTorch step of the same net."""
+def test_train_step(benchmark, size, multitask, peak):
+    """One training step of the toolkit's trainer (images/s, FLOP/s and its fraction of the matmul peak); ratio
+    vs the plain-PyTorch step of the same net."""
     if benchmark.disabled and size == "paper":
         pytest.skip("paper size only under mtkit bench (the suite checks that the step runs at the quick size)")
     s = make_trainer(size, multitask)
@@ -102,12 +104,32 @@ def test_train_step(benchmark, size, multitask):
                                   rounds(benchmark, 3 * n))
     benchmark.extra_info.update(images_per_step=s.images, overhead_vs_plain_pytorch=toolkit / plain - 1,
                                 plain_pytorch_images_per_s=s.images / plain)
+    flops = count_flops(tr.train_step, s.seg, s.dep)
     benchmark.pedantic(tr.train_step, args=(s.seg, s.dep), rounds=n, iterations=1, warmup_rounds=0)
     benchmark.extra_info["images_per_s"] = s.images / benchmark.stats.stats.median if benchmark.stats else None
+    record_flops(benchmark, flops, peak)
 
 
-def test_segmenter_inference(benchmark, trained_segmenter):
-    """Segmentation network inference at the quickstart size (images/s)."""
+@pytest.mark.parametrize("mode", ["bf16", "channels_last", "compile"])
+def test_train_step_precision(benchmark, mode, peak):
+    """The 640x192 multi-task step in bf16 autocast / channels_last / torch.compile (inductor) vs fp32 eager,
+    interleaved in the same run (ratio of medians; > 1: faster). Only under mtkit bench (compiling at this size
+    takes minutes on a CPU)."""
+    if benchmark.disabled:
+        pytest.skip("timing only: the suite proves these modes in tests/test_scale.py")
+    base = make_trainer("paper", True)
+    s = make_trainer("paper", True, **{"bf16": {"amp": "bf16"}, "channels_last": {"channels_last": True},
+                                      "compile": {"compile": True}}[mode])
+    s.trainer.train_step(s.seg, s.dep)  # compiles
+    eager, other = _interleaved(lambda: base.trainer.train_step(base.seg, base.dep),
+                                lambda: s.trainer.train_step(s.seg, s.dep), 3)
+    benchmark.extra_info.update(images_per_step=s.images, speedup_vs_fp32_eager=eager / other)
+    benchmark.pedantic(s.trainer.train_step, args=(s.seg, s.dep), rounds=2, iterations=1, warmup_rounds=0)
+    record_flops(benchmark, count_flops(base.trainer.train_step, base.seg, base.dep), peak)
+
+
+def test_segmenter_inference(benchmark, trained_segmenter, peak):
+    """Segmentation network inference at the quickstart size (images/s, FLOP/s)."""
     seg, x, _ = trained_segmenter
 
     def infer():
@@ -117,9 +139,31 @@ def test_segmenter_inference(benchmark, trained_segmenter):
     out = benchmark(infer)
     assert out.shape == (x.shape[0], 19, *x.shape[-2:])
     benchmark.extra_info["images"] = x.shape[0]
+    with torch.no_grad():
+        record_flops(benchmark, count_flops(seg, x), peak)
 
 
-def test_photometric_loss(benchmark, injected_sleep):
+def test_pgd_sweep_batched(benchmark, trained_segmenter, peak):
+    """PGD over the paper's 7 ε with every ε copy in one batch (pgd_sweep) vs one ε after another (pgd), same
+    iterations (1, 1, 2, 3, 5, 10, 20 capped at 3 here to keep the run short), interleaved; identical outputs."""
+    seg, x, y = trained_segmenter
+    x, y = x[:2], y[:2]
+    ctx = AttackContext(seg, None, torch.Generator().manual_seed(0))
+    iters = {e: min(3, max(1, math.ceil(min(e + 4, 1.25 * e)))) for e in EPSILONS}
+    attack = PGD(PGD.Options(iterations=iters))
+
+    def per_epsilon():
+        return {e: pgd(ctx, x, y, e, iterations=iters) for e in EPSILONS}
+
+    batched, single = _interleaved(lambda: attack.sweep(ctx, x, y, EPSILONS), per_epsilon, rounds(benchmark, 3))
+    benchmark.extra_info.update(images=x.shape[0], speedup_batched_vs_per_epsilon=single / batched)
+    out = benchmark.pedantic(attack.sweep, args=(ctx, x, y, EPSILONS), rounds=rounds(benchmark, 3), iterations=1)
+    ref = per_epsilon()
+    assert all(torch.equal(out[e], ref[e]) for e in EPSILONS)
+    record_flops(benchmark, input_gradient_flops(seg, x, y) * sum(iters.values()), peak)
+
+
+def test_photometric_loss(benchmark, injected_sleep, peak):
     """The depth loss alone (eq. 2-4, 4 scales, two source frames) at the quickstart size, batch 6."""
     h, w = SIZES["quick"]
     g = torch.Generator().manual_seed(0)
@@ -133,9 +177,10 @@ def test_photometric_loss(benchmark, injected_sleep):
     loss = MonodepthLoss()
     out = benchmark(loss, disps, frames, k, {-1: pose, 1: pose})
     assert torch.isfinite(out.total)
+    record_flops(benchmark, count_flops(loss, disps, frames, k, {-1: pose, 1: pose}), peak)
 
 
-def test_fgsm_sweep(benchmark, trained_segmenter):
+def test_fgsm_sweep(benchmark, trained_segmenter, peak):
     """One FGSM sweep over the paper's 7 ε (one backward pass) vs 7 independent FGSM runs (7 backward passes)."""
     seg, x, y = trained_segmenter
     ctx = AttackContext(seg, None, torch.Generator().manual_seed(0))
@@ -147,9 +192,10 @@ def test_fgsm_sweep(benchmark, trained_segmenter):
     benchmark.extra_info["speedup_vs_7_independent_runs"] = seven / sweep
     out = benchmark(FGSM().sweep, ctx, x, y, EPSILONS)
     assert sorted(out) == EPSILONS
+    record_flops(benchmark, input_gradient_flops(seg, x, y), peak)
 
 
-def test_pgd_iteration(benchmark, trained_segmenter):
+def test_pgd_iteration(benchmark, trained_segmenter, peak):
     """One PGD iteration (forward, backward, projection); ratio vs torchattacks' PGD when it is installed."""
     seg, x, y = trained_segmenter
     ctx = AttackContext(seg, None, torch.Generator().manual_seed(0))
@@ -167,3 +213,4 @@ def test_pgd_iteration(benchmark, trained_segmenter):
         benchmark.extra_info["ratio_vs_torchattacks"] = ours / theirs
     out = benchmark(pgd, ctx, x, y, eps, 1.0, 1)
     assert (out - x).abs().max() <= eps + 1e-4
+    record_flops(benchmark, input_gradient_flops(seg, x, y), peak)

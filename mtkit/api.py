@@ -22,7 +22,7 @@ from .plugins import get_plugins, get_registry
 from .prepare import Prepared, prepare_recipe
 from .recipe import apply_overrides, load_recipe, validate
 from .results import ModelInfo, RunResults
-from .runtime import resolve_device
+from .runtime import init_distributed, resolve_device
 from .train import TrainResult, train
 
 __all__ = ["Prepared", "Recipe", "RunResult", "RunResults", "TrainResult", "bench", "evaluate", "evaluate_depth",
@@ -67,6 +67,7 @@ def evaluate(recipe: Recipe, checkpoints: list[str | Path], perturbations: list[
     recipe = with_overrides(recipe, overrides) if overrides else recipe
     keys = evaluation_sets(recipe)
     device = resolve_device(recipe.device)
+    init_distributed(device)  # under torchrun each rank evaluates its shard of every set
     out = RunResults(recipe_name=recipe.name, recipe_source=recipe.source, seeds=[recipe.seed])
     for ck in checkpoints:
         loaded = load_model(ck, device)

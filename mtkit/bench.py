@@ -101,8 +101,9 @@ def run_bench(save: str | None = None, compare_with: str | None = None, fail_ove
     return result
 
 
-def summary_rows(data: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(benchmark, median ms, throughput, ratios) per benchmark, for a readable table."""
+def summary_rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+    """(benchmark, median ms, throughput, achieved GFLOP/s, fraction of the matmul peak measured in the same run,
+    ratios) per benchmark, for a readable table."""
     rows = []
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
@@ -116,5 +117,13 @@ def summary_rows(data: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             ratios.append(f"{info['speedup_vs_7_independent_runs']:.2f}x faster than 7 FGSM runs")
         if "ratio_vs_torchattacks" in info:
             ratios.append(f"{info['ratio_vs_torchattacks']:.2f}x torchattacks' time")
-        rows.append((b["name"], f"{1000 * median:.1f}", rate, "; ".join(ratios)))
+        if "speedup_batched_vs_per_epsilon" in info:
+            ratios.append(f"{info['speedup_batched_vs_per_epsilon']:.2f}x faster than one ε after another")
+        if "speedup_vs_fp32_eager" in info:
+            ratios.append(f"{info['speedup_vs_fp32_eager']:.2f}x faster than fp32 eager")
+        flops = info.get("flops")
+        achieved = flops / median if flops else None
+        peak = info.get("peak_flop_per_s")
+        rows.append((b["name"], f"{1000 * median:.1f}", rate, f"{achieved / 1e9:.1f}" if achieved else "",
+                     f"{achieved / peak:.2f}" if achieved and peak else "", "; ".join(ratios)))
     return rows

@@ -174,11 +174,14 @@ def eval_cmd(recipe: str, overrides: tuple[str, ...], checkpoints: tuple[str, ..
     from . import api
     from .io import ensure_writable_dir
     from .report import rich_tables, save_report
+    from .runtime import current_dist
 
     r = _recipe(recipe, overrides)
     ensure_writable_dir(out_dir)
     res = api.evaluate(r, list(checkpoints), list(perturbations) or None, _floats(eps), list(datasets) or None,
                        progress=not no_progress)
+    if not current_dist().main:  # torchrun: every rank evaluated its shard; rank 0 writes and prints
+        return
     paths = save_report(res, Path(out_dir))
     for t in rich_tables(res):
         console.print(t)
@@ -241,7 +244,7 @@ def bench(save: str | None, compare_with: str | None, fail_over: float, select: 
 
     res = api.bench(save=save, compare_with=compare_with, fail_over=fail_over, select=select, path=path)
     table = Table(title="mtkit benchmarks")
-    for col in ("benchmark", "median [ms]", "throughput", "side by side"):
+    for col in ("benchmark", "median [ms]", "throughput", "GFLOP/s", "of peak", "side by side"):
         table.add_column(col)
     for row in summary_rows(res.data):
         table.add_row(*(escape(cell) for cell in row))

@@ -1,5 +1,7 @@
 """``mtkit run``: the paper's protocol as stages (prepare the data, train each model, evaluate clean + sweep
-perturbations on each evaluation set, report), each cached by a hash of the config that shapes it.
+perturbations on each evaluation set, report), each cached by a hash of the config that shapes it. Under
+``torchrun --nproc_per_node N -m mtkit run RECIPE`` training runs with DDP, each evaluation set is sharded over the
+ranks (``robustness_sweep``), and rank 0 writes every file.
 
 Re-running skips finished stages; a changed key reruns only the stages that depend on it; ``force`` reruns all.
 An interrupted training stage resumes from its last checkpoint, an interrupted evaluation reruns only the
@@ -31,7 +33,7 @@ from .plugins import get_plugins
 from .prepare import prepare_recipe
 from .report import save_report
 from .results import DataRow, DepthRow, ModelInfo, RunResults, strict
-from .runtime import resolve_device
+from .runtime import barrier, init_distributed, resolve_device
 from .train import train
 
 QUICKSTART_HINT = "to try the whole pipeline on the embedded synthetic data instead: mtkit run recipes/quickstart.yaml"
@@ -124,11 +126,19 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
     check_datasets(recipe)
     eval_keys = evaluation_sets(recipe)
     device = resolve_device(recipe.device)
+    d = init_distributed(device)  # under torchrun: DDP training, sharded evaluation, rank 0 writes
+    log = log if d.main else (lambda *_: None)
+    progress = progress and d.main
     run_dir.mkdir(parents=True, exist_ok=True)
     ran, cached = [], []
     results = new_results(recipe, seeds, str(device))
     started = time.perf_counter()
-    for p in prepare_recipe(recipe, skip_bad=skip_bad, force=force, progress=progress, log=log):
+    if not d.main:
+        barrier(d)  # rank 0 prepares; the others then find the cache complete
+    prepared = prepare_recipe(recipe, skip_bad=skip_bad, force=force and d.main, progress=progress, log=log)
+    if d.main:
+        barrier(d)
+    for p in prepared:
         (cached if p.cached else ran).append(f"prepare {p.key}")
         m = p.manifest
         results.data.append(DataRow(key=p.key, name=m.dataset["name"], split=m.dataset["split"], samples=m.count,
@@ -153,7 +163,9 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                            "val_miou": res.val_miou, "best_val_miou": res.best_val_miou,
                            "seconds": time.perf_counter() - t0, "class_weights": res.class_weights,
                            "class_weights_key": res.class_weights_key, "history": res.history}
-                atomic_write_text(done, json.dumps(strict(summary), indent=2, allow_nan=False))
+                if d.main:
+                    atomic_write_text(done, json.dumps(strict(summary), indent=2, allow_nan=False))
+                barrier(d)
                 ran.append(stage)
             results.training.append(summary)
             loaded = None
@@ -167,7 +179,9 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                     log(f"[stage] {stage}")
                     loaded = loaded or load_model(tdir / "last.pt", device)
                     ev = evaluate_checkpoint(loaded, recipe, [key], seed, device, progress)
-                    ev.write(epath)
+                    if d.main:
+                        ev.write(epath)
+                    barrier(d)
                     ran.append(stage)
                 results.extend(ev)
             for key in recipe.data.depth_eval if "depth" in spec.tasks else ():
@@ -183,10 +197,14 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                     row = evaluate_depth_model(loaded.model, ds, recipe.depth_evaluation, device=device,
                                                progress=progress, label=f"{spec.name}/{key} depth",
                                                model_name=spec.name, seed=seed, dataset_name=key)
-                    atomic_write_text(dpath, row.model_dump_json())
+                    if d.main:
+                        atomic_write_text(dpath, row.model_dump_json())
+                    barrier(d)
                     ran.append(stage)
                 results.depth.append(row)
     results.seconds = time.perf_counter() - started
+    if not d.main:
+        return RunResult(run_dir, results, {}, ran, cached)
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     atomic_write_text(run_dir / "environment.json", json.dumps(strict(results.environment), indent=2, allow_nan=False))
     paths = save_report(results, run_dir)

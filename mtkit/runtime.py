@@ -140,6 +140,12 @@ def current_dist() -> Dist:
     return Dist()
 
 
+def barrier(d: Dist) -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if d.enabled:
+        dist.barrier()
+
+
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     """``t`` summed over the ranks (in place; unchanged in a single process). Integer counts sum exactly."""
     if d.enabled:
