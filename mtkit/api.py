@@ -10,23 +10,29 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from .bench import run_bench
 from .build import build_dataset
 from .config import Recipe
 from .depth_eval import evaluate_depth_model
 from .errors import MtkitError
-from .evaluate import evaluate_checkpoint, evaluation_sets, load_model
+from .evaluate import evaluate_checkpoint, evaluate_segmenter, evaluation_sets, load_model
 from .export import export_segmenter
+from .external import ExternalSegmenter, InputSpec, OutputSpec, build_external
 from .pipeline import RunResult, run
 from .plugins import get_plugins, get_registry
 from .prepare import Prepared, prepare_recipe
 from .recipe import apply_overrides, load_recipe, validate
+from .report import save_report
 from .results import ModelInfo, RunResults
 from .runtime import init_distributed, resolve_device
 from .train import TrainResult, train
 
-__all__ = ["Prepared", "Recipe", "RunResult", "RunResults", "TrainResult", "bench", "evaluate", "evaluate_depth",
-           "export_onnx", "list_entries", "load_recipe", "prepare", "run", "train", "with_overrides"]
+__all__ = ["InputSpec", "OutputSpec", "Prepared", "Recipe", "RunResult", "RunResults", "TrainResult", "bench",
+           "build_external", "evaluate", "evaluate_depth", "evaluate_model", "export_onnx", "list_entries",
+           "load_recipe", "load_segmenter", "prepare", "report", "run", "train", "with_overrides"]
 
 
 def prepare(recipe: Recipe, workers: int | None = None, skip_bad: bool = False, force: bool = False,
@@ -53,10 +59,8 @@ def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     return validate(apply_overrides(recipe.to_dict(), overrides), recipe.source or "<recipe>")
 
 
-def evaluate(recipe: Recipe, checkpoints: list[str | Path], perturbations: list[str] | None = None,
-             epsilons: list[float] | None = None, datasets: list[str] | None = None,
-             progress: bool = True) -> RunResults:
-    """Robustness sweeps of trained checkpoints on the recipe's evaluation sets (clean pass once per pair)."""
+def _robustness_overrides(recipe: Recipe, perturbations: list[str] | None, epsilons: list[float] | None,
+                          datasets: list[str] | None) -> Recipe:
     overrides = []
     if perturbations:
         overrides.append(f"robustness.perturbations={json.dumps(list(perturbations))}")
@@ -64,7 +68,14 @@ def evaluate(recipe: Recipe, checkpoints: list[str | Path], perturbations: list[
         overrides.append(f"robustness.epsilons={json.dumps(list(epsilons))}")
     if datasets:
         overrides.append(f"robustness.datasets={json.dumps(list(datasets))}")
-    recipe = with_overrides(recipe, overrides) if overrides else recipe
+    return with_overrides(recipe, overrides) if overrides else recipe
+
+
+def evaluate(recipe: Recipe, checkpoints: list[str | Path], perturbations: list[str] | None = None,
+             epsilons: list[float] | None = None, datasets: list[str] | None = None,
+             progress: bool = True) -> RunResults:
+    """Robustness sweeps of trained checkpoints on the recipe's evaluation sets (clean pass once per pair)."""
+    recipe = _robustness_overrides(recipe, perturbations, epsilons, datasets)
     keys = evaluation_sets(recipe)
     device = resolve_device(recipe.device)
     init_distributed(device)  # under torchrun each rank evaluates its shard of every set
@@ -73,6 +84,45 @@ def evaluate(recipe: Recipe, checkpoints: list[str | Path], perturbations: list[
         loaded = load_model(ck, device)
         out.extend(evaluate_checkpoint(loaded, recipe, keys, recipe.seed, device, progress, str(ck)))
     return out
+
+
+def evaluate_model(model: nn.Module, recipe: Recipe, name: str = "model", datasets: list[str] | None = None,
+                   perturbations: list[str] | None = None, epsilons: list[float] | None = None,
+                   inputs: InputSpec | dict | None = None, outputs: OutputSpec | dict | None = None,
+                   class_weights: torch.Tensor | None = None, on_no_gradient: str = "error",
+                   factory: str | None = None, progress: bool = True, log=print) -> RunResults:
+    """The paper's robustness protocol for any segmentation network: ``model`` maps images to per-pixel logits;
+    ``inputs`` declares what it expects (gray values, or [0, 1] with mean and std), ``outputs`` how to read what
+    it returns (dict key, class map; lower-resolution logits are upsampled to the label size). Attacks act on
+    gray values, so ε is the paper's. Returns the same typed results as a recipe run (``report`` writes the
+    tables and plots); merge several with ``RunResults.extend`` for a side-by-side report.
+
+        model = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(num_classes=19)
+        res = api.evaluate_model(model, recipe, "deeplab", inputs={"range": "unit", "mean": IMAGENET_MEAN,
+                                                                   "std": IMAGENET_STD})
+    """
+    recipe = _robustness_overrides(recipe, perturbations, epsilons, datasets)
+    device = resolve_device(recipe.device)
+    init_distributed(device)
+    inputs = inputs if isinstance(inputs, InputSpec | None) else InputSpec.model_validate(inputs)
+    outputs = outputs if isinstance(outputs, OutputSpec | None) else OutputSpec.model_validate(outputs)
+    segmenter = ExternalSegmenter(model, recipe.model.num_classes, inputs, outputs).to(device).eval()
+    info = ModelInfo(tasks=["segmentation"], lam=1.0, factory=factory or type(model).__qualname__)
+    out = RunResults(recipe_name=recipe.name, recipe_source=recipe.source, seeds=[recipe.seed])
+    out.extend(evaluate_segmenter(segmenter, name, info, recipe, evaluation_sets(recipe), recipe.seed, device,
+                                  progress, class_weights, on_no_gradient, log))
+    return out
+
+
+def load_segmenter(checkpoint: str | Path) -> nn.Module:
+    """mtkit's own segmenter from a checkpoint (gray values in): a model factory for ``--model-factory
+    mtkit.api:load_segmenter --model-kwargs '{"checkpoint": "best.pt"}'``."""
+    return load_model(checkpoint).segmenter
+
+
+def report(results: RunResults, folder: str | Path) -> dict[str, Path]:
+    """results.json, results.csv, report.md and the plots of ``results`` in ``folder``."""
+    return save_report(results, Path(folder))
 
 
 def evaluate_depth(recipe: Recipe, checkpoints: list[str | Path], datasets: list[str] | None = None,

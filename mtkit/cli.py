@@ -40,13 +40,13 @@ def _seeds(text: str | None) -> list[int] | None:
         raise MtkitError(f"--seeds expects comma-separated integers like 0,1,2, got '{text}'") from None
 
 
-def _floats(text: str | None) -> list[float] | None:
+def _floats(text: str | None, option: str = "--eps") -> list[float] | None:
     if text is None:
         return None
     try:
         return [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise MtkitError(f"--eps expects comma-separated numbers like 0.25,1,4, got '{text}'") from None
+        raise MtkitError(f"{option} expects comma-separated numbers like 0.25,1,4, got '{text}'") from None
 
 
 override_opt = click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -161,25 +161,59 @@ def train(recipe: str, overrides: tuple[str, ...], model_name: str | None, seed:
 @cli.command("eval")
 @click.argument("recipe", type=click.Path())
 @override_opt
-@click.option("--checkpoint", "checkpoints", multiple=True, required=True, type=click.Path(),
-              help="a trained checkpoint (repeatable)")
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(),
+              help="a trained mtkit checkpoint (repeatable)")
+@click.option("--model-factory", help="an external network: package.module:function (or a registered model) that "
+              "returns an nn.Module mapping images to per-pixel logits")
+@click.option("--model-kwargs", help="JSON object of keyword arguments for the factory")
+@click.option("--weights", type=click.Path(), help="state dict for the factory's model (weights_only load)")
+@click.option("--name", "model_name", help="the external model's name in the report (default: the function's)")
+@click.option("--input-range", type=click.Choice(["gray", "unit"]), default="gray", show_default=True,
+              help="what the external model expects: gray values 0..255 or [0, 1]")
+@click.option("--mean", help="comma-separated per-channel mean in that range (with --std)")
+@click.option("--std", help="comma-separated per-channel standard deviation in that range")
+@click.option("--output-key", help="key of the logits in a dict output (default: out)")
+@click.option("--class-map", help="comma-separated model channel of each dataset class")
+@click.option("--no-gradient", type=click.Choice(["error", "noise-only"]), default="error", show_default=True,
+              help="a model without a gradient path: stop, or evaluate the noise types only")
 @click.option("--perturbation", "perturbations", multiple=True, help="perturbation name (repeatable)")
 @click.option("--eps", help="comma-separated ε values in gray values")
 @click.option("--dataset", "datasets", multiple=True, help="key of data.eval (repeatable)")
 @click.option("--out", "out_dir", type=click.Path(), default="runs/eval", show_default=True)
 @click.option("--no-progress", is_flag=True)
-def eval_cmd(recipe: str, overrides: tuple[str, ...], checkpoints: tuple[str, ...], perturbations: tuple[str, ...],
-             eps: str | None, datasets: tuple[str, ...], out_dir: str, no_progress: bool) -> None:
-    """Evaluate checkpoints' robustness on RECIPE's evaluation sets; writes JSON, CSV, tables, plots."""
+def eval_cmd(recipe: str, overrides: tuple[str, ...], checkpoints: tuple[str, ...], model_factory: str | None,
+             model_kwargs: str | None, weights: str | None, model_name: str | None, input_range: str,
+             mean: str | None, std: str | None, output_key: str | None, class_map: str | None, no_gradient: str,
+             perturbations: tuple[str, ...], eps: str | None, datasets: tuple[str, ...], out_dir: str,
+             no_progress: bool) -> None:
+    """Evaluate the robustness of mtkit checkpoints and/or an external network (--model-factory) on RECIPE's
+    evaluation sets, side by side; writes JSON, CSV, tables, plots."""
     from . import api
     from .io import ensure_writable_dir
     from .report import rich_tables, save_report
     from .runtime import current_dist
 
+    if not checkpoints and not model_factory:
+        raise MtkitError("nothing to evaluate: give --checkpoint PATH (mtkit models) and/or --model-factory "
+                         "package.module:function (an external network)")
     r = _recipe(recipe, overrides)
     ensure_writable_dir(out_dir)
-    res = api.evaluate(r, list(checkpoints), list(perturbations) or None, _floats(eps), list(datasets) or None,
-                       progress=not no_progress)
+    common = dict(perturbations=list(perturbations) or None, epsilons=_floats(eps), datasets=list(datasets) or None,
+                  progress=not no_progress)
+    res = api.evaluate(r, list(checkpoints), **common) if checkpoints else None
+    if model_factory:
+        model = api.build_external(model_factory, model_kwargs, weights)
+        try:
+            inputs = api.InputSpec(range=input_range, mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
+        except ValueError as exc:
+            msg = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
+            raise MtkitError(f"--mean/--std: three numbers each, e.g. --mean 0.485,0.456,0.406 ({msg})") from None
+        outputs = api.OutputSpec(key=output_key,
+                                 class_map=[int(v) for v in _floats(class_map, "--class-map") or []] or None)
+        name = model_name or model_factory.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+        ext = api.evaluate_model(model, r, name, inputs=inputs, outputs=outputs, factory=model_factory,
+                                 on_no_gradient=no_gradient.replace("-", "_"), log=console.print, **common)
+        res = ext if res is None else res.extend(ext)
     if not current_dist().main:  # torchrun: every rank evaluated its shard; rank 0 writes and prints
         return
     paths = save_report(res, Path(out_dir))

@@ -20,6 +20,7 @@ from .build import build_model, build_perturbations, build_segmentation_loss
 from .checkpoint import load_checkpoint
 from .config import ModelSpec, Recipe
 from .errors import CheckpointError, MtkitError
+from .external import has_gradient_path
 from .metrics import confusion_matrix, iou_per_class, miou, q_ratio
 from .perturbations import AttackContext, Perturbation
 from .prepare import default_workers, prepared_dataset
@@ -213,7 +214,7 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
             note=NO_LABELS if m != m or clean != clean else None))
     clean_row = CleanRow(model=model_name, seed=seed, dataset=dataset_name, miou=clean,
                          per_class_iou=_nan_to_none(iou_per_class(conf[0]).tolist()),
-                         note=NO_LABELS if clean != clean else None)
+                         note=NO_LABELS if clean != clean else None, images=len(dataset))
     return Sweep(clean_row, rows, len(dataset))
 
 
@@ -239,27 +240,49 @@ def evaluation_sets(recipe: Recipe) -> list[str]:
 def evaluate_checkpoint(loaded: LoadedModel, recipe: Recipe, datasets: list[str], seed: int,
                         device: torch.device | str = "cpu", progress: bool = False,
                         checkpoint: str | None = None) -> RunResults:
-    """The one evaluation path: a loaded model on the recipe's evaluation sets ``datasets`` (keys of
-    ``data.eval``) with the recipe's perturbations, ε and options, and its segmentation loss for the attacks."""
-    rob = recipe.robustness
+    """A trained mtkit model on the recipe's evaluation sets ``datasets`` (keys of ``data.eval``), with its class
+    weights in the attacked loss (``evaluate_segmenter``)."""
     trained = loaded.recipe.model.num_classes
     if recipe.model.num_classes != trained:
         raise MtkitError(f"{checkpoint or 'the checkpoint'} was trained for {trained} classes, the recipe's "
                          f"model.num_classes is {recipe.model.num_classes}: evaluate with -o model.num_classes="
                          f"{trained}, or a checkpoint of {recipe.model.num_classes} classes")
+    info = ModelInfo(tasks=loaded.spec.tasks, lam=loaded.spec.lam, checkpoint=checkpoint)
+    return evaluate_segmenter(loaded.segmenter, loaded.spec.name, info, recipe, datasets, seed, device, progress,
+                              loaded.class_weights)
+
+
+def evaluate_segmenter(segmenter: nn.Module, name: str, info: ModelInfo, recipe: Recipe, datasets: list[str],
+                       seed: int, device: torch.device | str = "cpu", progress: bool = False,
+                       class_weights: torch.Tensor | None = None, on_no_gradient: str = "error",
+                       log=print) -> RunResults:
+    """The one evaluation path (``mtkit eval``, the Python API, ``mtkit run``): a segmenter (gray values in,
+    logits out: an mtkit model, or an external one behind ``ExternalSegmenter``) on the recipe's evaluation sets
+    with its perturbations, ε and options, and its segmentation loss (with ``class_weights``) for the attacks.
+
+    A model without a gradient path (exported, quantized) cannot be attacked with gradients: that is an error,
+    or with ``on_no_gradient="noise_only"`` the gradient attacks are left out with a message."""
+    rob = recipe.robustness
     perts = build_perturbations(rob.perturbations, rob.options)
-    loss = build_segmentation_loss(recipe.loss.segmentation, loaded.class_weights)
-    name = loaded.spec.name
-    out = RunResults(seeds=[seed], models={name: ModelInfo(tasks=loaded.spec.tasks, lam=loaded.spec.lam,
-                                                             checkpoint=checkpoint)})
+    loss = build_segmentation_loss(recipe.loss.segmentation, class_weights)
+    out = RunResults(seeds=[seed], models={name: info})
     device = torch.device(device)
     precision = resolve_precision(rob.amp, rob.channels_last, rob.compile, device, "robustness")
     workers = default_workers(recipe.data.num_workers)
     pin = recipe.data.pin_memory if recipe.data.pin_memory != "auto" else device.type == "cuda"
     for key in datasets:
         ds = prepared_dataset(recipe, f"data.eval.{key}", progress)
-        sweep = robustness_sweep(loaded.segmenter, ds, perts, rob.epsilons, recipe.model.num_classes,
-                                 loaded.class_weights, rob.batch_size, seed, device, progress,
+        attacks = [p for p, pert in perts.items() if pert.needs_gradient]
+        if attacks and not has_gradient_path(segmenter, ds[0]["image"][None].to(device)):
+            if on_no_gradient != "noise_only":
+                raise MtkitError(f"model '{name}' gives no gradient of its logits with respect to the input (an "
+                                 f"exported, quantized or no_grad model?), and the attacks {attacks} need one: "
+                                 "evaluate the noise types only (--perturbation gaussian --perturbation salt_pepper"
+                                 ", or --no-gradient noise-only)")
+            log(f"model '{name}' has no gradient path: leaving out {', '.join(attacks)}")
+            perts = {p: pert for p, pert in perts.items() if not pert.needs_gradient}
+        sweep = robustness_sweep(segmenter, ds, perts, rob.epsilons, recipe.model.num_classes,
+                                 class_weights, rob.batch_size, seed, device, progress,
                                  label=f"{name}/{key}", loss=loss, model_name=name, dataset_name=key,
                                  precision=precision, pass_images=rob.pass_images, workers=workers, pin_memory=pin)
         out.clean.append(sweep.clean)

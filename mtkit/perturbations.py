@@ -291,16 +291,32 @@ class PGDOptions(PerturbationOptions):
     iterations: PositiveInt | dict[float, PositiveInt] | None = Field(
         None, description="null: ceil(min(ε+4, 1.25ε)); a count, or ε → count, e.g. {16: 30}")
     random_start: bool = False
+    restarts: PositiveInt = Field(1, description="runs per image (after the first, each from a random start); the "
+                                                 "example with the highest loss is kept")
+
+
+def strongest(ctx: AttackContext, candidates: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """Per image, the candidate adversarial example with the highest attacked loss (restarts, ensembles)."""
+    if len(candidates) == 1:
+        return candidates[0]
+    with torch.no_grad():
+        losses = torch.tensor([[float(ctx.objective(ctx.model(c[i:i + 1]), y[i:i + 1])) for i in range(len(y))]
+                               for c in candidates])
+    best = losses.argmax(0)
+    return torch.stack([candidates[int(k)][i] for i, k in enumerate(best)])
 
 
 @register("perturbation", "pgd")
 class PGD(Perturbation):
     """PGD: step 1 gray value, ceil(min(ε+4, 1.25ε)) iterations (Kurakin et al.), L∞ projection, every ε of the
-    sweep in one batch (``pgd_sweep``); options: step, iterations (a count, or ε → count), random_start."""
+    sweep in one batch (``pgd_sweep``); options: step, iterations (a count, or ε → count), random_start, restarts
+    (the strongest of several runs per image)."""
 
     Options = PGDOptions
     needs_gradient = True
 
     def sweep(self, ctx, x, y, epsilons):
         o = self.options
-        return pgd_sweep(ctx, x, y, list(epsilons), o.step, o.iterations, o.random_start)
+        runs = [pgd_sweep(ctx, x, y, list(epsilons), o.step, o.iterations, o.random_start or r > 0)
+                for r in range(o.restarts)]
+        return {e: strongest(ctx, [run[e] for run in runs], y) for e in epsilons}

@@ -1,4 +1,5 @@
-"""Registries: one place that maps names to backbones, heads, losses, perturbations, datasets and tasks.
+"""Registries: one place that maps names to backbones, heads, losses, perturbations, datasets, tasks and model
+factories (external segmentation networks for ``mtkit eval --model-factory NAME``).
 
 The bottom layer: it imports nothing of mtkit but the error classes. Entries are declared with the
 ``@register(kind, name, options=Model)`` decorator (which only records them, like timm's ``register_model``) and
@@ -21,7 +22,7 @@ from typing import Any
 
 from .errors import MtkitError, did_you_mean
 
-KINDS = ("backbone", "head", "loss", "perturbation", "dataset", "task")
+KINDS = ("backbone", "head", "loss", "perturbation", "dataset", "task", "model")
 
 BUILTIN = "builtin"
 

@@ -57,6 +57,7 @@ class CleanRow(Record):
     miou: float | None = Field(description="mIoU of eq. 9 in [0, 1]; null when the set has no labelled pixel")
     per_class_iou: list[float | None] = Field(default_factory=list, description="null: class absent (0/0)")
     note: str | None = Field(None, description="why a value is null")
+    images: int | None = Field(None, description="images of the evaluation set behind the row")
 
 
 class ResultRow(Record):
@@ -116,6 +117,8 @@ class ModelInfo(Record):
     tasks: list[str]
     lam: float = Field(alias="lambda")
     checkpoint: str | None = None
+    #: an external network (``mtkit eval --model-factory``): its factory, e.g. package.module:function
+    factory: str | None = None
 
 
 class RunResults(Record):

@@ -58,7 +58,9 @@ def test_every_artefact_exists_and_parses(first_run):
             assert im.size[0] > 400 and im.size[1] > 200
     report = (d / "report.md").read_text()
     assert "Table 2-style" in report and "![Figure 5](figure5_robustness.png)" in report
-    assert "Q [%] under **pgd** on K" in report and "### Depth on Eigen" in report
+    assert "Q [%] and mIoU under attack [%]: **pgd** on K" in report and "### Depth on Eigen" in report
+    assert "| mIoU (multi (λ=0.1)) |" in report  # the absolute mIoU under attack beside Q
+    assert "one seed, so no claim of significance is possible" in report and "(4 images, 1 seed)" in report
     assert validate(yaml.safe_load((d / "recipe.yaml").read_text())).to_dict() == recipe.to_dict()
     env = json.loads((d / "environment.json").read_text())
     assert env["versions"]["torch"] and env["device"] == "cpu"

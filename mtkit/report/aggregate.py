@@ -9,6 +9,7 @@ from collections import defaultdict
 from typing import Any
 
 from ..results import RunResults
+from ..statistics import paired_difference, t_interval
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -18,10 +19,18 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def fmt(mean: float, sd: float, n: int) -> str:
+def fmt(mean: float, sd: float, n: int, low: float = math.nan, high: float = math.nan) -> str:
+    """One seed: the value; several: mean ± sd and the 95 % t-interval of the mean."""
     if math.isnan(mean):
         return "–"
-    return f"{mean:.1f}" if n <= 1 else f"{mean:.1f} ± {sd:.1f}"
+    if n <= 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {sd:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def _summary(values: list[float]) -> tuple[float, float, int, float, float]:
+    iv = t_interval(values)
+    return iv.mean, iv.sd, iv.n, iv.low, iv.high
 
 
 def _pct(value: float | None) -> float:
@@ -29,18 +38,22 @@ def _pct(value: float | None) -> float:
 
 
 def aggregate(results: RunResults) -> dict[str, Any]:
-    """Mean and spread over seeds: clean mIoU per (model, dataset), Q per (model, dataset, perturbation, ε)."""
+    """Over seeds, as (mean, sd, seeds, 95 % interval low, high): clean mIoU per (model, dataset), and Q and the
+    absolute mIoU under attack per (model, dataset, perturbation, ε) [%]; the measured ε."""
     clean = defaultdict(list)
     for r in results.clean:
         clean[(r.model, r.dataset)].append(_pct(r.miou))
     q = defaultdict(list)
+    adv = defaultdict(list)
     eps_meas = defaultdict(list)
     for r in results.robustness:
         key = (r.model, r.dataset, r.perturbation, r.level)
         q[key].append(_pct(r.q))
+        adv[key].append(_pct(r.miou))
         eps_meas[key].append(r.epsilon_measured)
-    return {"clean": {k: (*mean_sd(v), len(v)) for k, v in clean.items()},
-            "q": {k: (*mean_sd(v), len(v)) for k, v in q.items()},
+    return {"clean": {k: _summary(v) for k, v in clean.items()},
+            "q": {k: _summary(v) for k, v in q.items()},
+            "miou": {k: _summary(v) for k, v in adv.items()},
             "eps_measured": {k: statistics.fmean(v) for k, v in eps_meas.items()}}
 
 
@@ -65,12 +78,15 @@ def other_axes(results: RunResults) -> dict[str, tuple[str, list[float]]]:
 
 def model_label(results: RunResults, model: str) -> str:
     m = results.models[model]
+    if m.factory:
+        return f"{model} (external)"
     return f"{model} (λ={m.lam:g})" if "depth" in m.tasks else f"{model} (single-task)"
 
 
 def q_sections(results: RunResults) -> list[dict[str, Any]]:
-    """One Q table per (perturbation, dataset): its level axis ("ε", or e.g. "severity" for corruptions), one row
-    of Q [%] per model (mean ± sd over seeds) and the measured ε per level."""
+    """One table per (perturbation, dataset): its level axis ("ε", or e.g. "severity" for corruptions), a row of
+    Q [%] and a row of the absolute mIoU under attack [%] per model (mean ± sd and 95 % interval over seeds),
+    and the measured ε per level."""
     agg = aggregate(results)
     models, datasets, perts, eps = result_axes(results)
     sweeps = [(p, "ε", eps) for p in perts] + [(p, kind, lv) for p, (kind, lv) in other_axes(results).items()]
@@ -79,8 +95,11 @@ def q_sections(results: RunResults) -> list[dict[str, Any]]:
         for d in datasets:
             sections.append({
                 "perturbation": p, "dataset": d, "kind": kind, "levels": levels,
-                "rows": [(f"Q ({model_label(results, m)})",
-                          [fmt(*agg["q"].get((m, d, p, lv), (math.nan, 0, 0))) for lv in levels]) for m in models],
+                "rows": [row for m in models for row in (
+                    (f"Q ({model_label(results, m)})",
+                     [fmt(*agg["q"].get((m, d, p, lv), (math.nan, 0, 0))) for lv in levels]),
+                    (f"mIoU ({model_label(results, m)})",
+                     [fmt(*agg["miou"].get((m, d, p, lv), (math.nan, 0, 0))) for lv in levels]))],
                 "measured": [f"{agg['eps_measured'].get((models[0], d, p, lv), math.nan):.3g}" for lv in levels]})
     return sections
 
@@ -88,8 +107,8 @@ def q_sections(results: RunResults) -> list[dict[str, Any]]:
 def section_title(s: dict[str, Any], markdown: bool) -> str:
     p = f"**{s['perturbation']}**" if markdown else s["perturbation"]
     if s["kind"] == "ε":
-        return f"{'Table 3/4-style: ' if markdown else ''}Q [%] under {p} on {s['dataset']}"
-    return f"Q [%] under {p} on {s['dataset']} (by {s['kind']}; ε measured)"
+        return f"{'Table 3/4-style: ' if markdown else ''}Q [%] and mIoU under attack [%]: {p} on {s['dataset']}"
+    return f"Q [%] and mIoU [%] under {p} on {s['dataset']} (by {s['kind']}; ε measured)"
 
 
 DEPTH_COLUMNS = (("abs_rel", "abs_rel", 3), ("sq_rel", "sq_rel", 3), ("rmse", "rmse", 3),
@@ -122,39 +141,66 @@ DEPTH_HEAD = [c[1] for c in DEPTH_COLUMNS] + ["median scale", "images"]
 
 
 def verdict(results: RunResults) -> list[str]:
-    """Plain sentences: was the multi-task model more robust than the single-task one, with numbers."""
-    agg = aggregate(results)
+    """Plain sentences on whether each multi-task model was more robust than the single-task one, judged on the
+    absolute mIoU under attack and on Q, paired by seed: "more robust" only where the 95 % t-interval of the
+    difference (multi − single) over seeds excludes zero; with one seed no claim of significance is made. Each
+    claim names the seeds and images behind it."""
     models, datasets, perts, eps = result_axes(results)
-    singles = [m for m in models if "depth" not in results.models[m].tasks]
+    singles = [m for m in models if "depth" not in results.models[m].tasks and not results.models[m].factory]
     multis = [m for m in models if "depth" in results.models[m].tasks]
     if not singles or not multis:
         return ["The run has no single-task/multi-task pair to compare."]
     s = singles[0]
+    images = {r.dataset: r.images for r in results.clean if r.images}
+    by = {"clean": _by_seed(results.clean, lambda r: (r.model, r.dataset), lambda r: r.miou)}
+    by["miou"] = _by_seed(results.robustness, lambda r: (r.model, r.dataset, r.perturbation, r.level),
+                          lambda r: r.miou)
+    by["q"] = _by_seed(results.robustness, lambda r: (r.model, r.dataset, r.perturbation, r.level), lambda r: r.q)
     lines = []
     for m in multis:
-        wins, total = 0, 0
+        n = len(set(by["clean"].get((m, datasets[0]), {})) & set(by["clean"].get((s, datasets[0]), {}))) \
+            if datasets else 0
+        counts = {k: [0, 0, 0] for k in ("miou", "q")}  # higher, lower, not resolved
+        details = []
         for d in datasets:
+            clean = paired_difference(by["clean"].get((m, d), {}), by["clean"].get((s, d), {}))
             parts = []
             for p in perts:
-                diffs = []
-                for e in eps:
-                    qs, qm = agg["q"].get((s, d, p, e)), agg["q"].get((m, d, p, e))
-                    if qs and qm and not math.isnan(qs[0]) and not math.isnan(qm[0]):
-                        diffs.append(qm[0] - qs[0])
-                if diffs:
-                    mean = statistics.fmean(diffs)
-                    wins += mean > 0
-                    total += 1
-                    parts.append(f"{p} {mean:+.1f} pt")
-            clean_s = agg["clean"].get((s, d), (math.nan,))[0]
-            clean_m = agg["clean"].get((m, d), (math.nan,))[0]
-            lines.append(f"- **{d}**: mIoU {model_label(results, m)} {clean_m:.1f} % vs single-task {clean_s:.1f} %; "
-                         f"mean Q difference (multi − single) over ε: " + ", ".join(parts) + ".")
-        if total:
-            word = "more robust" if wins > total / 2 else ("as robust" if wins == total / 2 else "less robust")
-            lines.insert(len(lines) - len(datasets),
-                         f"**{model_label(results, m)} was {word} than the single-task model on this run**: "
-                         f"higher mean Q in {wins} of {total} (perturbation, dataset) pairs.")
+                diffs = {k: [paired_difference(by[k].get((m, d, p, e), {}), by[k].get((s, d, p, e), {}))
+                             for e in eps] for k in ("miou", "q")}
+                for k, ivs in diffs.items():
+                    for iv in ivs:
+                        if iv.n == 0:
+                            continue
+                        idx = 0 if iv.resolved and iv.low > 0 else 1 if iv.resolved else 2
+                        counts[k][idx] += 1
+                parts.append(f"{p}: mIoU " + ", ".join(iv.text(" pt") for iv in diffs["miou"])
+                             + "; Q " + ", ".join(iv.text(" pt") for iv in diffs["q"]))
+            details.append(f"- **{d}** ({images.get(d, '?')} images, {n} seed{'s' if n != 1 else ''}): clean mIoU "
+                           f"{clean.text(' pt')} (multi − single); under attack, per ε {eps}: " + " | ".join(parts))
+        cells = sum(counts["miou"])
+        label = model_label(results, m)
+        if n < 2:
+            head = (f"**{label} vs the single-task model: one seed, so no claim of significance is possible.** "
+                    f"Single measurements: higher mIoU under attack in {counts['miou'][2]} of {cells} (dataset, "
+                    "perturbation, ε) cells would need several seeds (`--seeds 0,1,2,3,4`) to be judged.")
+        else:
+            hi, lo, unres = counts["miou"]
+            qhi, qlo, qunres = counts["q"]
+            word = ("more robust" if hi and not lo else "less robust" if lo and not hi else
+                    "mixed: more robust in some cells, less in others" if hi and lo else "not resolved")
+            head = (f"**{label} vs the single-task model over {n} seeds (95 % t-intervals of the paired "
+                    f"difference): {word}.** mIoU under attack higher in {hi}, lower in {lo}, not resolved in "
+                    f"{unres} of {cells} (dataset, perturbation, ε) cells; Q higher in {qhi}, lower in {qlo}, not "
+                    f"resolved in {qunres}." + (" Where the interval includes zero, the difference is not resolved "
+                                                 f"at {n} seeds." if unres or qunres else ""))
+        lines += [head, *details]
     return lines
 
 
+def _by_seed(rows, key, value) -> dict[tuple, dict[int, float]]:
+    """key(row) → {seed: value(row) in %}."""
+    out: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        out[key(r)][r.seed] = _pct(value(r))
+    return out

@@ -11,7 +11,9 @@ from .aggregate import aggregate, model_label, other_axes, result_axes
 
 
 def plot_figure5(results: RunResults, path: Path) -> Path | None:
-    """One panel per perturbation type: Q [%] over ε (log axis), one curve per model and dataset."""
+    """One column per perturbation type: Q [%] over ε (log axis) on top, the absolute mIoU under attack [%]
+    below (a ratio can make a weaker model look robust), one curve per model and dataset; error bars are the
+    sd over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,24 +23,26 @@ def plot_figure5(results: RunResults, path: Path) -> Path | None:
     models, datasets, perts, eps = result_axes(results)
     if not perts:
         return None
-    fig, axes = plt.subplots(1, len(perts), figsize=(4.2 * len(perts), 3.8), squeeze=False)
+    fig, axes = plt.subplots(2, len(perts), figsize=(4.2 * len(perts), 7.2), squeeze=False)
     styles = ["-", "--", ":", "-."]
-    for ax, p in zip(axes[0], perts):
-        for mi, m in enumerate(models):
-            for di, d in enumerate(datasets):
-                ys = [agg["q"].get((m, d, p, e), (math.nan, 0, 0)) for e in eps]
-                ax.errorbar(eps, [y[0] for y in ys], yerr=[y[1] for y in ys], marker="o", ms=3,
-                            linestyle=styles[di % len(styles)], color=f"C{mi}", capsize=2,
-                            label=f"{model_label(results, m)} {d}")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(eps, [f"{e:g}" for e in eps])
-        ax.set_ylim(0, 105)
-        ax.set_xlabel("ε (gray values, RMS)")
-        ax.set_ylabel("Q [%]")
-        ax.set_title(p)
-        ax.grid(True, alpha=0.3)
+    for col, p in enumerate(perts):
+        for row, (key, ylabel) in enumerate((("q", "Q [%]"), ("miou", "mIoU under attack [%]"))):
+            ax = axes[row][col]
+            for mi, m in enumerate(models):
+                for di, d in enumerate(datasets):
+                    ys = [agg[key].get((m, d, p, e), (math.nan, 0, 0)) for e in eps]
+                    ax.errorbar(eps, [y[0] for y in ys], yerr=[y[1] for y in ys], marker="o", ms=3,
+                                linestyle=styles[di % len(styles)], color=f"C{mi}", capsize=2,
+                                label=f"{model_label(results, m)} {d}")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(eps, [f"{e:g}" for e in eps])
+            ax.set_ylim(0, 105)
+            ax.set_xlabel("ε (gray values, RMS)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(p)
+            ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("Robustness: mIoU ratio Q over perturbation strength (Figure 5)")
+    fig.suptitle("Robustness over perturbation strength (Figure 5): Q, and mIoU under attack")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -1,0 +1,53 @@
+"""Statistics behind the report's claims: mean, standard deviation and a 95 % t-interval over seeds, and the
+paired difference of two models over the seeds they share (multi-task minus single-task, seed by seed)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+from scipy.stats import t as student_t
+
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean ± sd of ``n`` values and the two-sided ``level`` t-interval of the mean (NaN bounds for n < 2)."""
+
+    mean: float
+    sd: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def resolved(self) -> bool:
+        """The interval excludes zero."""
+        return self.n > 1 and (self.low > 0 or self.high < 0)
+
+    def text(self, unit: str = "") -> str:
+        if self.n < 2:
+            return f"{self.mean:+.1f}{unit}"
+        return f"{self.mean:+.1f}{unit} [{self.low:+.1f}, {self.high:+.1f}]"
+
+
+def t_interval(values: list[float], level: float = LEVEL) -> Interval:
+    """Mean, sample sd and the t-interval mean ± t_{(1+level)/2, n-1} · sd / √n (NaN values left out)."""
+    v = [x for x in values if x == x]
+    n = len(v)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, math.nan, 0)
+    mean = statistics.fmean(v)
+    if n == 1:
+        return Interval(mean, 0.0, math.nan, math.nan, 1)
+    sd = statistics.stdev(v)
+    half = float(student_t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+    return Interval(mean, sd, mean - half, mean + half, n)
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float], level: float = LEVEL) -> Interval:
+    """The t-interval of a - b over the seeds both have (paired: each seed's two models share data and
+    evaluation noise, so the seed-to-seed spread common to both cancels)."""
+    return t_interval([a[s] - b[s] for s in sorted(set(a) & set(b))], level)

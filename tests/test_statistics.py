@@ -1,0 +1,84 @@
+"""Claims with their statistics: t-intervals over seeds, paired differences, verdict wording that follows the
+interval, absolute mIoU beside Q, and PGD restarts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from support import tiny_recipe
+
+from mtkit.build import build_perturbation
+from mtkit.errors import MtkitError
+from mtkit.perturbations import AttackContext, strongest
+from mtkit.recipe import validate
+from mtkit.report import markdown_tables, verdict
+from mtkit.results import CleanRow, ModelInfo, ResultRow, RunResults, Spread
+from mtkit.statistics import paired_difference, t_interval
+
+
+def test_t_interval_equals_a_hand_computation():
+    iv = t_interval([1.0, 2.0, 3.0, 4.0])
+    # mean 2.5, sd = sqrt(5/3) = 1.290994, t_{0.975, 3} = 3.182446 → half width 3.182446 * 1.290994 / 2 = 2.054260
+    assert iv.mean == 2.5 and iv.sd == pytest.approx(1.290994, abs=1e-6)
+    assert (iv.low, iv.high) == pytest.approx((2.5 - 2.054260, 2.5 + 2.054260), abs=1e-5)
+    one = t_interval([7.0])
+    assert one.n == 1 and math.isnan(one.low) and not one.resolved
+
+
+def test_the_paired_difference_pairs_by_seed():
+    # differences over the shared seeds 0-2: 1, 2, 1 → mean 4/3, sd 0.57735, t_{0.975, 2} = 4.302653
+    iv = paired_difference({0: 5.0, 1: 7.0, 2: 6.0}, {0: 4.0, 1: 5.0, 2: 5.0, 3: 100.0})
+    assert iv.n == 3 and iv.mean == pytest.approx(4 / 3)
+    assert (iv.low, iv.high) == pytest.approx((4 / 3 - 1.434218, 4 / 3 + 1.434218), abs=1e-5)
+    assert not iv.resolved  # the interval includes zero
+    assert paired_difference({0: 5.0, 1: 6.0, 2: 7.0}, {0: 3.0, 1: 4.1, 2: 4.9}).resolved
+
+
+def _results(single: dict[int, float], multi: dict[int, float]) -> RunResults:
+    """mIoU under FGSM at ε = 4 per seed (clean mIoU 0.6 for both)."""
+    res = RunResults(seeds=sorted(single), models={"single": ModelInfo(tasks=["segmentation"], lam=1.0),
+                                                   "multi": ModelInfo(tasks=["segmentation", "depth"], lam=0.1)})
+    for model, values in (("single", single), ("multi", multi)):
+        for seed, m in values.items():
+            res.clean.append(CleanRow(model=model, seed=seed, dataset="CS", miou=0.6, images=32))
+            res.robustness.append(ResultRow(
+                model=model, seed=seed, dataset="CS", perturbation="fgsm", level_kind="epsilon", level=4.0,
+                epsilon=4.0, epsilon_measured=4.0, epsilon_measured_per_image=Spread(min=4, max=4, mean=4, sd=0),
+                miou=m, miou_clean=0.6, q=m / 0.6, per_class_iou=[], seconds_sweep=0.0,
+                backward_passes_per_batch=1.0))
+    return res
+
+
+def test_the_verdict_follows_the_interval():
+    one = "\n".join(verdict(_results({0: 0.30}, {0: 0.40})))
+    assert "one seed, so no claim of significance is possible" in one and "32 images, 1 seed" in one
+    clear = "\n".join(verdict(_results({0: 0.30, 1: 0.31, 2: 0.29}, {0: 0.40, 1: 0.42, 2: 0.41})))
+    assert "over 3 seeds" in clear and ": more robust.**" in clear and "higher in 1, lower in 0" in clear
+    noisy = "\n".join(verdict(_results({0: 0.30, 1: 0.45, 2: 0.29}, {0: 0.40, 1: 0.31, 2: 0.41})))
+    assert ": not resolved.**" in noisy and "not resolved at 3 seeds" in noisy
+
+
+def test_tables_show_absolute_miou_beside_q_with_intervals():
+    md = markdown_tables(_results({0: 0.30, 1: 0.31, 2: 0.29}, {0: 0.40, 1: 0.42, 2: 0.41}))
+    assert "| mIoU (multi (λ=0.1)) | 41.0 ± 1.0 [38.5, 43.5] |" in md
+    assert "| Q (multi (λ=0.1)) | 68.3 ± 1.7 [64.2, 72.5] |" in md  # 68.33 ± 4.302653 · 1.6667 / √3
+
+
+def test_pgd_restarts_keep_the_strongest_example_and_bad_options_fail_at_load(trained):
+    loaded, _, x, y = trained
+    ctx = AttackContext(loaded.segmenter, loaded.class_weights, torch.Generator().manual_seed(0))
+    a, b = x.clone(), (x + 40).clamp(0, 255)
+    best = strongest(ctx, [a, b], y)
+    for i in range(len(x)):
+        with torch.no_grad():
+            losses = [float(ctx.objective(loaded.segmenter(c[i:i + 1]), y[i:i + 1])) for c in (a, b)]
+        assert torch.equal(best[i], (a, b)[losses.index(max(losses))][i])
+    adv = build_perturbation("pgd", {"iterations": 2, "restarts": 3}).sweep(ctx, x, y, [4.0])[4.0]
+    assert (adv - x).abs().max() <= 4.0 + 1e-4 and adv.min() >= 0 and adv.max() <= 255
+    for options, match in (({"restarts": 0}, "restarts"), ({"step": -1}, "step")):
+        with pytest.raises(MtkitError, match=match):
+            validate(tiny_recipe(**{"robustness.options": {"pgd": options}}))
+    with pytest.raises(MtkitError, match="no_such_loss"):
+        validate(tiny_recipe(**{"loss.segmentation": "no_such_loss"}))
