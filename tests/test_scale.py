@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from support import tiny_recipe
 
 from mtkit.build import build_perturbation
-from mtkit.evaluate import evaluate_checkpoint, load_model, robustness_sweep
+from mtkit.evaluate import activation_bytes, evaluate_checkpoint, load_model, pass_size, robustness_sweep
 from mtkit.perturbations import AttackContext, fgsm_direction, pgd, pgd_sweep
 from mtkit.recipe import validate
 from mtkit.runtime import Precision
@@ -151,6 +151,26 @@ def test_the_batched_sweep_equals_the_per_epsilon_sweep_exactly(sweep_setup):
     single = robustness_sweep(loaded.segmenter, ds, perts, eps, 19, loaded.class_weights, batch_size=2,
                               pass_images=1)
     assert _rows(whole) == _rows(single)
+
+
+def test_automatic_sizes_fit_the_memory_and_change_no_number(sweep_setup, monkeypatch):
+    """auto: half the free memory over the bytes autograd saves for one image; the rows equal a fixed batch's."""
+    loaded, ds, perts = sweep_setup
+    cpu = torch.device("cpu")
+    per_image = activation_bytes(loaded.segmenter, (3, 32, 64), cpu)
+    assert per_image > 3 * 32 * 64 * 4
+    monkeypatch.setattr("mtkit.evaluate.available_memory", lambda device: 20 * per_image)
+    assert pass_size(loaded.segmenter, (3, 32, 64), cpu) == 10
+    attacks = {k: perts[k] for k in ("fgsm", "pgd")}
+    sizes = []
+    real = torch.utils.data.DataLoader
+    monkeypatch.setattr("mtkit.evaluate.DataLoader", lambda *a, **k: sizes.append(len(k["batch_sampler"][0]))
+                        or real(*a, **k))
+    auto = robustness_sweep(loaded.segmenter, ds, attacks, [1.0, 4.0], 19, loaded.class_weights,
+                            batch_size="auto", pass_images="auto")
+    fixed = robustness_sweep(loaded.segmenter, ds, attacks, [1.0, 4.0], 19, loaded.class_weights, batch_size=2)
+    assert sizes == [4, 2]  # auto: 10 images per pass // 2 ε copies = 5 per batch (the set has 4)
+    assert _rows(auto) == _rows(fixed)
 
 
 def _free_port() -> int:
