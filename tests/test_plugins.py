@@ -147,7 +147,7 @@ def test_recipe_sweep_with_plugin_attacks_and_corruptions(tmp_path):
     assert res.paths["figure_corruptions"].stat().st_size > 0
     report = res.paths["report"].read_text()
     assert "under **corrupt_fog** on CS (by severity; ε measured)" in report
-    assert "under **segpgd** on CS" in report
+    assert "[%]: **segpgd** on CS" in report
 
 
 def test_a_plugin_task_trains_through_a_recipe(tmp_path):
