@@ -34,6 +34,7 @@ from .runtime import (
     all_reduce_sum,
     available_memory,
     current_dist,
+    resolve_pin_memory,
     resolve_precision,
 )
 from .sampling import evaluation_batches
@@ -147,6 +148,7 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
     loss_fn = None if loss is None else loss.to(device)
     levels = {p: pert.levels(list(epsilons)) for p, pert in perturbations.items()}
     keys = [(p, e) for p in perturbations for e in levels[p]]
+    slot = {key: k for k, key in enumerate(keys)}
     conf = torch.zeros(1 + len(keys), num_classes, num_classes, dtype=torch.int64)  # clean first, then keys
     sq: dict[int, list[float]] = {}  # image index -> Σ r² per key (eq. 7), summed over the set in image order
     numel: dict[int, int] = {}
@@ -170,14 +172,13 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
             per_image = {i: [0.0] * len(keys) for i in indices}
             numel.update(dict.fromkeys(indices, x[0].numel()))
             for name, pert in perturbations.items():
-                ctx = CountingContext(segmenter if precision.compile is None else model, cw, gen, seed, indices,
-                                      loss_fn, int(pass_images))
+                ctx = CountingContext(model, cw, gen, seed, indices, loss_fn, int(pass_images))
                 t0 = time.perf_counter()
                 with contextlib.nullcontext() if pert.needs_gradient else torch.no_grad():
                     advs = pert.sweep(ctx, x, y, list(epsilons))
                 preds = predict(torch.cat([advs[e] for e in levels[name]])).split(x.shape[0])
                 for e, pred in zip(levels[name], preds):
-                    k = keys.index((name, e))
+                    k = slot[(name, e)]
                     conf[1 + k] += confusion_matrix(pred, y_cpu, num_classes)
                     for i, v in zip(indices, ((advs[e] - x).double() ** 2).flatten(1).sum(1).tolist()):
                         per_image[i][k] = v
@@ -201,9 +202,7 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
         c = conf[1 + k]
         m = miou(c)
         kind = perturbations[name].level_kind
-        total = 0.0
-        for i in order:
-            total += sq[i][k]
+        total = sum(sq[i][k] for i in order)
         per = [(sq[i][k] / numel[i]) ** 0.5 for i in order]
         rows.append(ResultRow(
             model=model_name, seed=seed, dataset=dataset_name, perturbation=name, level_kind=kind, level=e,
@@ -269,18 +268,20 @@ def evaluate_segmenter(segmenter: nn.Module, name: str, info: ModelInfo, recipe:
     device = torch.device(device)
     precision = resolve_precision(rob.amp, rob.channels_last, rob.compile, device, "robustness")
     workers = default_workers(recipe.data.num_workers)
-    pin = recipe.data.pin_memory if recipe.data.pin_memory != "auto" else device.type == "cuda"
+    pin = resolve_pin_memory(recipe.data.pin_memory, device)
+    attacks = [p for p, pert in perts.items() if pert.needs_gradient]
     for key in datasets:
         ds = prepared_dataset(recipe, f"data.eval.{key}", progress)
-        attacks = [p for p, pert in perts.items() if pert.needs_gradient]
-        if attacks and not has_gradient_path(segmenter, ds[0]["image"][None].to(device)):
-            if on_no_gradient != "noise_only":
-                raise MtkitError(f"model '{name}' gives no gradient of its logits with respect to the input (an "
-                                 f"exported, quantized or no_grad model?), and the attacks {attacks} need one: "
-                                 "evaluate the noise types only (--perturbation gaussian --perturbation salt_pepper"
-                                 ", or --no-gradient noise-only)")
-            log(f"model '{name}' has no gradient path: leaving out {', '.join(attacks)}")
-            perts = {p: pert for p, pert in perts.items() if not pert.needs_gradient}
+        if attacks:  # checked once, on the first set's first image: a gradient path is the model's property
+            if not has_gradient_path(segmenter, ds[0]["image"][None].to(device)):
+                if on_no_gradient != "noise_only":
+                    raise MtkitError(f"model '{name}' gives no gradient of its logits with respect to the input "
+                                     f"(an exported, quantized or no_grad model?), and the attacks {attacks} need "
+                                     "one: evaluate the noise types only (--perturbation gaussian --perturbation "
+                                     "salt_pepper, or --no-gradient noise-only)")
+                log(f"model '{name}' has no gradient path: leaving out {', '.join(attacks)}")
+                perts = {p: pert for p, pert in perts.items() if not pert.needs_gradient}
+            attacks = []
         sweep = robustness_sweep(segmenter, ds, perts, rob.epsilons, recipe.model.num_classes,
                                  class_weights, rob.batch_size, seed, device, progress,
                                  label=f"{name}/{key}", loss=loss, model_name=name, dataset_name=key,

@@ -180,15 +180,8 @@ def pgd(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, eps: float, step: 
         iterations: int | dict[float, int] | None = None, random_start: bool = False) -> torch.Tensor:
     """Projected gradient descent (Kurakin et al. / Madry et al.): iterated FGSM steps of size ``step`` gray
     values, each followed by projection onto the L∞ ε-ball around x and onto [0, 255]; ``iterations`` as in
-    ``pgd_iterations``."""
-    iterations = pgd_iterations(eps, iterations)
-    x_adv = x.clone()
-    if random_start:
-        noise = torch.rand(x.shape, generator=ctx.generator, dtype=x.dtype, device="cpu").to(x.device)
-        x_adv = clip_image(x + (2 * noise - 1) * eps)
-    for _ in range(iterations):
-        x_adv = project(x_adv + step * fgsm_direction(ctx.input_gradient(x_adv, y)), x, eps)
-    return x_adv
+    ``pgd_iterations``. One ε of ``pgd_sweep``."""
+    return pgd_sweep(ctx, x, y, [eps], step, iterations, random_start)[eps]
 
 
 def pgd_sweep(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, epsilons: list[float], step: float = 1.0,
@@ -196,7 +189,7 @@ def pgd_sweep(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, epsilons: li
               ) -> dict[float, torch.Tensor]:
     """``pgd`` at every ε of a sweep at once: the ε copies of the batch are stacked into one larger batch, and each
     copy iterates until its own iteration count is reached (the copies still iterating share each gradient pass,
-    chunked by ``ctx.pass_images``). Equal, element for element, to ``pgd`` run at each ε in turn: the random
+    chunked by ``ctx.pass_images``). Equal, element for element, to PGD run at each ε in turn: the random
     starts are drawn in the same order, and each copy's gradient is its own."""
     counts = [pgd_iterations(e, iterations) for e in epsilons]
     b = x.shape[0]
@@ -300,8 +293,9 @@ def strongest(ctx: AttackContext, candidates: list[torch.Tensor], y: torch.Tenso
     if len(candidates) == 1:
         return candidates[0]
     with torch.no_grad():
-        losses = torch.tensor([[float(ctx.objective(ctx.model(c[i:i + 1]), y[i:i + 1])) for i in range(len(y))]
-                               for c in candidates])
+        logits = [ctx.model(c) for c in candidates]  # one pass per candidate; the loss per image
+        losses = torch.tensor([[float(ctx.objective(out[i:i + 1], y[i:i + 1])) for i in range(len(y))]
+                               for out in logits])
     best = losses.argmax(0)
     return torch.stack([candidates[int(k)][i] for i, k in enumerate(best)])
 

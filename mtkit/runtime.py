@@ -84,10 +84,6 @@ class Precision:
             return torch.autocast(self.device_type, enabled=False)
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def fp32(self):
-        """A context that turns autocast off (attack gradients, losses)."""
-        return torch.autocast(self.device_type, enabled=False)
-
     def input(self, x: torch.Tensor) -> torch.Tensor:
         """An input batch in the model's memory format."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
@@ -100,11 +96,6 @@ class Precision:
         if self.compile is not None:
             return torch.compile(module, backend=self.compile)
         return module
-
-    def describe(self) -> str:
-        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
-        return f"{dtype}{', channels_last' if self.channels_last else ''}" + \
-            (f", compiled ({self.compile})" if self.compile else "")
 
 
 def resolve_precision(amp: str, channels_last: bool | str, compile: bool | str, device: torch.device,
@@ -130,6 +121,11 @@ def resolve_precision(amp: str, channels_last: bool | str, compile: bool | str, 
         backend = compile
     return Precision(AMP_DTYPES.get(amp), channels_last is True or (channels_last == "auto" and cuda), backend,
                      device.type)
+
+
+def resolve_pin_memory(setting: bool | str, device: torch.device) -> bool:
+    """``data.pin_memory``: true, false or auto (on when the batches go to a GPU)."""
+    return setting if setting != "auto" else device.type == "cuda"
 
 
 # -------------------------------------------------------------------------------------------- distributed helpers

@@ -36,7 +36,7 @@ from .models import MultiTaskNet
 from .plugins import get_plugins
 from .prepare import default_workers, prepared_dataset
 from .progress import progress_bar
-from .runtime import init_distributed, resolve_device, resolve_precision, seed_everything
+from .runtime import init_distributed, resolve_device, resolve_pin_memory, resolve_precision, seed_everything
 from .sampling import EpochLoader, epoch_batches
 
 
@@ -288,7 +288,7 @@ class Trainer:
         ls, ld = self.seg_batch // self.dist.world, self.depth_batch // self.dist.world  # samples per rank and step
         d = self.recipe.data
         workers = default_workers(d.num_workers)
-        pin = d.pin_memory if d.pin_memory != "auto" else self.device.type == "cuda"
+        pin = resolve_pin_memory(d.pin_memory, self.device)
         seg_loader = EpochLoader(self.seg_train, workers, pin, d.persistent_workers)
         dep_loader = EpochLoader(self.depth_train, workers, pin, d.persistent_workers) \
             if self.depth_train is not None else None

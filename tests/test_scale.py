@@ -13,7 +13,7 @@ from support import tiny_recipe
 
 from mtkit.build import build_perturbation
 from mtkit.evaluate import activation_bytes, evaluate_checkpoint, load_model, pass_size, robustness_sweep
-from mtkit.perturbations import AttackContext, fgsm_direction, pgd, pgd_sweep
+from mtkit.perturbations import AttackContext, clip_image, fgsm_direction, pgd_iterations, pgd_sweep, project
 from mtkit.recipe import validate
 from mtkit.runtime import Precision
 from mtkit.train import Trainer
@@ -135,8 +135,15 @@ def test_a_robustness_sweep_in_each_precision_matches_fp32(mode, sweep_setup):
 
 def test_the_batched_sweep_equals_the_per_epsilon_sweep_exactly(sweep_setup):
     """pgd_sweep stacks the ε copies (each iterating to its own count, random starts in the same order) and equals
-    pgd at each ε in turn element for element, in one pass or in passes of one copy; the sweep's rows do not
-    depend on how many images a pass holds."""
+    the textbook PGD loop at each ε in turn element for element, in one pass or in passes of one copy; the sweep's
+    rows do not depend on how many images a pass holds."""
+
+    def per_epsilon(ctx, e):  # the per-ε loop written out: random start, then FGSM steps and projection
+        x_adv = clip_image(x + (2 * torch.rand(x.shape, generator=ctx.generator) - 1) * e)
+        for _ in range(pgd_iterations(e, {4.0: 3})):
+            x_adv = project(x_adv + fgsm_direction(ctx.input_gradient(x_adv, y)), x, e)
+        return x_adv
+
     loaded, ds, perts = sweep_setup
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
     x, y = batch["image"], batch["label"]
@@ -147,7 +154,7 @@ def test_the_batched_sweep_equals_the_per_epsilon_sweep_exactly(sweep_setup):
         batched = pgd_sweep(ctx, x, y, eps, iterations={4.0: 3}, random_start=True)
         one = AttackContext(loaded.segmenter, loaded.class_weights, torch.Generator().manual_seed(5))
         for e in eps:
-            assert torch.equal(batched[e], pgd(one, x, y, e, iterations={4.0: 3}, random_start=True)), e
+            assert torch.equal(batched[e], per_epsilon(one, e)), e
     whole = robustness_sweep(loaded.segmenter, ds, perts, eps, 19, loaded.class_weights, batch_size=2)
     single = robustness_sweep(loaded.segmenter, ds, perts, eps, 19, loaded.class_weights, batch_size=2,
                               pass_images=1)
