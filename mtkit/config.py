@@ -141,6 +141,18 @@ class ModelSpec(Strict):
         return self
 
 
+class SanityConfig(Strict):
+    """Gradient-masking sanity checks (Carlini et al. 2019), run with every sweep that has a gradient attack:
+    mIoU does not rise with ε, an iterative attack is at least as strong as FGSM, an unbounded attack drives mIoU
+    to about zero, a gradient attack is at least as strong as Gaussian noise. A failure is flagged in the
+    report's verdict: the numbers under attack may overstate robustness."""
+
+    enabled: bool = True
+    iterations: PositiveInt = Field(10, description="APGD iterations of the unbounded (ε = 255) attack")
+    tolerance: float = Field(1.0, ge=0, description="mIoU points [%] a comparison may miss by before it fails")
+    near_zero: float = Field(5.0, ge=0, le=100, description="the most mIoU [%] the unbounded attack may leave")
+
+
 class RobustnessConfig(Strict):
     perturbations: list[str] = Field(default_factory=lambda: ["gaussian", "salt_pepper", "fgsm", "pgd"])
     epsilons: list[float] = Field(default_factory=lambda: list(PAPER_EPSILONS))
@@ -155,6 +167,7 @@ class RobustnessConfig(Strict):
     compile: bool | str = Field(False, description="torch.compile the segmenter: true (inductor) or a backend name")
     datasets: list[str] | None = Field(None, description="keys of data.eval; null: all")
     options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="perturbation -> kwargs")
+    sanity: SanityConfig = Field(default_factory=SanityConfig)
 
     @field_validator("epsilons")
     @classmethod

@@ -18,15 +18,15 @@ from torch.utils.data import DataLoader
 
 from .build import build_model, build_perturbations, build_segmentation_loss
 from .checkpoint import load_checkpoint
-from .config import ModelSpec, Recipe
+from .config import ModelSpec, Recipe, SanityConfig
 from .errors import CheckpointError, MtkitError
 from .external import has_gradient_path
 from .metrics import confusion_matrix, iou_per_class, miou, q_ratio
-from .perturbations import AttackContext, Perturbation
+from .perturbations import AttackContext, Perturbation, Unbounded
 from .prepare import default_workers, prepared_dataset
 from .progress import progress_bar
 from .recipe import validate
-from .results import CleanRow, ModelInfo, ResultRow, RunResults, Spread
+from .results import CleanRow, ModelInfo, ResultRow, RunResults, SanityRow, Spread
 from .runtime import (
     Dist,
     Precision,
@@ -40,6 +40,10 @@ from .runtime import (
 from .sampling import evaluation_batches
 
 NO_LABELS = "no labelled pixel in the evaluation set: mIoU (and Q) undefined"
+#: the row of the per-image strongest of the gradient attacks at each ε
+WORST_CASE = "worst_case"
+#: the gradient-masking checks' unbounded attack (``Unbounded``), kept out of the sweep's rows
+UNBOUNDED = "unbounded"
 
 
 @dataclass
@@ -84,6 +88,8 @@ class Sweep:
     clean: CleanRow
     rows: list[ResultRow]
     images: int
+    #: the unbounded attack of the gradient-masking checks (``sanity``), when run
+    unbounded: ResultRow | None = None
 
 
 def activation_bytes(segmenter: nn.Module, shape: tuple[int, ...], device: torch.device) -> int:
@@ -117,7 +123,7 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
                      progress: bool = False, label: str = "", loss: nn.Module | None = None,
                      model_name: str = "", dataset_name: str = "", precision: Precision | None = None,
                      pass_images: int | str = "auto", workers: int = 0, pin_memory: bool = False,
-                     dist: Dist | None = None) -> Sweep:
+                     dist: Dist | None = None, sanity: SanityConfig | None = None) -> Sweep:
     """Evaluate one model on one dataset: the clean pass and every (perturbation, ε) (ε validated at recipe load).
 
     Each row holds the requested ε (or, for a perturbation with another ``level_kind`` such as a corruption's
@@ -132,6 +138,12 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
     torch.compile; attack gradients stay fp32. Under torchrun (``dist``, default the current process group) each
     rank takes every world-th batch; counts and ε sums are combined over the ranks, in image order, so the rows
     equal a single process's.
+
+    Worst case: with two or more gradient attacks, a ``worst_case`` row per ε keeps, per image, the adversarial
+    example with the highest attacked loss among them (AutoAttack's ensemble; the losses come from the
+    prediction pass, so it costs nothing more); its mIoU is then taken as the lowest of that ensemble and of each
+    attack alone, so it is never above any single attack. With ``sanity`` enabled, the unbounded attack of the
+    gradient-masking checks runs too (``Sweep.unbounded``).
     """
     device = torch.device(device)
     d = dist or current_dist()
@@ -146,8 +158,12 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
     gen = torch.Generator().manual_seed(seed)
     cw = None if class_weights is None else class_weights.to(device)
     loss_fn = None if loss is None else loss.to(device)
+    attacks = [p for p, pert in perturbations.items() if pert.needs_gradient and pert.level_kind == "epsilon"]
+    if sanity is not None and sanity.enabled and attacks:
+        perturbations = {**perturbations, UNBOUNDED: Unbounded(sanity.iterations)}
     levels = {p: pert.levels(list(epsilons)) for p, pert in perturbations.items()}
-    keys = [(p, e) for p in perturbations for e in levels[p]]
+    worst = [e for e in epsilons if sum(e in levels[p] for p in attacks) >= 2]
+    keys = [(p, e) for p in perturbations for e in levels[p]] + [(WORST_CASE, e) for e in worst]
     slot = {key: k for k, key in enumerate(keys)}
     conf = torch.zeros(1 + len(keys), num_classes, num_classes, dtype=torch.int64)  # clean first, then keys
     sq: dict[int, list[float]] = {}  # image index -> Σ r² per key (eq. 7), summed over the set in image order
@@ -157,34 +173,53 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
     batches = evaluation_batches(len(dataset), int(batch_size), d)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory)
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        """argmax predictions in passes of at most ``pass_images`` images."""
+    def predict(x: torch.Tensor, ctx: AttackContext | None = None, y: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """argmax predictions in passes of at most ``pass_images`` images, and with ``ctx`` each image's attacked
+        loss against ``y`` (x stacks copies of y's batch)."""
+        preds, losses = [], []
+        labels = None if y is None else y.repeat(x.shape[0] // y.shape[0], 1, 1).split(int(pass_images))
         with torch.no_grad(), precision.autocast():
-            return torch.cat([model(precision.input(c)).argmax(1) for c in x.split(int(pass_images))]).cpu()
+            for i, c in enumerate(x.split(int(pass_images))):
+                logits = model(precision.input(c))
+                preds.append(logits.argmax(1).cpu())
+                if ctx is not None and labels is not None:
+                    losses.append(ctx.image_losses(logits.float(), labels[i]).cpu())
+        return torch.cat(preds), (torch.cat(losses) if losses else None)
 
     with progress_bar(progress and d.main, len(batches) * (1 + len(perturbations)), label or "robustness") as advance:
         for batch, indices in zip(loader, batches):
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True)
             y_cpu = batch["label"]
-            conf[0] += confusion_matrix(predict(x), y_cpu, num_classes)
+            conf[0] += confusion_matrix(predict(x)[0], y_cpu, num_classes)
             advance(description=f"{label} clean")
             per_image = {i: [0.0] * len(keys) for i in indices}
             numel.update(dict.fromkeys(indices, x[0].numel()))
+            strongest: dict[float, tuple[torch.Tensor, torch.Tensor, list[float]]] = {}  # ε → loss, pred, Σ r²
             for name, pert in perturbations.items():
                 ctx = CountingContext(model, cw, gen, seed, indices, loss_fn, int(pass_images))
                 t0 = time.perf_counter()
                 with contextlib.nullcontext() if pert.needs_gradient else torch.no_grad():
                     advs = pert.sweep(ctx, x, y, list(epsilons))
-                preds = predict(torch.cat([advs[e] for e in levels[name]])).split(x.shape[0])
-                for e, pred in zip(levels[name], preds):
+                preds, losses = predict(torch.cat([advs[e] for e in levels[name]]),
+                                        ctx if name in attacks and worst else None, y)
+                for j, (e, pred) in enumerate(zip(levels[name], preds.split(x.shape[0]))):
                     k = slot[(name, e)]
                     conf[1 + k] += confusion_matrix(pred, y_cpu, num_classes)
-                    for i, v in zip(indices, ((advs[e] - x).double() ** 2).flatten(1).sum(1).tolist()):
+                    r2 = ((advs[e] - x).double() ** 2).flatten(1).sum(1).tolist()
+                    for i, v in zip(indices, r2):
                         per_image[i][k] = v
+                    if losses is not None and e in worst:
+                        strongest[e] = _stronger(strongest.get(e), losses.split(x.shape[0])[j], pred, r2)
                 seconds[name] += time.perf_counter() - t0
                 backward[name] += ctx.backward_passes
                 advance(description=f"{label} {name}")
+            for e, (_, pred, r2) in strongest.items():
+                k = slot[(WORST_CASE, e)]
+                conf[1 + k] += confusion_matrix(pred, y_cpu, num_classes)
+                for i, v in zip(indices, r2):
+                    per_image[i][k] = v
             sq.update(per_image)
     all_reduce_sum(conf, d)
     parts = all_gather_objects((sq, numel, seconds, backward, len(batches)), d)
@@ -197,11 +232,21 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
     order = sorted(sq)
     elements = sum(numel[i] for i in order)
     clean = miou(conf[0])
+    notes = {}
+    for e in worst:  # never above any single attack: the lowest of the ensemble and each attack alone
+        k = slot[(WORST_CASE, e)]
+        lowest = min((p for p in attacks if e in levels[p]), key=lambda p: miou(conf[1 + slot[(p, e)]]))
+        j = slot[(lowest, e)]
+        if miou(conf[1 + j]) < miou(conf[1 + k]):
+            conf[1 + k] = conf[1 + j]
+            for i in order:
+                sq[i][k] = sq[i][j]
+            notes[e] = f"{lowest} alone is lower than the per-image strongest of the attacks"
     rows = []
     for k, (name, e) in enumerate(keys):
         c = conf[1 + k]
         m = miou(c)
-        kind = perturbations[name].level_kind
+        kind = "epsilon" if name == WORST_CASE else perturbations[name].level_kind
         total = sum(sq[i][k] for i in order)
         per = [(sq[i][k] / numel[i]) ** 0.5 for i in order]
         rows.append(ResultRow(
@@ -209,12 +254,90 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
             epsilon=e if kind == "epsilon" else None, epsilon_measured=(total / max(elements, 1)) ** 0.5,
             epsilon_measured_per_image=_spread(per), miou=m, miou_clean=clean,
             q=q_ratio(m, clean), per_class_iou=_nan_to_none(iou_per_class(c).tolist()),
-            seconds_sweep=seconds[name], backward_passes_per_batch=backward[name] / max(n_batches, 1),
-            note=NO_LABELS if m != m or clean != clean else None))
+            attack=name == WORST_CASE or name in attacks,
+            seconds_sweep=seconds.get(name, 0.0), backward_passes_per_batch=backward.get(name, 0.0) / max(n_batches, 1),
+            note=NO_LABELS if m != m or clean != clean else notes.get(e) if name == WORST_CASE else None))
     clean_row = CleanRow(model=model_name, seed=seed, dataset=dataset_name, miou=clean,
                          per_class_iou=_nan_to_none(iou_per_class(conf[0]).tolist()),
                          note=NO_LABELS if clean != clean else None, images=len(dataset))
-    return Sweep(clean_row, rows, len(dataset))
+    unbounded = next((r for r in rows if r.perturbation == UNBOUNDED), None)
+    return Sweep(clean_row, [r for r in rows if r.perturbation != UNBOUNDED], len(dataset), unbounded)
+
+
+def _stronger(best: tuple[torch.Tensor, torch.Tensor, list[float]] | None, losses: torch.Tensor,
+              pred: torch.Tensor, r2: list[float]) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Per image, the (loss, prediction, Σ r²) of the attack with the higher loss (a tie keeps the earlier one)."""
+    if best is None:
+        return losses, pred, list(r2)
+    loss0, pred0, r0 = best
+    take = losses > loss0
+    return (torch.where(take, losses, loss0), torch.where(take.view(-1, 1, 1), pred, pred0),
+            [b if t else a for a, b, t in zip(r0, r2, take.tolist())])
+
+
+CHECKS = {
+    "monotone": "mIoU does not rise with ε",
+    "iterative_vs_fgsm": "iterative attacks at least as strong as FGSM",
+    "unbounded": "an unbounded attack drives mIoU to about zero",
+    "attack_vs_noise": "gradient attacks at least as strong as Gaussian noise",
+}
+
+
+def masking_checks(sweep: Sweep, config: SanityConfig) -> list[SanityRow]:
+    """The gradient-masking sanity checks of one sweep (Carlini et al. 2019, sec. 5; AutoAttack): each fails where
+    the attacks' numbers may overstate robustness because the model's gradient misleads them (``CHECKS``).
+
+    A comparison fails when the stronger side is worse by more than ``config.tolerance`` mIoU points; the
+    unbounded attack fails above ``config.near_zero`` points. A check without the rows it compares (no FGSM, no
+    Gaussian noise, one ε) is not applicable (``passed`` null)."""
+    tol = config.tolerance
+    clean = sweep.clean
+    where = {"model": clean.model, "seed": clean.seed, "dataset": clean.dataset}
+    table: dict[str, dict[float, float]] = {}
+    for r in sweep.rows:
+        if r.is_epsilon and r.miou is not None:
+            table.setdefault(r.perturbation, {})[r.level] = 100 * r.miou
+    attacks = [p for p in table if p != WORST_CASE and any(
+        r.attack for r in sweep.rows if r.perturbation == p)]
+    out = []
+
+    def row(check: str, failures: list[str], compared: int, ok: str) -> SanityRow:
+        passed = None if not compared else not failures
+        detail = "; ".join(failures[:3]) + (f" (+{len(failures) - 3} more)" if len(failures) > 3 else "") \
+            if failures else ok if compared else "nothing to compare"
+        return SanityRow(**where, check=check, passed=passed, detail=detail)
+
+    fails, n = [], 0
+    for p in attacks:
+        levels = sorted(table[p])
+        for a, b in zip(levels, levels[1:]):
+            n += 1
+            if table[p][b] > table[p][a] + tol:
+                fails.append(f"{p}: {table[p][a]:.1f} → {table[p][b]:.1f} from ε {a:g} to {b:g}")
+    out.append(row("monotone", fails, n, f"{len(attacks)} attack(s) over {n} ε steps"))
+    fails, n = [], 0
+    for p in (q for q in attacks if q != "fgsm" and "fgsm" in table):
+        for e in sorted(set(table[p]) & set(table["fgsm"])):
+            n += 1
+            if table[p][e] > table["fgsm"][e] + tol:
+                fails.append(f"{p} {table[p][e]:.1f} > fgsm {table['fgsm'][e]:.1f} at ε {e:g}")
+    out.append(row("iterative_vs_fgsm", fails, n, f"{n} (attack, ε) pairs"))
+    u = sweep.unbounded
+    if u is None or u.miou is None:
+        out.append(row("unbounded", [], 0, ""))
+    else:
+        value = 100 * u.miou
+        fails = [f"mIoU {value:.1f} > {config.near_zero:g} after {config.iterations} APGD iterations at ε 255"] \
+            if value > config.near_zero else []
+        out.append(row("unbounded", fails, 1, f"mIoU {value:.1f} ≤ {config.near_zero:g}"))
+    fails, n = [], 0
+    for p in (q for q in attacks if "gaussian" in table):
+        for e in sorted(set(table[p]) & set(table["gaussian"])):
+            n += 1
+            if table[p][e] > table["gaussian"][e] + tol:
+                fails.append(f"{p} {table[p][e]:.1f} > gaussian {table['gaussian'][e]:.1f} at ε {e:g}")
+    out.append(row("attack_vs_noise", fails, n, f"{n} (attack, ε) pairs"))
+    return out
 
 
 def _spread(values: list[float]) -> Spread:
@@ -285,7 +408,10 @@ def evaluate_segmenter(segmenter: nn.Module, name: str, info: ModelInfo, recipe:
         sweep = robustness_sweep(segmenter, ds, perts, rob.epsilons, recipe.model.num_classes,
                                  class_weights, rob.batch_size, seed, device, progress,
                                  label=f"{name}/{key}", loss=loss, model_name=name, dataset_name=key,
-                                 precision=precision, pass_images=rob.pass_images, workers=workers, pin_memory=pin)
+                                 precision=precision, pass_images=rob.pass_images, workers=workers, pin_memory=pin,
+                                 sanity=rob.sanity)
         out.clean.append(sweep.clean)
         out.robustness += sweep.rows
+        if rob.sanity.enabled and any(r.attack for r in sweep.rows):
+            out.sanity += masking_checks(sweep, rob.sanity)
     return out

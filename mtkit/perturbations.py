@@ -76,6 +76,39 @@ class AttackContext:
             (grad,) = torch.autograd.grad(loss_fn(self.model(x)), x)
         return grad
 
+    def image_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The attacked loss of each image on its own (J^ce of eq. 1 over that image's labelled pixels by default):
+        a tensor of one value per image, for attacks and ensembles that track each image (APGD, restarts, the
+        worst case). ``logits`` may stack copies of ``y``'s batch."""
+        b = y.shape[0]
+        return torch.stack([self.objective(logits[i:i + 1], y[i % b:i % b + 1]) for i in range(logits.shape[0])])
+
+    def image_loss_gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's attacked loss (``image_losses``) and its gradient ∇_x, in passes of at most ``pass_images``
+        images; ``x`` may stack copies of ``y``'s batch. The loss of an image depends on that image only, so the
+        gradient of their sum gives each image exactly its own gradient."""
+        if y is None:
+            raise MtkitError("a gradient attack needs ground-truth labels; this dataset gives none")
+        labels = y.repeat(x.shape[0] // y.shape[0], *([1] * (y.dim() - 1)))
+        losses, grads = [], []
+        for xs, ys in zip(x.split(self.pass_images or x.shape[0]), labels.split(self.pass_images or x.shape[0])):
+            box = []
+
+            def total(logits, ys=ys, box=box):
+                values = self.image_losses(logits, ys)
+                box.append(values.detach())
+                return values.sum()
+            grads.append(self.gradient(xs, total))
+            losses.append(box[0])
+        return torch.cat(losses), torch.cat(grads)
+
+    def image_losses_of(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``image_losses`` of the model's prediction for ``x`` (no gradient; fp32, in passes of ``pass_images``)."""
+        labels = y.repeat(x.shape[0] // y.shape[0], *([1] * (y.dim() - 1)))
+        n = self.pass_images or x.shape[0]
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            return torch.cat([self.image_losses(self.model(xs), ys) for xs, ys in zip(x.split(n), labels.split(n))])
+
     def input_gradient(self, x: torch.Tensor, y: torch.Tensor, copies: int = 1) -> torch.Tensor:
         """∇_x J(ȳ, y(x)) of the attacked loss (J^ce of eq. 1 by default) against the ground truth.
 
@@ -289,13 +322,11 @@ class PGDOptions(PerturbationOptions):
 
 
 def strongest(ctx: AttackContext, candidates: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-    """Per image, the candidate adversarial example with the highest attacked loss (restarts, ensembles)."""
+    """Per image, the candidate adversarial example with the highest attacked loss (restarts, ensembles); a tie
+    goes to the earlier candidate."""
     if len(candidates) == 1:
         return candidates[0]
-    with torch.no_grad():
-        logits = [ctx.model(c) for c in candidates]  # one pass per candidate; the loss per image
-        losses = torch.tensor([[float(ctx.objective(out[i:i + 1], y[i:i + 1])) for i in range(len(y))]
-                               for out in logits])
+    losses = torch.stack([ctx.image_losses_of(c, y) for c in candidates])  # one pass per candidate
     best = losses.argmax(0)
     return torch.stack([candidates[int(k)][i] for i, k in enumerate(best)])
 
@@ -314,3 +345,132 @@ class PGD(Perturbation):
         runs = [pgd_sweep(ctx, x, y, list(epsilons), o.step, o.iterations, o.random_start or r > 0)
                 for r in range(o.restarts)]
         return {e: strongest(ctx, [run[e] for run in runs], y) for e in epsilons}
+
+
+def apgd_checkpoints(iterations: int) -> list[int]:
+    """APGD's checkpoints w_j = ceil(p_j·N) (Croce and Hein, ICML 2020, sec. 3.2), where the step size may be
+    halved: p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06), while p_j ≤ 1."""
+    p = [0.0, 0.22]
+    while p[-1] + max(p[-1] - p[-2] - 0.03, 0.06) <= 1.0:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    return sorted({math.ceil(round(q * iterations, 6)) for q in p})
+
+
+def apgd_sweep(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, epsilons: list[float],
+               iterations: int | dict[float, int] | None = None, momentum: float = 0.75, rho: float = 0.75,
+               random_start: bool = False) -> dict[float, torch.Tensor]:
+    """APGD on the attacked loss (APGD-CE: J^ce of eq. 1 by default; Croce and Hein 2020, Algorithm 1), for
+    segmentation: each image's loss is its own per-pixel loss over its labelled pixels (``image_losses``), and
+    each image has its own step size, best point and checkpoint tests. L∞ ball of radius ε in gray values,
+    images clipped to [0, 255].
+
+    η starts at 2ε; x¹ = P(x⁰ + η·sign ∇); then z = P(xᵏ + η·sign ∇f(xᵏ)) and
+    xᵏ⁺¹ = P(xᵏ + α(z − xᵏ) + (1 − α)(xᵏ − xᵏ⁻¹)) with momentum α. At each checkpoint (``apgd_checkpoints``)
+    an image's η is halved and it restarts from its best point when the loss rose in fewer than ρ of the steps
+    since the last checkpoint, or when neither η nor the best loss changed since then. Returns each image's
+    best point. ``iterations`` as PGD's (``pgd_iterations``): N iterations take N gradient passes and one
+    forward pass, PGD's budget. From x⁰ = x the first step is FGSM, so APGD's loss is never below FGSM's.
+    Every ε of the sweep runs in one stacked batch, as ``pgd_sweep``."""
+    counts = [pgd_iterations(e, iterations) for e in epsilons]
+    b, copies = x.shape[0], len(epsilons)
+    shape = (-1, *([1] * (x.dim() - 1)))
+    x0 = x.repeat(copies, *([1] * (x.dim() - 1)))
+    eps = torch.tensor(epsilons, dtype=x.dtype, device=x.device).repeat_interleave(b).view(shape)
+    if random_start:
+        noise = torch.rand(x0.shape, generator=ctx.generator, dtype=x.dtype, device="cpu").to(x.device)
+        x_cur = clip_image(x0 + (2 * noise - 1) * eps)
+    else:
+        x_cur = x0.clone()
+    loss, grad = ctx.image_loss_gradient(x_cur, y)
+    x_prev, x_best, grad_best, f_best = x_cur.clone(), x_cur.clone(), grad.clone(), loss.clone()
+    eta = 2 * eps.clone()
+    rises = torch.zeros_like(loss)  # steps since the last checkpoint where the loss rose
+    eta_check, f_check = eta.clone(), f_best.clone()
+    marks = [apgd_checkpoints(n) for n in counts]
+    last_mark = [0] * copies
+
+    def rows(cs: list[int]) -> torch.Tensor:
+        return torch.cat([torch.arange(c * b, (c + 1) * b, device=x.device) for c in cs])
+
+    for k in range(max(counts)):  # x^k → x^{k+1}
+        active = [c for c in range(copies) if counts[c] > k]
+        r = rows(active)
+        a = 1.0 if k == 0 else momentum
+        xc, x0r, er = x_cur[r], x0[r], eps[r]
+        z = project(xc + eta[r] * torch.sign(grad[r]), x0r, er)
+        x_new = project(xc + a * (z - xc) + (1 - a) * (xc - x_prev[r]), x0r, er)
+        x_prev[r], x_cur[r] = xc, x_new
+        going = [c for c in active if counts[c] > k + 1]  # these need the gradient at x^{k+1}
+        done = [c for c in active if counts[c] == k + 1]  # these only the loss
+        new_loss = torch.empty_like(loss)
+        if going:
+            g = rows(going)
+            new_loss[g], grad[g] = ctx.image_loss_gradient(x_cur[g], y)
+        if done:
+            d = rows(done)
+            new_loss[d] = ctx.image_losses_of(x_cur[d], y)
+        rises[r] += (new_loss[r] > loss[r]).to(rises.dtype)
+        loss[r] = new_loss[r]
+        better = r[new_loss[r] > f_best[r]]
+        x_best[better], grad_best[better], f_best[better] = x_cur[better], grad[better], new_loss[better]
+        for c in going:
+            if k + 1 not in marks[c]:
+                continue
+            cr = rows([c])
+            since = k + 1 - last_mark[c]
+            halve = cr[(rises[cr] < rho * since) | ((eta[cr].flatten() == eta_check[cr].flatten())
+                                                   & (f_best[cr] == f_check[cr]))]
+            eta[halve] /= 2
+            x_cur[halve], grad[halve], loss[halve] = x_best[halve], grad_best[halve], f_best[halve]
+            eta_check[cr], f_check[cr], rises[cr] = eta[cr], f_best[cr], 0
+            last_mark[c] = k + 1
+    return {e: x_best[i * b:(i + 1) * b] for i, e in enumerate(epsilons)}
+
+
+class APGDOptions(PerturbationOptions):
+    iterations: PositiveInt | dict[float, PositiveInt] | None = Field(
+        None, description="null: PGD's ceil(min(ε+4, 1.25ε)), the same budget; a count, or ε → count (AutoAttack "
+                          "uses 100)")
+    momentum: float = Field(0.75, gt=0, le=1, description="α: weight of the new step against the last one")
+    rho: float = Field(0.75, gt=0, le=1, description="halve η when the loss rose in fewer than ρ of the steps "
+                                                     "between checkpoints")
+    random_start: bool = False
+    restarts: PositiveInt = Field(1, description="runs per image (after the first, each from a random start); the "
+                                                 "example with the highest loss is kept")
+
+
+@register("perturbation", "apgd")
+class APGD(Perturbation):
+    """APGD-CE for segmentation (Croce and Hein 2020): step size adapted per image at checkpoints, momentum 0.75,
+    restarts from the best point, per-image losses; PGD's iteration budget by default (``apgd_sweep``)."""
+
+    Options = APGDOptions
+    needs_gradient = True
+
+    def sweep(self, ctx, x, y, epsilons):
+        o = self.options
+        runs = [apgd_sweep(ctx, x, y, list(epsilons), o.iterations, o.momentum, o.rho, o.random_start or r > 0)
+                for r in range(o.restarts)]
+        return {e: strongest(ctx, [run[e] for run in runs], y) for e in epsilons}
+
+
+class Unbounded(Perturbation):
+    """The unbounded attack of the gradient-masking checks (Carlini et al. 2019, "On Evaluating Adversarial
+    Robustness", sec. 5): APGD at ε = 255, where any image in [0, 255] is allowed, for ``iterations`` steps.
+    On a model with an honest gradient it drives mIoU to about zero; steps follow ``torch.sign``, so a zero
+    gradient (a model that masks its gradient) does not move the image. Not a recipe perturbation: the
+    evaluation runs it when ``robustness.sanity`` is enabled."""
+
+    needs_gradient = True
+    level_kind = "unbounded"
+    EPSILON = 255.0
+
+    def __init__(self, iterations: int = 10) -> None:
+        super().__init__()
+        self.iterations = iterations
+
+    def levels(self, epsilons: list[float]) -> list[float]:
+        return [self.EPSILON]
+
+    def sweep(self, ctx, x, y, epsilons):
+        return apgd_sweep(ctx, x, y, [self.EPSILON], self.iterations)

@@ -76,6 +76,7 @@ class ResultRow(Record):
     miou_clean: float | None
     q: float | None = Field(description="Q = mIoU_adv / mIoU_clean (eq. 10)")
     per_class_iou: list[float | None] = Field(default_factory=list)
+    attack: bool = Field(False, description="a gradient attack (or the worst case over them), not noise")
     seconds_sweep: float = 0.0
     backward_passes_per_batch: float = 0.0
     note: str | None = Field(None, description="why a value is null")
@@ -83,6 +84,17 @@ class ResultRow(Record):
     @property
     def is_epsilon(self) -> bool:
         return self.level_kind == "epsilon"
+
+
+class SanityRow(Record):
+    """One gradient-masking sanity check of one (model, seed, dataset) (see ``mtkit.evaluate.masking_checks``)."""
+
+    model: str
+    seed: int
+    dataset: str
+    check: str = Field(description="monotone | iterative_vs_fgsm | unbounded | attack_vs_noise")
+    passed: bool | None = Field(description="null: not applicable to this sweep (e.g. no FGSM to compare with)")
+    detail: str = Field(description="the numbers behind the outcome")
 
 
 class DepthRow(Record):
@@ -133,6 +145,7 @@ class RunResults(Record):
     clean: list[CleanRow] = Field(default_factory=list)
     robustness: list[ResultRow] = Field(default_factory=list)
     depth: list[DepthRow] = Field(default_factory=list)
+    sanity: list[SanityRow] = Field(default_factory=list, description="gradient-masking sanity checks")
     data: list[DataRow] = Field(default_factory=list)
     training: list[dict[str, Any]] = Field(default_factory=list)
     environment: dict[str, Any] = Field(default_factory=dict)
@@ -143,6 +156,7 @@ class RunResults(Record):
         self.clean += other.clean
         self.robustness += other.robustness
         self.depth += other.depth
+        self.sanity += other.sanity
         return self
 
     def to_json(self) -> str:

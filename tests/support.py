@@ -34,7 +34,8 @@ def tiny_recipe(**over: Any) -> dict[str, Any]:
                   "log_every": 1},
         "models": [{"name": "single", "tasks": ["segmentation"]},
                    {"name": "multi", "tasks": ["segmentation", "depth"], "lambda": 0.1}],
-        "robustness": {"epsilons": [1.0, 4.0], "batch_size": 4, "options": {"pgd": {"iterations": 2}}},
+        "robustness": {"epsilons": [1.0, 4.0], "batch_size": 4, "options": {"pgd": {"iterations": 2}},
+                       "sanity": {"iterations": 3}},
     }
     for key, value in over.items():
         node = recipe

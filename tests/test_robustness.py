@@ -6,19 +6,23 @@ from support import tiny_recipe
 
 from mtkit.build import build_perturbation, build_perturbations
 from mtkit.errors import MtkitError, RecipeError
-from mtkit.evaluate import robustness_sweep
+from mtkit.evaluate import WORST_CASE, robustness_sweep
 from mtkit.metrics import confusion_matrix, iou_per_class, miou, q_ratio
 from mtkit.perturbations import (
+    APGD,
     FGSM,
     PGD,
     AttackContext,
     Perturbation,
+    apgd_checkpoints,
+    apgd_sweep,
     fgsm,
     fgsm_direction,
     gaussian_noise,
     measured_epsilon,
     pgd,
     pgd_iterations,
+    pgd_sweep,
     salt_and_pepper,
 )
 from mtkit.recipe import validate
@@ -197,3 +201,97 @@ def test_bad_input_errors(trained):
     with pytest.raises(RecipeError, match=r"unknown option 'robustness.options.gaussian.sigma' of perturbation "
                                           r"'gaussian' \(allowed: none\)"):
         build_perturbation("gaussian", {"sigma": 2})
+
+
+def test_apgd_checkpoints_follow_croce_and_hein():
+    # p = 0, .22, .41, .57, .70, .80, .87, .93, .99 (steps shrink by .03 down to .06)
+    assert apgd_checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
+    assert apgd_checkpoints(20) == [0, 5, 9, 12, 14, 16, 18, 19, 20]
+    assert apgd_checkpoints(1) == [0, 1]
+
+
+def _miou_loss(ctx, x, y):
+    with torch.no_grad():
+        logits = ctx.model(x)
+    return miou(confusion_matrix(logits.argmax(1), y, 19)), float(ctx.objective(logits, y))
+
+
+def test_apgd_is_at_least_as_strong_as_pgd_on_the_same_budget_and_stays_in_the_ball(trained):
+    loaded, _, x, y = trained
+    ctx = _ctx(loaded)
+    eps = [1.0, 4.0, 16.0]
+    adv_pgd, adv_apgd = pgd_sweep(ctx, x, y, eps), apgd_sweep(ctx, x, y, eps)
+    for e in eps:
+        a = adv_apgd[e]
+        assert (a - x).abs().max() <= e + 1e-4 and a.min() >= 0 and a.max() <= 255
+        m_pgd, l_pgd = _miou_loss(ctx, adv_pgd[e], y)
+        m_apgd, l_apgd = _miou_loss(ctx, a, y)
+        assert l_apgd >= l_pgd - 1e-4, (e, l_apgd, l_pgd)  # the attacked loss: at least PGD's
+        assert m_apgd <= m_pgd + 2e-3, (e, m_apgd, m_pgd)  # mIoU: no higher (within 0.2 pt)
+    assert _miou_loss(ctx, adv_apgd[16.0], y)[0] < _miou_loss(ctx, adv_pgd[16.0], y)[0] - 0.005  # measured: 1.9 pt
+
+    # the same budget: PGD's gradient passes (one per iteration), counted by the sweep
+    counted = CountingAPGD(loaded.segmenter, loaded.class_weights, torch.Generator(), indices=list(range(len(y))))
+    APGD().sweep(counted, x, y, [4.0])
+    assert counted.backward_passes == pgd_iterations(4.0) == 5
+    # one ε of a sweep equals the stacked sweep (each image has its own step size and checkpoints)
+    assert torch.equal(apgd_sweep(ctx, x, y, [4.0])[4.0], adv_apgd[4.0])
+    # restarts keep, per image, the strongest run: never weaker than the first run
+    restarted = build_perturbation("apgd", {"restarts": 2}).sweep(_ctx(loaded, 1), x, y, [4.0])[4.0]
+    assert ctx.image_losses_of(restarted, y).sum() >= ctx.image_losses_of(adv_apgd[4.0], y).sum() - 1e-4
+    for options, msg in (({"restarts": 0}, "restarts"), ({"momentum": 0}, "momentum"), ({"rho": 2}, "rho")):
+        with pytest.raises(RecipeError, match=msg):
+            build_perturbation("apgd", options)
+
+
+class CountingAPGD(AttackContext):
+    backward_passes = 0
+
+    def gradient(self, x, loss_fn):
+        self.backward_passes += x.shape[0] // len(self.indices)
+        return super().gradient(x, loss_fn)
+
+
+def test_worst_case_keeps_the_strongest_example_per_image_and_is_never_above_any_attack(trained):
+    loaded, ds, _, _ = trained
+    perts = build_perturbations(["gaussian", "fgsm", "pgd", "apgd"], {"pgd": {"iterations": 2}})
+    eps = [1.0, 4.0, 16.0]
+    out = robustness_sweep(loaded.segmenter, ds, perts, eps, 19, loaded.class_weights, batch_size=4)
+    rows = {(r.perturbation, r.level): r for r in out.rows}
+    assert {p for p, _ in rows} == {"gaussian", "fgsm", "pgd", "apgd", WORST_CASE}
+    for e in eps:
+        worst = rows[(WORST_CASE, e)]
+        assert worst.attack and worst.miou <= min(rows[(p, e)].miou for p in ("fgsm", "pgd", "apgd")) + 1e-12
+        assert worst.epsilon_measured <= e + 1e-9
+
+    # the ensemble per image: two attacks that each attack half of the images (FGSM on even or odd dataset
+    # indices, the others left clean) make up, per image, exactly FGSM: stronger than either half alone
+    halves = {"even": HalfFGSM(0), "odd": HalfFGSM(1)}
+    mixed = {(r.perturbation, r.level): r for r in robustness_sweep(
+        loaded.segmenter, ds, halves, eps, 19, loaded.class_weights, batch_size=4).rows}
+    for e in eps:
+        worst = mixed[(WORST_CASE, e)]
+        assert worst.note is None  # the ensemble itself, not one attack alone
+        assert worst.miou == pytest.approx(rows[("fgsm", e)].miou, abs=1e-12)
+        assert worst.epsilon_measured == pytest.approx(rows[("fgsm", e)].epsilon_measured, rel=1e-9)
+        assert worst.miou < min(mixed[("even", e)].miou, mixed[("odd", e)].miou)
+
+    # one gradient attack: no worst case row
+    alone = robustness_sweep(loaded.segmenter, ds, build_perturbations(["fgsm", "gaussian"], {}), [4.0], 19,
+                             loaded.class_weights, batch_size=4)
+    assert WORST_CASE not in {r.perturbation for r in alone.rows}
+
+
+class HalfFGSM(Perturbation):
+    """FGSM on the images whose dataset index has the given parity; the others stay clean."""
+
+    needs_gradient = True
+
+    def __init__(self, parity):
+        super().__init__()
+        self.parity = parity
+
+    def sweep(self, ctx, x, y, epsilons):
+        keep = torch.tensor([i % 2 == self.parity for i in ctx.indices]).view(-1, 1, 1, 1)
+        full = FGSM().sweep(ctx, x, y, epsilons)
+        return {e: torch.where(keep, full[e], x) for e in epsilons}

@@ -139,6 +139,47 @@ def depth_sections(results: RunResults) -> list[dict[str, Any]]:
 
 DEPTH_HEAD = [c[1] for c in DEPTH_COLUMNS] + ["median scale", "images"]
 
+#: the gradient-masking checks in report order, with their column heads (ids as in ``SanityRow.check``)
+SANITY_CHECKS = (("monotone", "mIoU does not rise with ε"), ("iterative_vs_fgsm", "iterative ≥ FGSM"),
+                 ("unbounded", "unbounded attack → mIoU ≈ 0"), ("attack_vs_noise", "attack ≥ Gaussian noise"))
+SANITY_HEAD = [head for _, head in SANITY_CHECKS]
+
+
+def sanity_sections(results: RunResults) -> list[tuple[str, list[str]]]:
+    """The gradient-masking checks as table rows: one per (model, dataset), a cell per check: "pass", "FAIL" with
+    the numbers of the first failure, or "n/a", and the seeds behind it."""
+    by: dict[tuple[str, str, str], list] = defaultdict(list)
+    for r in results.sanity:
+        by[(r.model, r.dataset, r.check)].append(r)
+    rows = []
+    for m in results.models:
+        for d in sorted({r.dataset for r in results.sanity if r.model == m}):
+            cells = []
+            for check, _ in SANITY_CHECKS:
+                rs = by.get((m, d, check), [])
+                failed = [r for r in rs if r.passed is False]
+                judged = [r for r in rs if r.passed is not None]
+                if not judged:
+                    cells.append("n/a")
+                elif failed:
+                    cells.append(f"**FAIL** ({len(failed)}/{len(judged)} seeds): {failed[0].detail}")
+                else:
+                    cells.append("pass" + (f" ({len(judged)}/{len(judged)} seeds)" if len(judged) > 1 else ""))
+            rows.append((f"{model_label(results, m)} on {d}", cells))
+    return rows
+
+
+def sanity_warnings(results: RunResults) -> list[str]:
+    """One line per model whose gradient-masking checks failed: its numbers under attack may overstate robustness."""
+    lines = []
+    for m in results.models:
+        failed = [r for r in results.sanity if r.model == m and r.passed is False]
+        if failed:
+            names = ", ".join(dict.fromkeys(f"{dict(SANITY_CHECKS)[r.check]} ({r.dataset})" for r in failed))
+            lines.append(f"**Warning: {model_label(results, m)} failed gradient-masking checks: {names}.** Its "
+                         "numbers under attack may overstate its robustness (see the sanity checks below).")
+    return lines
+
 
 def verdict(results: RunResults) -> list[str]:
     """Plain sentences on whether each multi-task model was more robust than the single-task one, judged on the
@@ -148,8 +189,9 @@ def verdict(results: RunResults) -> list[str]:
     models, datasets, perts, eps = result_axes(results)
     singles = [m for m in models if "depth" not in results.models[m].tasks and not results.models[m].factory]
     multis = [m for m in models if "depth" in results.models[m].tasks]
+    warnings = sanity_warnings(results)
     if not singles or not multis:
-        return ["The run has no single-task/multi-task pair to compare."]
+        return [*warnings, "The run has no single-task/multi-task pair to compare."]
     s = singles[0]
     images = {r.dataset: r.images for r in results.clean if r.images}
     by = {"clean": _by_seed(results.clean, lambda r: (r.model, r.dataset), lambda r: r.miou)}
@@ -195,7 +237,7 @@ def verdict(results: RunResults) -> list[str]:
                     f"resolved in {qunres}." + (" Where the interval includes zero, the difference is not resolved "
                                                  f"at {n} seeds." if unres or qunres else ""))
         lines += [head, *details]
-    return lines
+    return [*warnings, *lines]
 
 
 def _by_seed(rows, key, value) -> dict[tuple, dict[int, float]]:

@@ -12,7 +12,20 @@ from rich.table import Table
 
 from ..io import atomic_write_text
 from ..results import RunResults
-from .aggregate import DEPTH_HEAD, aggregate, depth_sections, fmt, model_label, q_sections, result_axes, section_title
+from .aggregate import (
+    DEPTH_HEAD,
+    SANITY_HEAD,
+    aggregate,
+    depth_sections,
+    fmt,
+    model_label,
+    q_sections,
+    result_axes,
+    sanity_sections,
+    section_title,
+)
+
+SANITY_TITLE = "Gradient-masking sanity checks (a failure: the numbers under attack may overstate robustness)"
 
 
 def rich_tables(results: RunResults) -> list[Table]:
@@ -34,6 +47,15 @@ def rich_tables(results: RunResults) -> list[Table]:
             t.add_row(label, *cells)
         t.add_row("[dim]measured ε[/dim]", *[f"[dim]{v}[/dim]" for v in s["measured"]])
         tables.append(t)
+    sanity = sanity_sections(results)
+    if sanity:
+        t = Table(title=SANITY_TITLE)
+        t.add_column("model on dataset")
+        for head in SANITY_HEAD:
+            t.add_column(head)
+        for label, cells in sanity:
+            t.add_row(label, *[c.replace("**FAIL**", "[bold red]FAIL[/bold red]") for c in cells])
+        tables.append(t)
     return tables
 
 
@@ -52,6 +74,11 @@ def markdown_tables(results: RunResults) -> str:
                 "|---|" + "---:|" * len(s["levels"])]
         out += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in s["rows"]]
         out.append("| measured ε | " + " | ".join(s["measured"]) + " |")
+    sanity = sanity_sections(results)
+    if sanity:
+        out += ["", f"### {SANITY_TITLE}", "", "| model on dataset | " + " | ".join(SANITY_HEAD) + " |",
+                "|---|" + "---|" * len(SANITY_HEAD)]
+        out += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in sanity]
     if not results.clean:
         out = []
     if results.depth:
