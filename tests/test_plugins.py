@@ -32,7 +32,7 @@ def test_plugin_distributions_are_installed_and_found_through_entry_points():
     assert plugins.failures == []
     reg = plugins.registry
     version = metadata.version("mtkit-attacks")
-    for name in ("mifgsm", "segpgd", "uap"):
+    for name in ("mifgsm", "segpgd", "cospgd", "uap"):
         assert reg.entry("perturbation", name).origin == f"mtkit-attacks {version}"
     assert reg.entry("perturbation", "corrupt_fog").origin.startswith("mtkit-corruptions ")
     assert reg.entry("task", "edges").origin.startswith("mtkit-edges ")
@@ -42,11 +42,11 @@ def test_plugin_distributions_are_installed_and_found_through_entry_points():
         bare.get("perturbation", "mifgsm")
     with pytest.raises(MtkitError, match="pip install mtkit-corruptions"):
         bare.get("perturbation", "corrupt_snow")
-    with pytest.raises(MtkitError, match="Installed perturbations: fgsm, gaussian, pgd, salt_pepper"):
+    with pytest.raises(MtkitError, match="Installed perturbations: apgd, fgsm, gaussian, pgd, salt_pepper"):
         bare.get("perturbation", "my_own_attack")
 
 
-@pytest.mark.parametrize("name", ["mifgsm", "segpgd"])
+@pytest.mark.parametrize("name", ["mifgsm", "segpgd", "cospgd"])
 def test_iterative_attacks_stay_in_the_ball_and_raise_the_loss(trained, name):
     loaded, _, x, y = trained
     ctx = _ctx(loaded)
@@ -62,6 +62,24 @@ def test_iterative_attacks_stay_in_the_ball_and_raise_the_loss(trained, name):
     assert attacked > clean
     if name == "mifgsm":
         assert attacked > fgsm  # iterated with momentum: stronger than one step
+    if name == "cospgd":  # the random start is the evaluation's: the same generator seed, the same example
+        assert torch.equal(adv, build_perturbation(name).sweep(_ctx(loaded), x, y, [eps])[eps])
+
+
+def test_cospgd_scales_each_pixel_by_its_cosine_similarity_to_the_label():
+    from mtkit_attacks import cospgd_loss
+
+    logits = torch.tensor([[[[4.0, 0.0, 1.0]], [[0.0, 0.0, 1.0]]]], requires_grad=True)  # 2 classes, 3 pixels
+    y = torch.tensor([[[0, 0, 255]]])  # pixel 2 is void
+    p = logits.softmax(1)[0, :, 0, :2]
+    ce = -torch.log(p[0])
+    cos = p[0] / p.norm(dim=0)  # cosine of (p0, p1) with the one-hot (1, 0)
+    assert float(cospgd_loss(logits, y)) == pytest.approx(float((cos * ce).sum() / 2), rel=1e-6)
+    # the scale is a constant of the step: the gradient is that of Σ cos·CE with cos held fixed
+    (grad,) = torch.autograd.grad(cospgd_loss(logits, y), logits)
+    (fixed,) = torch.autograd.grad((cos.detach() * -torch.log(logits.softmax(1)[0, 0, 0, :2])).sum() / 2, logits)
+    assert torch.allclose(grad, fixed)
+    assert cos[0] > cos[1]  # the confidently correct pixel weighs more than the undecided one
 
 
 def test_segpgd_weights_wrong_pixels_more_over_the_iterations():
@@ -125,20 +143,21 @@ def test_recipe_sweep_with_plugin_attacks_and_corruptions(tmp_path):
     from mtkit.pipeline import run
 
     data = tiny_recipe(**{"models": [{"name": "single", "tasks": ["segmentation"]}],
-                          "robustness.perturbations": ["fgsm", "mifgsm", "segpgd", "uap", "corrupt_fog",
+                          "robustness.perturbations": ["fgsm", "mifgsm", "segpgd", "cospgd", "uap", "corrupt_fog",
                                                        "corrupt_gaussian_noise"],
                           "robustness.epsilons": [2.0, 8.0],
                           "robustness.datasets": ["CS"],
                           "robustness.options": {
-                              "mifgsm": {"iterations": 2}, "segpgd": {"iterations": 2},
+                              "mifgsm": {"iterations": 2}, "segpgd": {"iterations": 2}, "cospgd": {"iterations": 2},
                               "uap": {"dataset": {"name": "synthetic", "split": "train",
                                                   "options": {"domain": "city", "sequences": 2, "frames": 8}},
                                       "epochs": 1, "images": 4, "folder": str(tmp_path / "uap")},
                               "corrupt_fog": {"severities": [1, 3]}}})
     res = run(validate(data), progress=False, run_dir=tmp_path / "run", log=lambda m: None)
     rows = res.results.robustness
-    assert {r.perturbation for r in rows} == {"fgsm", "mifgsm", "segpgd", "uap", "corrupt_fog",
-                                                  "corrupt_gaussian_noise"}
+    assert {r.perturbation for r in rows} == {"fgsm", "mifgsm", "segpgd", "cospgd", "uap", "corrupt_fog",
+                                                  "corrupt_gaussian_noise", "worst_case"}
+    assert {c.check for c in res.results.sanity} == {"monotone", "iterative_vs_fgsm", "unbounded", "attack_vs_noise"}
     fog = [r for r in rows if r.perturbation == "corrupt_fog"]
     assert [(r.level_kind, r.level, r.epsilon) for r in fog] == [("severity", 1.0, None),
                                                                          ("severity", 3.0, None)]

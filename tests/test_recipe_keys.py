@@ -149,6 +149,21 @@ def _robustness_rows(r: Recipe, trained, monkeypatch) -> Any:
     return [(x.perturbation, x.level, round(x.miou, 6)) for x in out.robustness], sizes
 
 
+def _masking(r: Recipe) -> list:
+    """The gradient-masking checks of a made-up sweep whose FGSM mIoU rises by 5 points from ε 1 to 2 and whose
+    unbounded attack leaves 50 %, under the recipe's thresholds."""
+    from mtkit.evaluate import Sweep, masking_checks
+    from mtkit.results import CleanRow, ResultRow
+
+    def row(name: str, eps: float, value: float) -> ResultRow:
+        return ResultRow(model="m", seed=0, dataset="CS", perturbation=name, level=eps, epsilon=eps,
+                         epsilon_measured=eps, miou=value, miou_clean=0.6, q=value / 0.6, attack=True)
+
+    sweep = Sweep(CleanRow(model="m", seed=0, dataset="CS", miou=0.6), [row("fgsm", 1, 0.40), row("fgsm", 2, 0.45)],
+                  4, row("unbounded", 255, 0.5))
+    return [(c.check, c.passed) for c in masking_checks(sweep, r.robustness.sanity)]
+
+
 def _weights_file(tmp: Path, name: str = "resnet18") -> str:
     torch.manual_seed(1)
     path = tmp / f"{name}.pth"
@@ -237,6 +252,10 @@ PROBES: dict[str, tuple[Any, Any, Callable[..., Any]]] = {
     "robustness.channels_last": (False, True, lambda r, c: _eval_passes(r, c.trained, c.mp)),
     "robustness.compile": (False, "aot_eager", lambda r, c: _eval_passes(r, c.trained, c.mp)[1]),
     "robustness.options": ({}, {"pgd": {"iterations": 1}}, lambda r, c: _robustness_rows(r, c.trained, c.mp)[0]),
+    "robustness.sanity.enabled": (True, False, lambda r, c: _eval_passes(r, c.trained, c.mp)),
+    "robustness.sanity.iterations": (3, 1, lambda r, c: _eval_passes(r, c.trained, c.mp)),
+    "robustness.sanity.tolerance": (1.0, 10.0, lambda r, c: _masking(r)),
+    "robustness.sanity.near_zero": (5.0, 60.0, lambda r, c: _masking(r)),
     "depth_evaluation.min_depth": (1e-3, 10.0, lambda r, c: _depth_eval(r, c.mp)[0]),
     "depth_evaluation.max_depth": (80.0, 40.0, lambda r, c: _depth_eval(r, c.mp)[0]),
     "depth_evaluation.garg_crop": (True, False, lambda r, c: _depth_eval(r, c.mp)[0]),
@@ -321,7 +340,8 @@ def test_every_schema_key_has_a_probe():
     keys = _schema_keys(Recipe)
     keys += [f"DatasetConfig.{k}" for k in DatasetConfig.model_fields]
     keys += [f"ModelSpec.{f.alias or n}" for n, f in __import__("mtkit.config").config.ModelSpec.model_fields.items()]
-    containers = {"model", "data", "loss", "train", "robustness", "depth_evaluation", "data.augment"}
+    containers = {"model", "data", "loss", "train", "robustness", "depth_evaluation", "data.augment",
+                  "robustness.sanity"}
     missing = [k for k in keys if k not in PROBES and k not in containers]
     assert not missing, f"recipe keys without a probe: {missing}"
 

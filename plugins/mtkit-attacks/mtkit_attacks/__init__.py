@@ -1,4 +1,4 @@
-"""mtkit-attacks: MI-FGSM, SegPGD and a universal adversarial perturbation as mtkit perturbations.
+"""mtkit-attacks: MI-FGSM, SegPGD, CosPGD and a universal adversarial perturbation as mtkit perturbations.
 
 Every attack follows mtkit's convention: images in gray values 0..255, strength ε in gray values (the L∞ budget of
 the projection, so the RMS of the perturbation, eq. 7, is at most ε and is measured and recorded by the
@@ -117,6 +117,58 @@ class SegPGD(Perturbation):
     def sweep(self, ctx, x, y, epsilons):
         y = _labels_required(y, "segpgd")
         return {e: segpgd(ctx, x, y, e, self.options.step, self.options.iterations) for e in epsilons}
+
+
+# ---------------------------------------------------------------------------------------------------- CosPGD
+
+def cospgd_loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """CosPGD's loss (Agnihotri, Jung and Keuper, ICML 2024, Algorithm 1): each pixel's cross-entropy L_i scaled
+    by the cosine similarity between its softmax prediction and its one-hot label, a constant of the step (no
+    gradient flows through it), so pixels the model still gets right weigh most, and pixels already fooled
+    little; summed over the labelled pixels over their count.
+
+    L_i is the (class-weighted, as eq. 1 of Klingner et al.) cross-entropy; void pixels are left out.
+    """
+    per_pixel = F.cross_entropy(logits, y, weight=weights, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = y != IGNORE_INDEX
+    target = F.one_hot(torch.where(valid, y, 0), logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
+    scale = F.cosine_similarity(logits.softmax(1), target, dim=1).detach()
+    return (scale * per_pixel)[valid].sum() / valid.sum().clamp_min(1)
+
+
+def cospgd(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, eps: float, step: float = 1.0,
+           iterations: int | None = None, random_start: bool = True) -> torch.Tensor:
+    """CosPGD: from a uniform random start in the L∞ ε-ball (drawn from ``ctx.generator``), signed steps of
+    ``step`` gray values on ``cospgd_loss``, each projected onto the ε-ball and [0, 255]; Kurakin's iteration
+    count by default."""
+    iterations = pgd_iterations(eps) if iterations is None else iterations
+    x_adv = x.clone()
+    if random_start:
+        noise = torch.rand(x.shape, generator=ctx.generator, dtype=x.dtype, device="cpu").to(x.device)
+        x_adv = clip_image(x + (2 * noise - 1) * eps)
+    for _ in range(iterations):
+        grad = ctx.gradient(x_adv, lambda logits: cospgd_loss(logits, y, ctx.class_weights))
+        x_adv = project(x_adv + step * torch.sign(grad), x, eps)
+    return x_adv
+
+
+class CosPGDOptions(PerturbationOptions):
+    step: float = Field(1.0, gt=0, description="step size in gray values")
+    iterations: int | None = Field(None, ge=1, description="null: ceil(min(ε+4, 1.25ε))")
+    random_start: bool = Field(True, description="start at a uniform random point of the ε-ball (the paper's)")
+
+
+class CosPGD(Perturbation):
+    """CosPGD (Agnihotri et al. 2024): PGD on the pixel-wise cross-entropy scaled by the cosine similarity of the
+    prediction to the label; options step (1), iterations, random_start (true)."""
+
+    Options = CosPGDOptions
+    needs_gradient = True
+
+    def sweep(self, ctx, x, y, epsilons):
+        y = _labels_required(y, "cospgd")
+        o = self.options
+        return {e: cospgd(ctx, x, y, e, o.step, o.iterations, o.random_start) for e in epsilons}
 
 
 # ------------------------------------------------------------------------------- universal perturbation
@@ -238,4 +290,5 @@ class UniversalPerturbation(Perturbation):
 def mtkit_register(registry: RegistryView) -> None:
     registry.add("perturbation", "mifgsm", MIFGSM)
     registry.add("perturbation", "segpgd", SegPGD)
+    registry.add("perturbation", "cospgd", CosPGD)
     registry.add("perturbation", "uap", UniversalPerturbation)

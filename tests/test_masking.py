@@ -1,0 +1,106 @@
+"""Gradient-masking sanity checks (``mtkit.evaluate.masking_checks``): each check passes on a normal model and fails
+on models built to mask their gradient, and a failure reaches the report's verdict and its table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mtkit.build import build_perturbations
+from mtkit.config import SanityConfig
+from mtkit.evaluate import masking_checks, robustness_sweep
+from mtkit.report import write_report
+from mtkit.results import ModelInfo, RunResults
+
+EPS = [1.0, 4.0, 16.0]
+CHECKS = {"monotone", "iterative_vs_fgsm", "unbounded", "attack_vs_noise"}
+
+
+class ReversedQuantizer(torch.autograd.Function):
+    """Rounds the input to 32 gray levels; its backward pass is a wrong straight-through estimate that points the
+    wrong way (a masked gradient: attacks that follow it lower the loss)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x / 8) * 8
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class Masked(nn.Module):
+    def __init__(self, segmenter: nn.Module, mode: str) -> None:
+        super().__init__()
+        self.segmenter, self.mode = segmenter, mode
+
+    def forward(self, x):
+        if self.mode == "reversed":
+            return self.segmenter(ReversedQuantizer.apply(x))
+        if self.mode == "round":  # torch.round: a zero gradient everywhere
+            return self.segmenter(torch.round(x / 8) * 8)
+        return self.segmenter(x)
+
+
+@pytest.fixture(scope="module")
+def sweeps(trained):
+    loaded, ds, _, _ = trained
+    perts = build_perturbations(["gaussian", "fgsm", "pgd"], {})
+    config = SanityConfig(iterations=3)
+    out = {}
+    for mode in ("normal", "reversed", "round"):
+        sweep = robustness_sweep(Masked(loaded.segmenter, mode), ds, perts, EPS, 19, loaded.class_weights,
+                                 batch_size=4, model_name=mode, dataset_name="CS", sanity=config)
+        out[mode] = (sweep, {c.check: c for c in masking_checks(sweep, config)})
+    return out
+
+
+def test_every_check_passes_on_a_normal_model(sweeps):
+    sweep, checks = sweeps["normal"]
+    assert set(checks) == CHECKS
+    assert all(c.passed for c in checks.values()), {c.check: c.detail for c in checks.values()}
+    assert sweep.unbounded.miou < 0.05 < sweep.clean.miou
+    assert "unbounded" not in {r.perturbation for r in sweep.rows}  # the check's attack is not a sweep row
+
+
+def test_every_check_fails_on_a_model_whose_gradient_points_the_wrong_way(sweeps):
+    _, checks = sweeps["reversed"]
+    assert all(c.passed is False for c in checks.values()), {c.check: c.detail for c in checks.values()}
+    assert "from ε" in checks["monotone"].detail and "> fgsm" in checks["iterative_vs_fgsm"].detail
+    assert "> gaussian" in checks["attack_vs_noise"].detail
+
+
+def test_a_zero_gradient_does_not_move_the_unbounded_attack(sweeps):
+    sweep, checks = sweeps["round"]
+    assert checks["unbounded"].passed is False
+    assert sweep.unbounded.miou == pytest.approx(sweep.clean.miou)  # torch.sign(0) = 0: the image never moved
+
+
+def test_checks_without_rows_to_compare_are_not_applicable(sweeps):
+    sweep, _ = sweeps["normal"]
+    only_pgd = type(sweep)(sweep.clean, [r for r in sweep.rows if r.perturbation == "pgd"], sweep.images, None)
+    checks = {c.check: c for c in masking_checks(only_pgd, SanityConfig())}
+    assert checks["monotone"].passed is True
+    assert checks["iterative_vs_fgsm"].passed is None and checks["attack_vs_noise"].passed is None
+    assert checks["unbounded"].passed is None
+    loose = {c.check: c for c in masking_checks(sweeps["reversed"][0], SanityConfig(tolerance=100, near_zero=100))}
+    assert all(c.passed for c in loose.values())  # the thresholds are the config's
+
+
+def test_a_failed_check_is_flagged_in_the_verdict_and_tabled(sweeps, tmp_path):
+    res = RunResults(seeds=[0], models={m: ModelInfo(tasks=["segmentation"], lam=0.0) for m in ("normal", "reversed")})
+    for mode in ("normal", "reversed"):
+        sweep, checks = sweeps[mode]
+        res.clean.append(sweep.clean)
+        res.robustness += sweep.rows
+        res.sanity += checks.values()
+    report = write_report(res, tmp_path)["report"].read_text()
+    verdict = report.split("## Verdict")[1].split("## Results")[0]
+    assert "Warning: reversed (single-task) failed gradient-masking checks" in verdict
+    assert "normal (single-task) failed" not in verdict
+    table = report.split("### Gradient-masking sanity checks")[1]
+    assert "| normal (single-task) on CS | pass | pass | pass | pass |" in table
+    assert table.count("**FAIL** (1/1 seeds)") == 4
+    again = RunResults.read(tmp_path / "results.json")
+    assert [c.passed for c in again.sanity] == [c.passed for c in res.sanity]
