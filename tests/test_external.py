@@ -38,7 +38,7 @@ MODELS = {  # factory, its kwargs (untrained: no downloads), the input it expect
 
 def _check(res, name: str, perts: list[str]) -> None:
     assert res.models[name].factory
-    assert {r.perturbation for r in res.robustness} == set(perts)
+    assert {r.perturbation for r in res.robustness} == {*perts, "worst_case"}  # the strongest attack per image
     assert all(0 <= r.miou <= 1 and 0 < r.epsilon_measured < 2.0 + 0.3 for r in res.robustness)  # gray values
     assert all(abs(r.epsilon_measured - 2.0) < 0.3 for r in res.robustness
                if r.perturbation in ("gaussian", "salt_pepper", "fgsm"))
@@ -113,7 +113,7 @@ def test_an_external_model_and_an_mtkit_checkpoint_side_by_side_in_one_report(tr
     res = api.RunResults.read(out / "results.json")
     assert set(res.models) == {"single", "unet"} and res.models["unet"].factory == "segmentation_models_pytorch:Unet"
     assert {(r.model, r.perturbation) for r in res.robustness} == {
-        (m, p) for m in ("single", "unet") for p in ("gaussian", "salt_pepper", "fgsm", "pgd")}
+        (m, p) for m in ("single", "unet") for p in ("gaussian", "salt_pepper", "fgsm", "pgd", "worst_case")}
     report = (out / "report.md").read_text()
     assert "unet (external)" in report and (out / "figure5_robustness.png").stat().st_size > 0
 

@@ -49,8 +49,8 @@ def test_every_artefact_exists_and_parses(first_run):
     assert {(c.model, c.dataset) for c in results.clean} == {(m, k) for m in ("single", "multi")
                                                                      for k in ("CS", "K")}
     rows = list(csv.DictReader((d / "results.csv").open()))
-    assert len(rows) == 2 * 2 * 4 * 2  # models x datasets x perturbations x ε
-    assert {r["perturbation"] for r in rows} == {"gaussian", "salt_pepper", "fgsm", "pgd"}
+    assert len(rows) == 2 * 2 * 5 * 2  # models x datasets x (perturbations and the worst case) x ε
+    assert {r["perturbation"] for r in rows} == {"gaussian", "salt_pepper", "fgsm", "pgd", "worst_case"}
     for r in results.robustness:
         assert 0 <= r.q <= 1.5 and r.epsilon_measured > 0
     for png in ("figure5_robustness.png", "figure6_fgsm_lambda.png"):
@@ -61,6 +61,12 @@ def test_every_artefact_exists_and_parses(first_run):
     assert "Q [%] and mIoU under attack [%]: **pgd** on K" in report and "### Depth on Eigen" in report
     assert "| mIoU (multi (λ=0.1)) |" in report  # the absolute mIoU under attack beside Q
     assert "one seed, so no claim of significance is possible" in report and "(4 images, 1 seed)" in report
+    # the gradient-masking checks: one row per model and dataset, a cell per check
+    assert len(results.sanity) == 2 * 2 * 4
+    table = report.split("### Gradient-masking sanity checks")[1].split("\n\n")[1].splitlines()
+    assert table[0] == ("| model on dataset | mIoU does not rise with ε | iterative ≥ FGSM | unbounded attack → mIoU ≈ 0 "
+                        "| attack ≥ Gaussian noise |")
+    assert len(table) == 2 + 4 and table[2].startswith("| single (single-task) on CS | ")
     assert validate(yaml.safe_load((d / "recipe.yaml").read_text())).to_dict() == recipe.to_dict()
     env = json.loads((d / "environment.json").read_text())
     assert env["versions"]["torch"] and env["device"] == "cpu"
@@ -103,7 +109,7 @@ def test_cli_run_uses_the_cache_and_prints_tables(first_run):
                          env={**os.environ, "COLUMNS": "160"})
     assert out.returncode == 0, out.stderr
     assert "stages run: 0, cached: 12" in out.stdout and "Table 2: mIoU" in out.stdout
-    assert "Depth on Eigen" in out.stdout
+    assert "Depth on Eigen" in out.stdout and "Gradient-masking sanity checks" in out.stdout
 
 
 def test_paper_recipe_without_datasets_stops_at_once_pointing_to_quickstart(monkeypatch, tmp_path):
