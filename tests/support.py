@@ -44,3 +44,18 @@ def tiny_recipe(**over: Any) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return recipe
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """``mtkit ARGS`` in this process through the CLI's own ``main`` (its error handling included): exit code,
+    stdout and stderr. A fresh ``python -m mtkit`` costs seconds of imports; the tests that need a process of its
+    own (the entry point, a SIGKILL, torchrun, plugins found on a changed path) start one."""
+    import pytest
+
+    from mtkit import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main([*args])
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return done.value.code, out.out, out.err

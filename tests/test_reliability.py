@@ -15,9 +15,8 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import tiny_recipe
+from support import run_cli, tiny_recipe
 
-from mtkit import cli
 from mtkit.checkpoint import atomic_torch_save, load_checkpoint
 from mtkit.errors import CheckpointError, MtkitError, RecipeError
 from mtkit.evaluate import evaluate_checkpoint, robustness_sweep
@@ -27,14 +26,6 @@ from mtkit.report import save_report
 from mtkit.results import RunResults
 from mtkit.runtime import resolve_device
 from mtkit.train import train
-
-
-def _main(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as done:
-        cli.main([*args])
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return done.value.code, out.out, out.err
 
 
 def _recipe_file(tmp_path: Path, **over) -> Path:
@@ -56,12 +47,12 @@ def test_a_finished_model_is_never_emptied_by_a_fresh_run(tmp_path, capsys):
     train(recipe, "single", tmp_path / "m", progress=False)
     before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir() if p.is_file() and p.suffix != ".lock"}
     recipe_file = _recipe_file(tmp_path)
-    code, _, err = _main(["train", str(recipe_file), "--model", "single", "--out", str(tmp_path / "m"),
+    code, _, err = run_cli(["train", str(recipe_file), "--model", "single", "--out", str(tmp_path / "m"),
                           "--no-progress"], capsys)
     assert code == 2 and "already holds a trained model" in err and "--resume" in err and "--overwrite" in err
     after = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir() if p.is_file() and p.suffix != ".lock"}
     assert after == before  # nothing was deleted or rewritten
-    code, _, err = _main(["train", str(recipe_file), "--model", "single", "--out", str(tmp_path / "m"),
+    code, _, err = run_cli(["train", str(recipe_file), "--model", "single", "--out", str(tmp_path / "m"),
                           "--no-progress", "--overwrite"], capsys)
     assert code == 0, err
     (kept,) = (tmp_path / "m").glob("previous-*")
@@ -99,14 +90,14 @@ def test_outputs_are_checked_before_the_work(tmp_path, capsys, trained):
                  ["run", str(recipe_file), "--out", str(a_file / "run")],
                  ["train", str(recipe_file), "--out", str(a_file / "t")],
                  ["export", str(checkpoint), str(a_file / "m.onnx")]):
-        code, _, err = _main(args, capsys)
+        code, _, err = run_cli(args, capsys)
         assert code == 2 and f"{a_file} is a file" in err and "Traceback" not in err, (args, err)
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     if os.access(locked, os.W_OK):  # root ignores permissions: nothing to prove here
         return
-    code, _, err = _main(["eval", str(recipe_file), "--checkpoint", str(checkpoint), "--out", str(locked)], capsys)
+    code, _, err = run_cli(["eval", str(recipe_file), "--checkpoint", str(checkpoint), "--out", str(locked)], capsys)
     assert code == 2 and "not writable" in err
 
 
@@ -325,7 +316,7 @@ def test_fuzz_override_text_gives_a_recipe_or_an_mtkit_error(text):
                                                   "{a: 1}", "1e-4", "true", ": :", "[", "'"])))
 def test_fuzz_cli_show_exits_0_or_2_without_traceback(override, tmp_path_factory, capsys):
     recipe_file = _recipe_file(tmp_path_factory.mktemp("fuzz"))
-    code, _, err = _main(["show", str(recipe_file), "-o", f"{override[0]}={override[1]}"], capsys)
+    code, _, err = run_cli(["show", str(recipe_file), "-o", f"{override[0]}={override[1]}"], capsys)
     assert code in (0, 2) and "Traceback" not in err, (override, err)
     if code == 0:
         load_recipe(recipe_file, [f"{override[0]}={override[1]}"])

@@ -25,17 +25,10 @@ def _write(tmp_path, data, name="r.yaml"):
     return path
 
 
-def _cli(*args, env_extra=None, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "mtkit", *args], capture_output=True, text=True, env=env,
-                          timeout=600, **kw)
-
-
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     data = tiny_recipe(**{"train.epochs": 2, "train.steps_per_epoch": 4, "train.checkpoint_every": 1})
     recipe = _write(tmp_path, data)
-    full = _cli("train", str(recipe), "--model", "multi", "--out", str(tmp_path / "full"), "--no-progress")
-    assert full.returncode == 0, full.stderr
+    train(validate(data), "multi", tmp_path / "full", progress=False)  # uninterrupted, in this process
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "mtkit", "train", str(recipe), "--model", "multi", "--out",
                              str(run), "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -55,8 +48,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = load_checkpoint(run / "last.pt")["step"]
     assert 2 <= killed_at < 8
-    resumed = _cli("train", str(recipe), "--model", "multi", "--out", str(run), "--resume", "--no-progress")
-    assert resumed.returncode == 0, resumed.stderr
+    train(validate(data), "multi", run, resume=True, progress=False)  # `mtkit train --resume`, in this process
     a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(run / "last.pt")
     assert a["step"] == b["step"] == 8
     for key in a["model"]:
@@ -137,8 +129,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     data["model"]["backbone_kwargs"] = {"norm_layer": "groupnorm"}  # no batch statistics: exact comparison
     data["data"]["augment"] = {"hflip": False, "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0}
     recipe = _write(tmp_path, data)
-    single = _cli("train", str(recipe), "--model", "multi", "--out", str(tmp_path / "single"), "--no-progress")
-    assert single.returncode == 0, single.stderr
+    train(validate(data), "multi", tmp_path / "single", progress=False)  # one process: this one
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "mtkit", "train", str(recipe), "--model", "multi", "--out", str(tmp_path / "ddp"),
