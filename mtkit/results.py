@@ -86,13 +86,22 @@ class ResultRow(Record):
         return self.level_kind == "epsilon"
 
 
+#: the gradient-masking checks (``mtkit.evaluate.masking_checks``) in report order: id → what passing means
+SANITY_CHECKS = {
+    "monotone": "mIoU does not rise with ε",
+    "iterative_vs_fgsm": "iterative attacks ≥ FGSM",
+    "unbounded": "unbounded attack → mIoU ≈ 0",
+    "attack_vs_noise": "gradient attacks ≥ Gaussian noise",
+}
+
+
 class SanityRow(Record):
     """One gradient-masking sanity check of one (model, seed, dataset) (see ``mtkit.evaluate.masking_checks``)."""
 
     model: str
     seed: int
     dataset: str
-    check: str = Field(description="monotone | iterative_vs_fgsm | unbounded | attack_vs_noise")
+    check: str = Field(description="a key of SANITY_CHECKS")
     passed: bool | None = Field(description="null: not applicable to this sweep (e.g. no FGSM to compare with)")
     detail: str = Field(description="the numbers behind the outcome")
 

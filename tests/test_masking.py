@@ -86,6 +86,9 @@ def test_checks_without_rows_to_compare_are_not_applicable(sweeps):
     assert checks["unbounded"].passed is None
     loose = {c.check: c for c in masking_checks(sweeps["reversed"][0], SanityConfig(tolerance=100, near_zero=100))}
     assert all(c.passed for c in loose.values())  # the thresholds are the config's
+    # an attack that is not iterative (a universal perturbation) is not held to FGSM's strength
+    universal = {c.check: c for c in masking_checks(sweeps["reversed"][0], SanityConfig(), iterative=set())}
+    assert universal["iterative_vs_fgsm"].passed is None and universal["attack_vs_noise"].passed is False
 
 
 def test_a_failed_check_is_flagged_in_the_verdict_and_tabled(sweeps, tmp_path):

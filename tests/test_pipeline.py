@@ -61,8 +61,8 @@ def test_every_artefact_exists_and_parses(first_run):
     # the gradient-masking checks: one row per model and dataset, a cell per check
     assert len(results.sanity) == 2 * 2 * 4
     table = report.split("### Gradient-masking sanity checks")[1].split("\n\n")[1].splitlines()
-    assert table[0] == ("| model on dataset | mIoU does not rise with ε | iterative ≥ FGSM "
-                        "| unbounded attack → mIoU ≈ 0 | attack ≥ Gaussian noise |")
+    assert table[0] == ("| model on dataset | mIoU does not rise with ε | iterative attacks ≥ FGSM "
+                        "| unbounded attack → mIoU ≈ 0 | gradient attacks ≥ Gaussian noise |")
     assert len(table) == 2 + 4 and table[2].startswith("| single (single-task) on CS | ")
     assert validate(yaml.safe_load((d / "recipe.yaml").read_text())).to_dict() == recipe.to_dict()
     env = json.loads((d / "environment.json").read_text())

@@ -8,7 +8,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from ..results import RunResults
+from ..results import SANITY_CHECKS, RunResults
 from ..statistics import paired_difference, t_interval
 
 
@@ -139,10 +139,7 @@ def depth_sections(results: RunResults) -> list[dict[str, Any]]:
 
 DEPTH_HEAD = [c[1] for c in DEPTH_COLUMNS] + ["median scale", "images"]
 
-#: the gradient-masking checks in report order, with their column heads (ids as in ``SanityRow.check``)
-SANITY_CHECKS = (("monotone", "mIoU does not rise with ε"), ("iterative_vs_fgsm", "iterative ≥ FGSM"),
-                 ("unbounded", "unbounded attack → mIoU ≈ 0"), ("attack_vs_noise", "attack ≥ Gaussian noise"))
-SANITY_HEAD = [head for _, head in SANITY_CHECKS]
+SANITY_HEAD = list(SANITY_CHECKS.values())
 
 
 def sanity_sections(results: RunResults) -> list[tuple[str, list[str]]]:
@@ -155,7 +152,7 @@ def sanity_sections(results: RunResults) -> list[tuple[str, list[str]]]:
     for m in results.models:
         for d in sorted({r.dataset for r in results.sanity if r.model == m}):
             cells = []
-            for check, _ in SANITY_CHECKS:
+            for check in SANITY_CHECKS:
                 rs = by.get((m, d, check), [])
                 failed = [r for r in rs if r.passed is False]
                 judged = [r for r in rs if r.passed is not None]
@@ -175,7 +172,8 @@ def sanity_warnings(results: RunResults) -> list[str]:
     for m in results.models:
         failed = [r for r in results.sanity if r.model == m and r.passed is False]
         if failed:
-            names = ", ".join(dict.fromkeys(f"{dict(SANITY_CHECKS)[r.check]} ({r.dataset})" for r in failed))
+            names = ", ".join(dict.fromkeys(f"{SANITY_CHECKS.get(r.check, r.check)} ({r.dataset})"
+                                            for r in failed))
             lines.append(f"**Warning: {model_label(results, m)} failed gradient-masking checks: {names}.** Its "
                          "numbers under attack may overstate its robustness (see the sanity checks below).")
     return lines

@@ -69,6 +69,7 @@ class MIFGSM(Perturbation):
 
     Options = MIFGSMOptions
     needs_gradient = True
+    iterative = True
 
     def sweep(self, ctx, x, y, epsilons):
         y = _labels_required(y, "mifgsm")
@@ -113,6 +114,7 @@ class SegPGD(Perturbation):
 
     Options = SegPGDOptions
     needs_gradient = True
+    iterative = True
 
     def sweep(self, ctx, x, y, epsilons):
         y = _labels_required(y, "segpgd")
@@ -164,6 +166,7 @@ class CosPGD(Perturbation):
 
     Options = CosPGDOptions
     needs_gradient = True
+    iterative = True
 
     def sweep(self, ctx, x, y, epsilons):
         y = _labels_required(y, "cospgd")
