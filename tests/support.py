@@ -59,3 +59,14 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         raise SystemExit(0)
     out = capsys.readouterr()
     return done.value.code, out.out, out.err
+
+
+def with_plugins_on_path(site: Path, monkeypatch) -> None:
+    """Plugin distributions under ``site`` found through their entry points by this process's next registry, as a
+    fresh ``PYTHONPATH=site mtkit …`` would find them (undone after the test), and a console wide enough that
+    table rows do not wrap."""
+    from mtkit import cli, plugins
+
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(plugins, "_PLUGINS", None)
+    monkeypatch.setattr(cli.console, "width", 200)

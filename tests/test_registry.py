@@ -1,11 +1,8 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 from plugin_utils import BROKEN_PLUGIN, GOOD_PLUGIN, make_dist
+from support import run_cli, with_plugins_on_path
 
 from mtkit.errors import MtkitError
 from mtkit.plugins import load_plugins
@@ -69,19 +66,18 @@ def test_broken_plugin_is_reported_and_others_work(tmp_path, monkeypatch):
     assert ("perturbation", "fgsm") in plugins.registry
 
 
-def test_cli_list_shows_plugin_origin_and_survives_broken_plugin(tmp_path):
+def test_cli_list_shows_plugin_origin_and_survives_broken_plugin(tmp_path, capsys, monkeypatch):
     site = tmp_path / "site"
     make_dist(site, "mtkit-testplugin", "1.2.3", "mtkit_testplugin", GOOD_PLUGIN)
     make_dist(site, "mtkit-broken", "0.1", "mtkit_broken", BROKEN_PLUGIN)
-    env = {**os.environ, "PYTHONPATH": str(site), "COLUMNS": "200"}
-    out = subprocess.run([sys.executable, "-m", "mtkit", "list", "perturbation"], capture_output=True, text=True,
-                         env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    line = next(ln for ln in out.stdout.splitlines() if "uniform_noise" in ln)
+    with_plugins_on_path(site, monkeypatch)
+    code, out, err = run_cli(["list", "perturbation"], capsys)
+    assert code == 0, err
+    line = next(ln for ln in out.splitlines() if "uniform_noise" in ln)
     assert "mtkit-testplugin 1.2.3" in line
-    assert "fgsm" in out.stdout and "builtin" in out.stdout
-    assert "mtkit_broken" in out.stderr and "broken on purpose" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert "fgsm" in out and "builtin" in out
+    assert "mtkit_broken" in err and "broken on purpose" in err
+    assert "Traceback" not in err
 
 
 def test_registration_is_a_historic_hook_called_through_pluggy():

@@ -15,7 +15,7 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import run_cli, tiny_recipe
+from support import run_cli, tiny_recipe, with_plugins_on_path
 
 from mtkit.checkpoint import atomic_torch_save, load_checkpoint
 from mtkit.errors import CheckpointError, MtkitError, RecipeError
@@ -247,15 +247,14 @@ def test_a_typo_inside_an_eval_dataset_gets_suggestions():
         validate(data)
 
 
-def test_show_and_run_warn_once_about_a_broken_plugin(tmp_path):
+def test_show_and_run_warn_once_about_a_broken_plugin(tmp_path, capsys, monkeypatch):
     from plugin_utils import BROKEN_PLUGIN, make_dist
 
     site = make_dist(tmp_path / "site", "mtkit-broken", "0.1", "mtkit_broken", BROKEN_PLUGIN)
     recipe_file = _recipe_file(tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(site), "COLUMNS": "200"}
-    out = subprocess.run([sys.executable, "-m", "mtkit", "show", str(recipe_file)], capture_output=True, text=True,
-                         env=env, timeout=120)
-    assert out.returncode == 0 and out.stderr.count("mtkit_broken") == 1, out.stderr
+    with_plugins_on_path(site, monkeypatch)
+    code, _, err = run_cli(["show", str(recipe_file)], capsys)
+    assert code == 0 and err.count("mtkit_broken") == 1, err
 
 
 # ------------------------------------------------------------------------------------------------- fuzzing

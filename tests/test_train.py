@@ -26,7 +26,8 @@ def _write(tmp_path, data, name="r.yaml"):
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    data = tiny_recipe(**{"train.epochs": 2, "train.steps_per_epoch": 4, "train.checkpoint_every": 1})
+    data = tiny_recipe(**{"train.epochs": 2, "train.steps_per_epoch": 4, "train.checkpoint_every": 1,
+                          "model.backbone": "resnet10t", "model.pose_backbone": "resnet10t"})  # small checkpoints
     recipe = _write(tmp_path, data)
     train(validate(data), "multi", tmp_path / "full", progress=False)  # uninterrupted, in this process
     run = tmp_path / "killed"
