@@ -24,7 +24,8 @@ ALL = ["gaussian", "salt_pepper", "fgsm", "pgd", "segpgd", "mifgsm"]  # every no
 @pytest.fixture(scope="module")
 def recipe():
     return validate(tiny_recipe(**{"robustness.epsilons": [2.0], "robustness.datasets": ["CS"],
-                                   "robustness.options": {"pgd": {"iterations": 2}}}))
+                                   "robustness.options": {"pgd": {"iterations": 2}},
+                                   "robustness.sanity.enabled": False}))  # the checks: tests/test_masking.py
 
 
 MODELS = {  # factory, its kwargs (untrained: no downloads), the input it expects

@@ -95,8 +95,16 @@ def test_rerun_is_cached_and_a_changed_key_reruns_only_what_depends_on_it(first_
     part = run(lam, progress=False, run_dir=res.run_dir, log=lambda m: None)
     assert sorted(part.stages_run) == ["evaluate depth multi seed 0 on Eigen", "evaluate multi seed 0 on CS",
                                        "evaluate multi seed 0 on K", "train multi seed 0"]
-    forced = run(recipe, force=True, progress=False, run_dir=res.run_dir, log=lambda m: None)
-    assert len(forced.stages_run) == 5 + 7 and forced.stages_cached == []  # the data prepared again too
+    # --force runs every stage again, finished or not: shown on the single-task model on CS, whose stages (its
+    # data, its training, its evaluation) are all cached
+    data = recipe.to_dict()
+    data["models"], data["robustness"]["datasets"] = data["models"][:1], ["CS"]
+    small = validate(data)
+    cached = run(small, progress=False, run_dir=res.run_dir, log=lambda m: None)
+    assert cached.stages_run == [] and "train single seed 0" in cached.stages_cached
+    forced = run(small, force=True, progress=False, run_dir=res.run_dir, log=lambda m: None)
+    assert sorted(forced.stages_run) == sorted(cached.stages_cached) and forced.stages_cached == []
+    assert any(s.startswith("prepare ") for s in forced.stages_run)  # the data prepared again too
 
 
 def test_cli_run_uses_the_cache_and_prints_tables(first_run, capsys):

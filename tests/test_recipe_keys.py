@@ -414,7 +414,8 @@ def test_recipe_key_changes_behaviour(key, tmp_path, monkeypatch, trained):
         reg.add("loss", "probe_depth_loss", ProbeDepthLoss)
     a, b, probe = PROBES[key]
     base = tiny_recipe(**{"train.amp": "off", "train.channels_last": False, "robustness.epsilons": [1.0],
-                          "robustness.perturbations": ["fgsm"], "robustness.options": {}})
+                          "robustness.perturbations": ["fgsm"], "robustness.options": {},
+                          "robustness.sanity.enabled": key.startswith("robustness.sanity.")})  # only where probed
     base["data"]["eval"]["K"]["options"] = {"domain": "drive", "sequences": 2, "frames": 8}
     base["models"][1]["task_scales"] = {}
     observed = []
