@@ -54,6 +54,9 @@ def _results(single: dict[int, float], multi: dict[int, float]) -> RunResults:
 def test_the_verdict_follows_the_interval():
     one = "\n".join(verdict(_results({0: 0.30}, {0: 0.40})))
     assert "one seed, so no claim of significance is possible" in one and "32 images, 1 seed" in one
+    assert "mIoU under attack higher in 1 of 1 (dataset" in one  # the single measurement: 0.40 > 0.30
+    lower = "\n".join(verdict(_results({0: 0.40}, {0: 0.30})))
+    assert "mIoU under attack higher in 0 of 1 (dataset" in lower
     clear = "\n".join(verdict(_results({0: 0.30, 1: 0.31, 2: 0.29}, {0: 0.40, 1: 0.42, 2: 0.41})))
     assert "over 3 seeds" in clear and ": more robust.**" in clear and "higher in 1, lower in 0" in clear
     noisy = "\n".join(verdict(_results({0: 0.30, 1: 0.45, 2: 0.29}, {0: 0.40, 1: 0.31, 2: 0.41})))

@@ -201,6 +201,7 @@ def verdict(results: RunResults) -> list[str]:
         n = len(set(by["clean"].get((m, datasets[0]), {})) & set(by["clean"].get((s, datasets[0]), {}))) \
             if datasets else 0
         counts = {k: [0, 0, 0] for k in ("miou", "q")}  # higher, lower, not resolved
+        measured_higher = 0  # cells where the mean difference is above zero, resolved or not
         details = []
         for d in datasets:
             clean = paired_difference(by["clean"].get((m, d), {}), by["clean"].get((s, d), {}))
@@ -214,6 +215,7 @@ def verdict(results: RunResults) -> list[str]:
                             continue
                         idx = 0 if iv.resolved and iv.low > 0 else 1 if iv.resolved else 2
                         counts[k][idx] += 1
+                        measured_higher += k == "miou" and iv.mean > 0
                 parts.append(f"{p}: mIoU " + ", ".join(iv.text(" pt") for iv in diffs["miou"])
                              + "; Q " + ", ".join(iv.text(" pt") for iv in diffs["q"]))
             details.append(f"- **{d}** ({images.get(d, '?')} images, {n} seed{'s' if n != 1 else ''}): clean mIoU "
@@ -222,8 +224,8 @@ def verdict(results: RunResults) -> list[str]:
         label = model_label(results, m)
         if n < 2:
             head = (f"**{label} vs the single-task model: one seed, so no claim of significance is possible.** "
-                    f"Single measurements: higher mIoU under attack in {counts['miou'][2]} of {cells} (dataset, "
-                    "perturbation, ε) cells would need several seeds (`--seeds 0,1,2,3,4`) to be judged.")
+                    f"Single measurements: mIoU under attack higher in {measured_higher} of {cells} (dataset, "
+                    "perturbation, ε) cells; judging them needs several seeds (`--seeds 0,1,2,3,4`).")
         else:
             hi, lo, unres = counts["miou"]
             qhi, qlo, qunres = counts["q"]
