@@ -6,7 +6,7 @@ from support import tiny_recipe
 
 from mtkit.build import build_perturbation, build_perturbations
 from mtkit.errors import MtkitError, RecipeError
-from mtkit.evaluate import WORST_CASE, robustness_sweep
+from mtkit.evaluate import WORST_CASE, CountingContext, robustness_sweep
 from mtkit.metrics import confusion_matrix, iou_per_class, miou, q_ratio
 from mtkit.perturbations import (
     APGD,
@@ -231,7 +231,7 @@ def test_apgd_is_at_least_as_strong_as_pgd_on_the_same_budget_and_stays_in_the_b
     assert _miou_loss(ctx, adv_apgd[16.0], y)[0] < _miou_loss(ctx, adv_pgd[16.0], y)[0] - 0.005  # measured: 1.9 pt
 
     # the same budget: PGD's gradient passes (one per iteration), counted by the sweep
-    counted = CountingAPGD(loaded.segmenter, loaded.class_weights, torch.Generator(), indices=list(range(len(y))))
+    counted = CountingContext(loaded.segmenter, loaded.class_weights, torch.Generator(), indices=list(range(len(y))))
     APGD().sweep(counted, x, y, [4.0])
     assert counted.backward_passes == pgd_iterations(4.0) == 5
     # one ε of a sweep equals the stacked sweep (each image has its own step size and checkpoints)
@@ -242,14 +242,6 @@ def test_apgd_is_at_least_as_strong_as_pgd_on_the_same_budget_and_stays_in_the_b
     for options, msg in (({"restarts": 0}, "restarts"), ({"momentum": 0}, "momentum"), ({"rho": 2}, "rho")):
         with pytest.raises(RecipeError, match=msg):
             build_perturbation("apgd", options)
-
-
-class CountingAPGD(AttackContext):
-    backward_passes = 0
-
-    def gradient(self, x, loss_fn):
-        self.backward_passes += x.shape[0] // len(self.indices)
-        return super().gradient(x, loss_fn)
 
 
 def test_worst_case_keeps_the_strongest_example_per_image_and_is_never_above_any_attack(trained):
