@@ -101,6 +101,10 @@ class TrainConfig(Strict):
                                                         "fp32 on the CPU; fp16 adds a gradient scaler")
     channels_last: bool | Literal["auto"] = Field("auto", description="auto: on CUDA")
     compile: bool | str = Field(False, description="torch.compile: true (inductor) or a backend name, e.g. aot_eager")
+    tf32: bool = Field(True, description="CUDA: fp32 matmuls and convolutions may use TF32 (the forward runs in "
+                                         "bf16 under amp anyway)")
+    deterministic: bool = Field(False, description="CUDA: deterministic cuDNN/cuBLAS, cudnn.benchmark off (slower); "
+                                                   "grid_sample's backward stays nondeterministic on CUDA")
     grad_clip: PositiveFloat | None = Field(None, description="max gradient norm; null: no clipping")
     log_every: int = Field(10, ge=1)
     tensorboard: bool = False
@@ -165,6 +169,8 @@ class RobustnessConfig(Strict):
         "off", description="autocast of the model's forward passes; attack gradients are always taken in fp32")
     channels_last: bool | Literal["auto"] = Field("auto", description="auto: on CUDA")
     compile: bool | str = Field(False, description="torch.compile the segmenter: true (inductor) or a backend name")
+    tf32: bool = Field(False, description="CUDA: let fp32 matmuls and convolutions use TF32 (off: the evaluation and "
+                                          "its attack gradients are IEEE fp32, the paper's numbers)")
     datasets: list[str] | None = Field(None, description="keys of data.eval; null: all")
     options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="perturbation -> kwargs")
     sanity: SanityConfig = Field(default_factory=SanityConfig)

@@ -21,7 +21,7 @@ from .checkpoint import load_checkpoint
 from .config import ModelSpec, Recipe, SanityConfig
 from .errors import CheckpointError, MtkitError
 from .external import has_gradient_path
-from .metrics import confusion_matrix, iou_per_class, miou, q_ratio
+from .metrics import confusion_counts, confusion_from_counts, iou_per_class, miou, q_ratio
 from .perturbations import AttackContext, Perturbation, Unbounded
 from .prepare import default_workers, prepared_dataset
 from .progress import progress_bar
@@ -34,6 +34,7 @@ from .runtime import (
     all_reduce_sum,
     available_memory,
     current_dist,
+    math_mode,
     resolve_pin_memory,
     resolve_precision,
 )
@@ -165,7 +166,8 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
     worst = [e for e in epsilons if sum(e in levels[p] for p in attacks) >= 2]
     keys = [(p, e) for p in perturbations for e in levels[p]] + [(WORST_CASE, e) for e in worst]
     slot = {key: k for k, key in enumerate(keys)}
-    conf = torch.zeros(1 + len(keys), num_classes, num_classes, dtype=torch.int64)  # clean first, then keys
+    # clean first, then keys; summed on the device and read back once (``confusion_counts``)
+    conf = torch.zeros(1 + len(keys), num_classes * num_classes + 1, dtype=torch.int64, device=device)
     sq: dict[int, list[float]] = {}  # image index -> Σ r² per key (eq. 7), summed over the set in image order
     numel: dict[int, int] = {}
     seconds = dict.fromkeys(perturbations, 0.0)
@@ -182,17 +184,16 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
         with torch.no_grad(), precision.autocast():
             for i, c in enumerate(x.split(int(pass_images))):
                 logits = model(precision.input(c))
-                preds.append(logits.argmax(1).cpu())
+                preds.append(logits.argmax(1))
                 if ctx is not None and labels is not None:
-                    losses.append(ctx.image_losses(logits.float(), labels[i]).cpu())
+                    losses.append(ctx.image_losses(logits.float(), labels[i]))
         return torch.cat(preds), (torch.cat(losses) if losses else None)
 
     with progress_bar(progress and d.main, len(batches) * (1 + len(perturbations)), label or "robustness") as advance:
         for batch, indices in zip(loader, batches):
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True)
-            y_cpu = batch["label"]
-            conf[0] += confusion_matrix(predict(x)[0], y_cpu, num_classes)
+            conf[0] += confusion_counts(predict(x)[0], y, num_classes)
             advance(description=f"{label} clean")
             per_image = {i: [0.0] * len(keys) for i in indices}
             numel.update(dict.fromkeys(indices, x[0].numel()))
@@ -204,10 +205,12 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
                     advs = pert.sweep(ctx, x, y, list(epsilons))
                 preds, losses = predict(torch.cat([advs[e] for e in levels[name]]),
                                         ctx if name in attacks and worst else None, y)
+                # Σ r² per image (eq. 7) of every level, read back in one transfer
+                r2_all = torch.stack([((advs[e] - x).double() ** 2).flatten(1).sum(1) for e in levels[name]]).tolist()
                 for j, (e, pred) in enumerate(zip(levels[name], preds.split(x.shape[0]))):
                     k = slot[(name, e)]
-                    conf[1 + k] += confusion_matrix(pred, y_cpu, num_classes)
-                    r2 = ((advs[e] - x).double() ** 2).flatten(1).sum(1).tolist()
+                    conf[1 + k] += confusion_counts(pred, y, num_classes)
+                    r2 = r2_all[j]
                     for i, v in zip(indices, r2):
                         per_image[i][k] = v
                     if losses is not None and e in worst:
@@ -217,11 +220,11 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
                 advance(description=f"{label} {name}")
             for e, (_, pred, r2) in strongest.items():
                 k = slot[(WORST_CASE, e)]
-                conf[1 + k] += confusion_matrix(pred, y_cpu, num_classes)
+                conf[1 + k] += confusion_counts(pred, y, num_classes)
                 for i, v in zip(indices, r2):
                     per_image[i][k] = v
             sq.update(per_image)
-    all_reduce_sum(conf, d)
+    conf = confusion_from_counts(all_reduce_sum(conf.cpu(), d), num_classes)
     parts = all_gather_objects((sq, numel, seconds, backward, len(batches)), d)
     for p_sq, p_numel, *_ in parts:
         sq.update(p_sq)
@@ -385,29 +388,30 @@ def evaluate_segmenter(segmenter: nn.Module, name: str, info: ModelInfo, recipe:
     loss = build_segmentation_loss(recipe.loss.segmentation, class_weights)
     out = RunResults(seeds=[seed], models={name: info})
     device = torch.device(device)
-    precision = resolve_precision(rob.amp, rob.channels_last, rob.compile, device, "robustness")
+    precision = resolve_precision(rob.amp, rob.channels_last, rob.compile, device, "robustness", rob.tf32)
     workers = default_workers(recipe.data.num_workers)
     pin = resolve_pin_memory(recipe.data.pin_memory, device)
     attacks = [p for p, pert in perts.items() if pert.needs_gradient]
-    for key in datasets:
-        ds = prepared_dataset(recipe, f"data.eval.{key}", progress)
-        if attacks:  # checked once, on the first set's first image: a gradient path is the model's property
-            if not has_gradient_path(segmenter, ds[0]["image"][None].to(device)):
-                if on_no_gradient != "noise_only":
-                    raise MtkitError(f"model '{name}' gives no gradient of its logits with respect to the input "
-                                     f"(an exported, quantized or no_grad model?), and the attacks {attacks} need "
-                                     "one: evaluate the noise types only (--perturbation gaussian --perturbation "
-                                     "salt_pepper, or --no-gradient noise-only)")
-                log(f"model '{name}' has no gradient path: leaving out {', '.join(attacks)}")
-                perts = {p: pert for p, pert in perts.items() if not pert.needs_gradient}
-            attacks = []
-        sweep = robustness_sweep(segmenter, ds, perts, rob.epsilons, recipe.model.num_classes,
-                                 class_weights, rob.batch_size, seed, device, progress,
-                                 label=f"{name}/{key}", loss=loss, model_name=name, dataset_name=key,
-                                 precision=precision, pass_images=rob.pass_images, workers=workers, pin_memory=pin,
-                                 sanity=rob.sanity)
-        out.clean.append(sweep.clean)
-        out.robustness += sweep.rows
-        if rob.sanity.enabled and any(r.attack for r in sweep.rows):
-            out.sanity += masking_checks(sweep, rob.sanity, {p for p, pert in perts.items() if pert.iterative})
+    with math_mode(precision.tf32):  # IEEE fp32 unless robustness.tf32
+        for key in datasets:
+            ds = prepared_dataset(recipe, f"data.eval.{key}", progress)
+            if attacks:  # checked once, on the first set's first image: a gradient path is the model's property
+                if not has_gradient_path(segmenter, ds[0]["image"][None].to(device)):
+                    if on_no_gradient != "noise_only":
+                        raise MtkitError(f"model '{name}' gives no gradient of its logits with respect to the input "
+                                         f"(an exported, quantized or no_grad model?), and the attacks {attacks} need "
+                                         "one: evaluate the noise types only (--perturbation gaussian --perturbation "
+                                         "salt_pepper, or --no-gradient noise-only)")
+                    log(f"model '{name}' has no gradient path: leaving out {', '.join(attacks)}")
+                    perts = {p: pert for p, pert in perts.items() if not pert.needs_gradient}
+                attacks = []
+            sweep = robustness_sweep(segmenter, ds, perts, rob.epsilons, recipe.model.num_classes,
+                                     class_weights, rob.batch_size, seed, device, progress,
+                                     label=f"{name}/{key}", loss=loss, model_name=name, dataset_name=key,
+                                     precision=precision, pass_images=rob.pass_images, workers=workers, pin_memory=pin,
+                                     sanity=rob.sanity)
+            out.clean.append(sweep.clean)
+            out.robustness += sweep.rows
+            if rob.sanity.enabled and any(r.attack for r in sweep.rows):
+                out.sanity += masking_checks(sweep, rob.sanity, {p for p, pert in perts.items() if pert.iterative})
     return out

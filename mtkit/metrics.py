@@ -15,17 +15,36 @@ from .sampling import evaluation_batches
 IGNORE_INDEX = 255
 
 
+def confusion_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Flat (num_classes² + 1,) int64 counts on ``pred``'s device, without a host synchronisation (no boolean
+    indexing, no ``bincount``, whose CUDA kernel reads its maximum back): bin t·n + p for each labelled pixel of
+    ground truth t and prediction p; the last bin counts the labels outside 0..n-1 that are not void, which
+    ``confusion_from_counts`` refuses. Sum these over a whole set, then turn them into the matrix once."""
+    n = num_classes
+    t = target.to(pred.device).long().flatten()
+    p = pred.long().flatten()
+    idx = torch.where((t >= 0) & (t < n), t * n + p, n * n)
+    idx = torch.where(t == ignore_index, n * n + 1, idx)  # void: a bin that is dropped
+    counts = torch.zeros(n * n + 2, dtype=torch.int64, device=pred.device)
+    return counts.scatter_add_(0, idx, torch.ones_like(idx))[:-1]
+
+
+def confusion_from_counts(counts: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The (…, num_classes, num_classes) matrices of summed ``confusion_counts`` (rows = ground truth, columns =
+    prediction), on the CPU; a label outside the classes is an error that says how to fix it."""
+    counts = counts.cpu()
+    bad = int(counts[..., -1].sum())
+    if bad:
+        raise MtkitError(f"{bad} labelled pixel(s) hold a class outside 0..{num_classes - 1} (and not the void label "
+                         f"{ignore_index}): the labels have more classes than model.num_classes = {num_classes}")
+    return counts[..., :-1].reshape(*counts.shape[:-1], num_classes, num_classes)
+
+
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """(num_classes, num_classes) int64 counts, rows = ground truth, columns = prediction; void ignored."""
-    valid = target != ignore_index
-    t = target[valid].long()
-    p = pred[valid].long()
-    if t.numel() and (int(t.max()) >= num_classes or int(t.min()) < 0):
-        raise MtkitError(f"label {int(t.max())} outside 0..{num_classes - 1} (and not the void label {ignore_index}): "
-                         f"the labels have more classes than model.num_classes = {num_classes}")
-    idx = t * num_classes + p
-    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    return confusion_from_counts(confusion_counts(pred, target, num_classes, ignore_index), num_classes, ignore_index)
 
 
 def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:
@@ -122,9 +141,9 @@ def confusion_on(segmenter: torch.nn.Module, dataset, num_classes: int, batch_si
     d = dist or current_dist()
     precision = precision or Precision(device_type=torch.device(device).type)
     segmenter.eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    counts = torch.zeros(num_classes * num_classes + 1, dtype=torch.int64, device=device)  # on the device
     for batch in DataLoader(dataset, batch_sampler=evaluation_batches(len(dataset), batch_size, d)):
         with precision.autocast():
-            pred = segmenter(precision.input(batch["image"].to(device))).argmax(1).cpu()
-        conf += confusion_matrix(pred, batch["label"], num_classes)
-    return all_reduce_sum(conf, d)
+            pred = segmenter(precision.input(batch["image"].to(device))).argmax(1)
+        counts += confusion_counts(pred, batch["label"], num_classes)
+    return confusion_from_counts(all_reduce_sum(counts.cpu(), d), num_classes)

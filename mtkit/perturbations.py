@@ -30,16 +30,36 @@ from .registry import register
 
 def image_generator(seed: int, index: int, *salt: Any) -> torch.Generator:
     """A random generator for one image, seeded by a stable hash of (evaluation seed, the image's index in its
-    dataset, salt such as the perturbation and ε): an image's noise does not depend on the batch it is in."""
+    dataset, salt such as the perturbation and ε): an image's noise does not depend on the batch it is in, nor on
+    the number of ranks. A CPU generator (draw with ``draw``), so the numbers are the same on every device."""
     blob = json.dumps([seed, index, *salt], default=str).encode()
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1)
+
+
+DISTRIBUTIONS = {"rand": torch.rand, "randn": torch.randn}
+
+
+def draw(kind: str, shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None,
+         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Random numbers (``kind`` "rand": uniform [0, 1), "randn": standard normal) from ``generator`` on the
+    generator's own device, then moved to ``device``: the one way perturbations draw. A CPU generator used with
+    ``device=`` a GPU would fail (torch wants a CUDA generator for a CUDA tensor); drawing where the generator
+    lives and moving the result gives the same numbers on the CPU and on any GPU."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    return DISTRIBUTIONS[kind](tuple(shape), generator=generator, dtype=dtype, device=where).to(device)
 
 
 @dataclass
 class AttackContext:
     """What a perturbation may use: the segmenter (gray values → logits), the class weights of eq. 1, a random
     generator (seeded by the evaluation), and the evaluation seed and dataset indices of the batch's images for
-    per-image generators (``image_generators``)."""
+    per-image generators (``image_generators``).
+
+    Devices: the images, labels and model are on the evaluation's device (CPU or GPU); ``generator`` and every
+    generator of ``image_generators`` are CPU generators. Draw with ``draw`` (or ``image_noise``, one draw per
+    image), never ``torch.rand(..., generator=g, device=x.device)``, which fails on a GPU. ``generator`` is one
+    stream for the whole evaluation (its draws depend on the batch order); ``image_noise`` and
+    ``image_generators`` give each image its own, independent of the batch size and of the rank count."""
 
     model: nn.Module
     class_weights: torch.Tensor | None
@@ -63,6 +83,13 @@ class AttackContext:
         if len(indices) != batch:
             raise ValueError(f"AttackContext has {len(indices)} image indices for a batch of {batch}")
         return [image_generator(self.seed, i, *salt) for i in indices]
+
+    def image_noise(self, x: torch.Tensor, kind: str, *salt: Any) -> torch.Tensor:
+        """Random numbers of ``x``'s shape, dtype and device (``kind`` as ``draw``), each image's from its own
+        generator (``image_generators(len(x), *salt)``): the same values whatever the batch, the ranks or the
+        device. Salt with the perturbation's name and ε (and a restart's number) so that draws differ."""
+        gens = self.image_generators(x.shape[0], *salt)
+        return torch.stack([draw(kind, x.shape[1:], g, "cpu", x.dtype) for g in gens]).to(x.device)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The attacked loss (J^ce of eq. 1 by default) against the ground truth (void ignored)."""
@@ -138,8 +165,9 @@ def measured_epsilon(x_adv: torch.Tensor, x: torch.Tensor) -> float:
 
 
 def gaussian_noise(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """r ~ N(0, ε²) per element (eq. 6-7): ε is the standard deviation. Returns x + r, unclipped."""
-    return x + eps * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    """r ~ N(0, ε²) per element (eq. 6-7): ε is the standard deviation. Returns x + r, unclipped; ``generator``
+    may live on another device than ``x`` (``draw``)."""
+    return x + eps * draw("randn", x.shape, generator, x.device, x.dtype)
 
 
 def salt_and_pepper(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -166,9 +194,10 @@ def _salt_and_pepper_image(x: torch.Tensor, eps: float, generator: torch.Generat
     target = eps**2 * x.numel()
     flat = x.permute(0, 2, 3, 1).reshape(-1, c).double()
     n = flat.shape[0]
-    values = torch.randint(0, 2, (n, 1), generator=generator, device="cpu").to(x.device).double() * 255.0
+    where = generator.device if generator is not None else "cpu"
+    values = torch.randint(0, 2, (n, 1), generator=generator, device=where).to(x.device).double() * 255.0
     contrib = ((values - flat) ** 2).sum(1)
-    order = torch.randperm(n, generator=generator, device="cpu").to(x.device)
+    order = torch.randperm(n, generator=generator, device=where).to(x.device)
     cum = contrib[order].cumsum(0)
     k = int(torch.searchsorted(cum, torch.tensor(target, dtype=cum.dtype, device=cum.device)))
     k = min(k, n)
@@ -209,30 +238,33 @@ def pgd_iterations(eps: float, override: int | dict[float, int] | None = None) -
     return max(1, math.ceil(min(eps + 4.0, 1.25 * eps)))
 
 
+def random_start_point(ctx: AttackContext, x: torch.Tensor, eps: float | torch.Tensor, *salt: Any) -> torch.Tensor:
+    """A uniform random point of the L∞ ε-ball around x, clipped to [0, 255], each image's drawn from its own
+    generator (``image_noise`` salted with ``salt``): independent of the batch size, the ranks and the device.
+    ``eps`` may be one ε per image (a tensor that broadcasts against x)."""
+    return clip_image(x + (2 * ctx.image_noise(x, "rand", "random_start", *salt) - 1) * eps)
+
+
 def pgd(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, eps: float, step: float = 1.0,
-        iterations: int | dict[float, int] | None = None, random_start: bool = False) -> torch.Tensor:
+        iterations: int | dict[float, int] | None = None, random_start: bool = False, restart: int = 0
+        ) -> torch.Tensor:
     """Projected gradient descent (Kurakin et al. / Madry et al.): iterated FGSM steps of size ``step`` gray
     values, each followed by projection onto the L∞ ε-ball around x and onto [0, 255]; ``iterations`` as in
     ``pgd_iterations``. One ε of ``pgd_sweep``."""
-    return pgd_sweep(ctx, x, y, [eps], step, iterations, random_start)[eps]
+    return pgd_sweep(ctx, x, y, [eps], step, iterations, random_start, restart)[eps]
 
 
 def pgd_sweep(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, epsilons: list[float], step: float = 1.0,
-              iterations: int | dict[float, int] | None = None, random_start: bool = False
+              iterations: int | dict[float, int] | None = None, random_start: bool = False, restart: int = 0
               ) -> dict[float, torch.Tensor]:
     """``pgd`` at every ε of a sweep at once: the ε copies of the batch are stacked into one larger batch, and each
     copy iterates until its own iteration count is reached (the copies still iterating share each gradient pass,
-    chunked by ``ctx.pass_images``). Equal, element for element, to PGD run at each ε in turn: the random
-    starts are drawn in the same order, and each copy's gradient is its own."""
+    chunked by ``ctx.pass_images``). Equal, element for element, to PGD run at each ε in turn: each image's
+    random start is its own draw (``random_start_point``, salted "pgd", ε and ``restart``), and each copy's
+    gradient is its own."""
     counts = [pgd_iterations(e, iterations) for e in epsilons]
     b = x.shape[0]
-    starts = []
-    for e in epsilons:
-        start = x.clone()
-        if random_start:
-            noise = torch.rand(x.shape, generator=ctx.generator, dtype=x.dtype, device="cpu").to(x.device)
-            start = clip_image(x + (2 * noise - 1) * e)
-        starts.append(start)
+    starts = [random_start_point(ctx, x, e, "pgd", e, restart) if random_start else x.clone() for e in epsilons]
     x_adv = torch.cat(starts)
     x0 = x.repeat(len(epsilons), *([1] * (x.dim() - 1)))
     eps = torch.tensor(epsilons, dtype=x.dtype, device=x.device).repeat_interleave(b).view(-1, *([1] * (x.dim() - 1)))
@@ -289,8 +321,7 @@ class Gaussian(Perturbation):
     def sweep(self, ctx, x, y, epsilons):
         out = {}
         for e in epsilons:
-            gens = ctx.image_generators(x.shape[0], "gaussian", e)
-            out[e] = clip_image(torch.cat([gaussian_noise(x[i:i + 1], e, g) for i, g in enumerate(gens)]))
+            out[e] = clip_image(x + e * ctx.image_noise(x, "randn", "gaussian", e))
         return out
 
 
@@ -345,7 +376,7 @@ class PGD(Perturbation):
 
     def sweep(self, ctx, x, y, epsilons):
         o = self.options
-        runs = [pgd_sweep(ctx, x, y, list(epsilons), o.step, o.iterations, o.random_start or r > 0)
+        runs = [pgd_sweep(ctx, x, y, list(epsilons), o.step, o.iterations, o.random_start or r > 0, r)
                 for r in range(o.restarts)]
         return {e: strongest(ctx, [run[e] for run in runs], y) for e in epsilons}
 
@@ -361,7 +392,7 @@ def apgd_checkpoints(iterations: int) -> list[int]:
 
 def apgd_sweep(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, epsilons: list[float],
                iterations: int | dict[float, int] | None = None, momentum: float = 0.75, rho: float = 0.75,
-               random_start: bool = False) -> dict[float, torch.Tensor]:
+               random_start: bool = False, restart: int = 0) -> dict[float, torch.Tensor]:
     """APGD on the attacked loss (APGD-CE: J^ce of eq. 1 by default; Croce and Hein 2020, Algorithm 1), for
     segmentation: each image's loss is its own per-pixel loss over its labelled pixels (``image_losses``), and
     each image has its own step size, best point and checkpoint tests. L∞ ball of radius ε in gray values,
@@ -379,9 +410,8 @@ def apgd_sweep(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, epsilons: l
     shape = (-1, *([1] * (x.dim() - 1)))
     x0 = x.repeat(copies, *([1] * (x.dim() - 1)))
     eps = torch.tensor(epsilons, dtype=x.dtype, device=x.device).repeat_interleave(b).view(shape)
-    if random_start:
-        noise = torch.rand(x0.shape, generator=ctx.generator, dtype=x.dtype, device="cpu").to(x.device)
-        x_cur = clip_image(x0 + (2 * noise - 1) * eps)
+    if random_start:  # each image's own draw per ε (``random_start_point``)
+        x_cur = torch.cat([random_start_point(ctx, x, e, "apgd", e, restart) for e in epsilons])
     else:
         x_cur = x0.clone()
     loss, grad = ctx.image_loss_gradient(x_cur, y)
@@ -453,7 +483,7 @@ class APGD(Perturbation):
 
     def sweep(self, ctx, x, y, epsilons):
         o = self.options
-        runs = [apgd_sweep(ctx, x, y, list(epsilons), o.iterations, o.momentum, o.rho, o.random_start or r > 0)
+        runs = [apgd_sweep(ctx, x, y, list(epsilons), o.iterations, o.momentum, o.rho, o.random_start or r > 0, r)
                 for r in range(o.restarts)]
         return {e: strongest(ctx, [run[e] for run in runs], y) for e in epsilons}
 

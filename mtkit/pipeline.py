@@ -33,7 +33,7 @@ from .plugins import get_plugins
 from .prepare import prepare_recipe
 from .report import save_report
 from .results import DataRow, DepthRow, ModelInfo, RunResults, strict
-from .runtime import barrier, init_distributed, resolve_device
+from .runtime import barrier, init_distributed, resolve_device, resolve_precision
 from .train import train
 
 QUICKSTART_HINT = "to try the whole pipeline on the embedded synthetic data instead: mtkit run recipes/quickstart.yaml"
@@ -86,7 +86,23 @@ def check_datasets(recipe: Recipe) -> None:
                            + f"\n{QUICKSTART_HINT}")
 
 
-def environment(device: str) -> dict[str, Any]:
+def math_policy(recipe: Recipe, device: str) -> dict[str, Any]:
+    """What each phase runs in on ``device`` (``runtime.resolve_precision`` and ``runtime.math_mode``): autocast
+    dtype, channels_last, compile, TF32, cudnn.benchmark and determinism."""
+    dev = torch.device(device)
+    t, r = recipe.train, recipe.robustness
+    out = {}
+    for phase, keys, deterministic in (("train", t, t.deterministic), ("evaluation", r, False)):
+        p = resolve_precision(keys.amp, keys.channels_last, keys.compile, dev, phase, keys.tf32)
+        cuda = dev.type == "cuda"
+        out[phase] = {"amp": str(p.dtype).replace("torch.", "") if p.dtype else "fp32",
+                      "channels_last": p.channels_last, "compile": p.compile,
+                      "tf32": p.tf32 and cuda, "cudnn_benchmark": cuda and not deterministic,
+                      "deterministic": deterministic if cuda else True}
+    return out
+
+
+def environment(device: str, recipe: Recipe | None = None) -> dict[str, Any]:
     from importlib import metadata
 
     versions = {}
@@ -102,7 +118,9 @@ def environment(device: str) -> dict[str, Any]:
         commit = None
     return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions,
             "device": device, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "git_commit": commit}
+            "cuda_version": torch.version.cuda, "gpu_count": torch.cuda.device_count(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "git_commit": commit,
+            **({"math": math_policy(recipe, device)} if recipe is not None else {})}
 
 
 def run_folder(recipe: Recipe) -> Path:
@@ -114,7 +132,7 @@ def new_results(recipe: Recipe, seeds: list[int], device: str) -> RunResults:
     """The results of a run before its stages: the recipe's name, description, models and the environment."""
     return RunResults(recipe_name=recipe.name, recipe_description=recipe.description, recipe_source=recipe.source,
                       seeds=seeds, models={m.name: ModelInfo(tasks=m.tasks, lam=m.lam) for m in recipe.models},
-                      environment=environment(device))
+                      environment=environment(device, recipe))
 
 
 def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, progress: bool = True,

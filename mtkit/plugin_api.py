@@ -24,6 +24,7 @@ from .perturbations import (
     Perturbation,
     PerturbationOptions,
     clip_image,
+    draw,
     fgsm_direction,
     measured_epsilon,
     pgd_iterations,
@@ -36,6 +37,6 @@ __all__ = [
     "IGNORE_INDEX", "AttackContext", "AuxiliaryTask", "DatasetConfig", "DatasetOptions", "Field", "ModelConfig",
     "MtkitError", "Perturbation", "PerturbationOptions", "RegistryView", "SegmentationDataset", "SegmentationDecoder",
     "VideoDataset", "atomic_torch_save",
-    "build_dataset", "cache_dir", "clip_image", "config_hash", "fgsm_direction", "hookimpl", "load_checkpoint",
+    "build_dataset", "cache_dir", "clip_image", "config_hash", "draw", "fgsm_direction", "hookimpl", "load_checkpoint",
     "measured_epsilon", "pgd_iterations", "project", "weighted_cross_entropy",
 ]

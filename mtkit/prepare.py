@@ -31,6 +31,7 @@ from .data.cache import (
 )
 from .data.common import cache_dir
 from .errors import DatasetError
+from .runtime import local_world
 
 
 @dataclass
@@ -45,8 +46,11 @@ class Prepared:
 
 
 def default_workers(recipe_workers: int | None) -> int:
-    """Loader and prepare processes: the recipe's ``data.num_workers``, or one per core."""
-    return (os.cpu_count() or 1) if recipe_workers is None else recipe_workers
+    """Loader and prepare processes per rank: the recipe's ``data.num_workers``, or the node's cores shared by
+    its processes (torchrun's LOCAL_WORLD_SIZE), at least one."""
+    if recipe_workers is not None:
+        return recipe_workers
+    return max(1, (os.cpu_count() or 1) // local_world())
 
 
 def dataset_folder(cfg: DatasetConfig, train: bool) -> Path:

@@ -1,9 +1,12 @@
-"""Devices, distributed set-up (torchrun / torch.distributed), seeding."""
+"""Devices, distributed set-up (torchrun / torch.distributed), seeding, precision and the CUDA math policy."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,29 +31,56 @@ class Dist:
         return self.world > 1
 
 
+def local_rank() -> int:
+    """This process's rank on its node (torchrun's LOCAL_RANK; 0 outside torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world() -> int:
+    """Processes on this node (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def backend_for(device: torch.device) -> str:
+    """The torch.distributed backend of a run on ``device``: ``MTKIT_DIST_BACKEND`` when set; else nccl when
+    every process of the node has a GPU of its own (``device`` is the local rank's), gloo on the CPU or when
+    processes share a GPU (NCCL refuses two ranks on one GPU; gloo takes CUDA tensors too)."""
+    if os.environ.get("MTKIT_DIST_BACKEND"):
+        return os.environ["MTKIT_DIST_BACKEND"]
+    if device.type == "cuda" and local_world() <= torch.cuda.device_count() and device.index == local_rank():
+        return "nccl"
+    return "gloo"
+
+
 def init_distributed(device: torch.device) -> Dist:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1): gloo on the CPU, nccl on CUDA."""
+    """Join the process group when started by torchrun (WORLD_SIZE > 1), on ``backend_for(device)``. On CUDA the
+    process's GPU becomes its current device first, so NCCL and the object collectives use that GPU and not
+    cuda:0 on every rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world <= 1:
         return Dist()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend_for(device))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank())
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """The recipe's ``device``: ``auto`` (the local rank's GPU when there is one, else the CPU), ``cpu``,
-    ``cuda`` or ``cuda:N``; a name that is no device, or a GPU this machine lacks, is a one-line error."""
+    """The recipe's ``device``: ``auto`` (a GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``;
+    a name that is no device, or a GPU this machine lacks, is a one-line error. ``auto`` and ``cuda`` without an
+    index take the local rank's GPU under torchrun (LOCAL_RANK modulo the GPU count: with more processes than
+    GPUs, processes share them), cuda:0 otherwise; ``cuda:N`` is that GPU on every rank."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise MtkitError(f"device '{name}' is not a device name: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MtkitError(f"device '{name}' asked for, but this machine has no CUDA GPU: use device: auto or cpu")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise MtkitError(f"device '{name}': this machine has {torch.cuda.device_count()} GPU(s)")
     if device.type not in ("cpu", "cuda"):
@@ -71,12 +101,14 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass(frozen=True)
 class Precision:
     """How a model runs: autocast dtype (None: fp32), channels_last memory format, torch.compile backend (None:
-    eager). ``resolve_precision`` turns a recipe's ``amp`` / ``channels_last`` / ``compile`` keys into one."""
+    eager), and on CUDA whether fp32 matmuls and convolutions may use TF32 (``tf32``; see ``math_mode``).
+    ``resolve_precision`` turns a recipe's ``amp`` / ``channels_last`` / ``compile`` / ``tf32`` keys into one."""
 
     dtype: torch.dtype | None = None
     channels_last: bool = False
     compile: str | None = None
     device_type: str = "cpu"
+    tf32: bool = False
 
     def autocast(self):
         """The autocast context of a forward pass (a no-op in fp32)."""
@@ -99,7 +131,7 @@ class Precision:
 
 
 def resolve_precision(amp: str, channels_last: bool | str, compile: bool | str, device: torch.device,
-                      where: str = "train") -> Precision:
+                      where: str = "train", tf32: bool = False) -> Precision:
     """A recipe's precision keys on ``device``: ``amp`` bf16 | fp16 | off | auto (auto: bf16 on CUDA, fp32 on the
     CPU), ``channels_last`` true | false | auto (auto: on CUDA), ``compile`` false | true (inductor) | a backend
     name of ``torch._dynamo.list_backends`` (e.g. aot_eager, to tell a compiler bug from a model bug)."""
@@ -120,7 +152,64 @@ def resolve_precision(amp: str, channels_last: bool | str, compile: bool | str, 
                              f"one of {', '.join(sorted(known))}")
         backend = compile
     return Precision(AMP_DTYPES.get(amp), channels_last is True or (channels_last == "auto" and cuda), backend,
-                     device.type)
+                     device.type, bool(tf32))
+
+
+# ------------------------------------------------------------------------------------------ the CUDA math policy
+def _fp32_precision(tf32: bool | None = None) -> dict[str, str] | None:
+    """Read (and with ``tf32`` set) the fp32 precision of CUDA matmuls and cuDNN convolutions. torch ≥ 2.9 has
+    ``fp32_precision`` ("ieee" | "tf32"); older versions the ``allow_tf32`` flags."""
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):
+        old = {"matmul": b.cuda.matmul.fp32_precision, "conv": b.cudnn.conv.fp32_precision}
+        if tf32 is not None:
+            b.cuda.matmul.fp32_precision = b.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
+        return old
+    old = {"matmul": "tf32" if b.cuda.matmul.allow_tf32 else "ieee", "conv": "tf32" if b.cudnn.allow_tf32 else "ieee"}
+    if tf32 is not None:
+        b.cuda.matmul.allow_tf32 = b.cudnn.allow_tf32 = bool(tf32)
+    return old
+
+
+def _restore_fp32_precision(old: dict[str, str]) -> None:
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):
+        b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision = old["matmul"], old["conv"]
+    else:
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = old["matmul"] == "tf32", old["conv"] == "tf32"
+
+
+@contextlib.contextmanager
+def math_mode(tf32: bool, deterministic: bool = False) -> Iterator[dict[str, object]]:
+    """The CUDA math policy of one phase (training or evaluation), restored on exit; yields it as a dict (what
+    ``environment.json`` records). No effect on CPU results.
+
+    - ``tf32``: fp32 matmuls and convolutions may run in TF32 (10-bit mantissa; ~8x the fp32 rate on an H100).
+      Training allows it by default (its forward runs in bf16 anyway); evaluation does not, so its "fp32" numbers
+      and the fp32 attack gradients are IEEE fp32 (``train.tf32`` / ``robustness.tf32``).
+    - ``deterministic``: cuDNN picks deterministic algorithms, cudnn.benchmark is off, cuBLAS gets a fixed
+      workspace, and ``torch.use_deterministic_algorithms(True, warn_only=True)`` warns about the operations that
+      stay nondeterministic on CUDA (the backward passes of grid_sample, bilinear upsampling and reflection
+      padding accumulate with atomics). Otherwise cudnn.benchmark is on: the fastest algorithm per input shape.
+    """
+    b = torch.backends.cudnn
+    old = (_fp32_precision(tf32), b.benchmark, b.deterministic, torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    b.benchmark, b.deterministic = not deterministic, deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield {"tf32": bool(tf32), "cudnn_benchmark": not deterministic, "deterministic": deterministic}
+    finally:
+        _restore_fp32_precision(old[0])  # type: ignore[arg-type]
+        b.benchmark, b.deterministic = old[1], old[2]
+        torch.use_deterministic_algorithms(old[3], warn_only=old[4])
+        if old[5] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
 
 
 def resolve_pin_memory(setting: bool | str, device: torch.device) -> bool:
@@ -142,10 +231,25 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where the process group's backend reduces: NCCL on this process's GPU, gloo on the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    """``t`` summed over the ranks (in place; unchanged in a single process). Integer counts sum exactly."""
+    """``t`` summed over the ranks (in place, on whatever device ``t`` is; unchanged in a single process). Integer
+    counts sum exactly. A CPU tensor under NCCL travels through this process's GPU, a GPU tensor under gloo
+    through the CPU."""
     if d.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        where = collective_device()
+        if where == t.device:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        else:
+            moved = t.to(where)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            t.copy_(moved)
     return t
 
 
@@ -159,9 +263,12 @@ def all_gather_objects(obj, d: Dist) -> list:
 
 
 def available_memory(device: torch.device) -> int:
-    """Free bytes on ``device``: the GPU's free memory, or the host's MemAvailable (Linux), else its total."""
+    """Free bytes on ``device``: on a GPU its free memory plus what this process's caching allocator holds
+    without using (memory that training in the same process has released to the cache is available to the next
+    phase), else the host's MemAvailable (Linux), else its total."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + cached)
     try:
         with open("/proc/meminfo") as f:
             for line in f:

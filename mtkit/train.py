@@ -36,7 +36,14 @@ from .models import MultiTaskNet
 from .plugins import get_plugins
 from .prepare import default_workers, prepared_dataset
 from .progress import progress_bar
-from .runtime import init_distributed, resolve_device, resolve_pin_memory, resolve_precision, seed_everything
+from .runtime import (
+    init_distributed,
+    math_mode,
+    resolve_device,
+    resolve_pin_memory,
+    resolve_precision,
+    seed_everything,
+)
 from .sampling import EpochLoader, epoch_batches
 
 
@@ -76,7 +83,7 @@ class Trainer:
         for name, b in (("segmentation", self.seg_batch), ("depth", self.depth_batch)):
             if b % self.dist.world:
                 raise MtkitError(f"the {name} batch ({b}) must divide evenly over {self.dist.world} processes")
-        self.precision = resolve_precision(t.amp, t.channels_last, t.compile, self.device)
+        self.precision = resolve_precision(t.amp, t.channels_last, t.compile, self.device, tf32=t.tf32)
 
     # ------------------------------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -108,7 +115,8 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.depth_loss = build_depth_loss(r) if self.multitask else None
         self.seg_loss = build_segmentation_loss(r.loss.segmentation, self.weights).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=r.train.lr)
+        # fused Adam on CUDA (one kernel for all parameters); the CPU keeps the reference implementation
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=r.train.lr, fused=self.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, r.train.lr_drop_epochs,
                                                               r.train.lr_drop_factor)
         # fp16 needs loss scaling (bf16 has fp32's range); the scaler's state is part of last.pt
@@ -262,7 +270,7 @@ class Trainer:
         ``previous-<time>/``."""
         self._setup()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with run_lock(self.run_dir, self.dist.main):
+        with run_lock(self.run_dir, self.dist.main), math_mode(self.precision.tf32, self.recipe.train.deterministic):
             return self._fit(resume, overwrite)
 
     def _fit(self, resume: bool, overwrite: bool) -> TrainResult:

@@ -8,6 +8,37 @@ from support import tiny_recipe
 
 torch.set_num_threads(2)
 
+DEVICES = ("cpu", "cuda")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", choices=("all", *DEVICES), default=os.environ.get("MTKIT_TEST_DEVICE", "all"),
+                     help="the devices the `device` fixture runs on: all (default: the CPU, and CUDA when a GPU is "
+                          "present), cpu or cuda; also MTKIT_TEST_DEVICE. `-m gpu` selects the CUDA cases.")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: the CUDA case of a test on the `device` fixture (pytest -m gpu "
+                                       "--device cuda)")
+
+
+def pytest_generate_tests(metafunc):
+    """Every test that takes ``device`` runs once per chosen device; its CUDA case is marked ``gpu``."""
+    if "device" not in metafunc.fixturenames:
+        return
+    chosen = metafunc.config.getoption("--device")
+    params = [pytest.param(d, marks=[pytest.mark.gpu] if d == "cuda" else [], id=d)
+              for d in DEVICES if chosen in ("all", d)]
+    metafunc.parametrize("device", params, indirect=True)
+
+
+@pytest.fixture
+def device(request) -> torch.device:
+    """The device a test runs on: ``cpu`` always, ``cuda`` when a GPU is present (skipped otherwise)."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine (run the GPU subset on one: pytest -m gpu --device cuda)")
+    return torch.device(request.param)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):

@@ -13,7 +13,15 @@ from support import tiny_recipe
 
 from mtkit.build import build_perturbation
 from mtkit.evaluate import activation_bytes, evaluate_checkpoint, load_model, pass_size, robustness_sweep
-from mtkit.perturbations import AttackContext, clip_image, fgsm_direction, pgd_iterations, pgd_sweep, project
+from mtkit.perturbations import (
+    AttackContext,
+    clip_image,
+    fgsm_direction,
+    image_generator,
+    pgd_iterations,
+    pgd_sweep,
+    project,
+)
 from mtkit.recipe import validate
 from mtkit.runtime import Precision
 from mtkit.train import Trainer
@@ -134,12 +142,14 @@ def test_a_robustness_sweep_in_each_precision_matches_fp32(mode, sweep_setup):
 
 
 def test_the_batched_sweep_equals_the_per_epsilon_sweep_exactly(sweep_setup):
-    """pgd_sweep stacks the ε copies (each iterating to its own count, random starts in the same order) and equals
-    the textbook PGD loop at each ε in turn element for element, in one pass or in passes of one copy; the sweep's
-    rows do not depend on how many images a pass holds."""
+    """pgd_sweep stacks the ε copies (each iterating to its own count, each image's random start its own draw) and
+    equals the textbook PGD loop at each ε in turn element for element, in one pass or in passes of one copy; the
+    sweep's rows do not depend on how many images a pass holds."""
 
     def per_epsilon(ctx, e):  # the per-ε loop written out: random start, then FGSM steps and projection
-        x_adv = clip_image(x + (2 * torch.rand(x.shape, generator=ctx.generator) - 1) * e)
+        start = torch.stack([torch.rand(x.shape[1:], generator=image_generator(0, i, "random_start", "pgd", e, 0))
+                             for i in range(x.shape[0])])
+        x_adv = clip_image(x + (2 * start - 1) * e)
         for _ in range(pgd_iterations(e, {4.0: 3})):
             x_adv = project(x_adv + fgsm_direction(ctx.input_gradient(x_adv, y)), x, e)
         return x_adv

@@ -86,6 +86,11 @@ class SegmentationDecoder(Monodepth2Decoder):
         return self.decode(features, size)[0]
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 when it is in a half-precision dtype (bf16/fp16 under autocast); fp32 and fp64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def disp_to_depth(sigma: torch.Tensor, min_depth: float, max_depth: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Sigmoid output σ → (scaled inverse depth aσ+b, depth 1/(aσ+b)) with depth in [min_depth, max_depth].
 
@@ -107,7 +112,8 @@ class DepthDecoder(Monodepth2Decoder):
         super().__init__(enc_channels, 1, scales=tuple(range(num_scales)))
 
     def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> dict[int, torch.Tensor]:
-        return {s: torch.sigmoid(v) for s, v in self.decode(features, size).items()}
+        # fp32 even under autocast: σ near 0 or 1 decides depths near 100 m or 0.1 m, which bf16 cannot tell apart
+        return {s: torch.sigmoid(at_least_fp32(v)) for s, v in self.decode(features, size).items()}
 
 
 class SmpDecoderHead(nn.Module):

@@ -8,7 +8,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import MtkitError
 from ..tasks import AuxiliaryTask
-from .decoders import SmpDecoderHead, disp_to_depth
+from .decoders import SmpDecoderHead, at_least_fp32, disp_to_depth
 from .gradscale import scale_features
 from .pose import PoseNet
 
@@ -95,6 +95,9 @@ class MultiTaskNet(nn.Module):
             raise MtkitError("this model has no depth task; build it with tasks [segmentation, depth]")
         depth_images = None if depth_frames is None else depth_frames[:, 1]
         x = seg_images if depth_images is None else torch.cat([seg_images, depth_images], 0)
+        if seg_images.dim() == 4 and seg_images.is_contiguous(memory_format=torch.channels_last) \
+                and not seg_images.is_contiguous():  # torch.cat with a slice of the frames drops channels_last
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = self.encoder(self.normalize(x))
         size = tuple(seg_images.shape[-2:])
         seg_feats = [f[:n_seg] for f in feats]
@@ -109,7 +112,9 @@ class MultiTaskNet(nn.Module):
             return out
         depth_feats = scale_features([f[n_seg:] for f in feats], 1.0 - self.lam)
         sigmas = self.depth_head(depth_feats, tuple(depth_images.shape[-2:]))  # type: ignore[misc]
-        out["disp"] = {s: disp_to_depth(v, self.cfg.min_depth, self.cfg.max_depth)[0] for s, v in sigmas.items()}
+        with torch.autocast(x.device.type, enabled=False):  # aσ+b spans 0.01..10: fp32 even under autocast
+            sigmas = {s: at_least_fp32(v) for s, v in sigmas.items()}
+            out["disp"] = {s: disp_to_depth(v, self.cfg.min_depth, self.cfg.max_depth)[0] for s, v in sigmas.items()}
         out["sigma"] = sigmas
         out["poses"] = self.predict_poses([depth_frames[:, 0], depth_frames[:, 1], depth_frames[:, 2]])
         return out
@@ -120,7 +125,8 @@ class MultiTaskNet(nn.Module):
             raise MtkitError("this model has no depth head")
         feats = self.encoder(self.normalize(images))
         sigma = self.depth_head(feats, tuple(images.shape[-2:]))[0]
-        return disp_to_depth(sigma, self.cfg.min_depth, self.cfg.max_depth)[1]
+        with torch.autocast(images.device.type, enabled=False):
+            return disp_to_depth(at_least_fp32(sigma), self.cfg.min_depth, self.cfg.max_depth)[1]
 
     def predict_poses(self, frames: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         """T_{t→t'} for frames [x_{t-1}, x_t, x_{t+1}] (gray values): {-1: ..., +1: ...}."""

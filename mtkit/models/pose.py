@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .decoders import at_least_fp32
+
 
 def rot_from_axisangle(vec: torch.Tensor) -> torch.Tensor:
     """Axis-angle (B, 3) → rotation matrices (B, 4, 4) (Rodrigues' formula)."""
@@ -78,8 +80,11 @@ class PoseNet(nn.Module):
 
     def forward(self, frame_t: torch.Tensor, frame_other: torch.Tensor, other_is_past: bool) -> torch.Tensor:
         """T_{t→t'} (B, 4, 4): maps points in camera t to camera t'. Frames are fed in temporal order and the
-        motion inverted for a past frame, as in monodepth2."""
+        motion inverted for a past frame, as in monodepth2. The transforms are fp32 even under autocast: a bf16
+        rotation (8-bit mantissa) would shift far points by pixels."""
         pair = torch.cat([frame_other, frame_t] if other_is_past else [frame_t, frame_other], 1)
         feature = self.encoder((pair - self.mean) / self.std)[-1]
         axisangle, translation = self.decoder(feature)
-        return transformation_from_parameters(axisangle, translation, invert=other_is_past)
+        with torch.autocast(pair.device.type, enabled=False):
+            return transformation_from_parameters(at_least_fp32(axisangle), at_least_fp32(translation),
+                                                  invert=other_is_past)

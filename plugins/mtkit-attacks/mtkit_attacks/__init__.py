@@ -140,14 +140,13 @@ def cospgd_loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | N
 
 def cospgd(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, eps: float, step: float = 1.0,
            iterations: int | None = None, random_start: bool = True) -> torch.Tensor:
-    """CosPGD: from a uniform random start in the L∞ ε-ball (drawn from ``ctx.generator``), signed steps of
-    ``step`` gray values on ``cospgd_loss``, each projected onto the ε-ball and [0, 255]; Kurakin's iteration
-    count by default."""
+    """CosPGD: from a uniform random start in the L∞ ε-ball (each image's own draw, ``ctx.image_noise``: the
+    same whatever the batch, the ranks or the device), signed steps of ``step`` gray values on ``cospgd_loss``,
+    each projected onto the ε-ball and [0, 255]; Kurakin's iteration count by default."""
     iterations = pgd_iterations(eps) if iterations is None else iterations
     x_adv = x.clone()
     if random_start:
-        noise = torch.rand(x.shape, generator=ctx.generator, dtype=x.dtype, device="cpu").to(x.device)
-        x_adv = clip_image(x + (2 * noise - 1) * eps)
+        x_adv = clip_image(x + (2 * ctx.image_noise(x, "rand", "cospgd", eps) - 1) * eps)
     for _ in range(iterations):
         grad = ctx.gradient(x_adv, lambda logits: cospgd_loss(logits, y, ctx.class_weights))
         x_adv = project(x_adv + step * torch.sign(grad), x, eps)

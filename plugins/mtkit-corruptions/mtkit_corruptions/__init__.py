@@ -70,19 +70,20 @@ def corruption_names() -> list[str]:
     return list(_imagecorruptions().get_corruption_names("all"))
 
 
-def corrupt_batch(x: torch.Tensor, name: str, severity: int, seed: int) -> torch.Tensor:
+def corrupt_batch(x: torch.Tensor, name: str, severity: int, seeds: list[int]) -> torch.Tensor:
     """Corrupt a batch (B, 3, H, W) of gray values 0..255 with ``imagecorruptions.corrupt`` at ``severity``.
 
-    The package draws from NumPy's global generator: it is seeded from ``seed`` and restored afterwards.
+    The package draws from NumPy's global generator: it is seeded from each image's seed in ``seeds`` before that
+    image (so an image's corruption does not depend on its batch) and restored afterwards.
     """
     ic = _imagecorruptions()
     images = x.detach().cpu().round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     state = np.random.get_state()
-    np.random.seed(seed % 2**32)
     try:
         with _compat():
             out = []
-            for img in images:
+            for img, seed in zip(images, seeds, strict=True):
+                np.random.seed(seed % 2**32)
                 c = np.asarray(ic.corrupt(np.ascontiguousarray(img), corruption_name=name, severity=severity))
                 if c.shape[:2] != img.shape[:2]:  # a few corruptions round the size: crop or pad back
                     c = _fit(c, img.shape[:2])
@@ -118,8 +119,12 @@ class Corruption(Perturbation):
         return [float(s) for s in self.severities]
 
     def sweep(self, ctx: AttackContext, x: torch.Tensor, y: Any, epsilons: list[float]) -> dict[float, torch.Tensor]:
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-        return {float(s): corrupt_batch(x, self.corruption, s, seed + s) for s in self.severities}
+        out = {}
+        for s in self.severities:  # each image's seed from its own generator: batch- and rank-independent
+            seeds = [int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+                     for g in ctx.image_generators(x.shape[0], self.corruption, s)]
+            out[float(s)] = corrupt_batch(x, self.corruption, s, seeds)
+        return out
 
 
 def corruption_class(name: str) -> type[Corruption]:
