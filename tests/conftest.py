@@ -29,10 +29,10 @@ def pytest_generate_tests(metafunc):
     chosen = metafunc.config.getoption("--device")
     params = [pytest.param(d, marks=[pytest.mark.gpu] if d == "cuda" else [], id=d)
               for d in DEVICES if chosen in ("all", d)]
-    metafunc.parametrize("device", params, indirect=True)
+    metafunc.parametrize("device", params, indirect=True, scope="module")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def device(request) -> torch.device:
     """The device a test runs on: ``cpu`` always, ``cuda`` when a GPU is present (skipped otherwise)."""
     if request.param == "cuda" and not torch.cuda.is_available():

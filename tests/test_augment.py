@@ -60,24 +60,27 @@ def _torchvision_reference(x: torch.Tensor, order: list[int], factors: list[floa
 
 
 @pytest.mark.parametrize("shape", [(6, 3, 12, 20), (4, 3, 3, 10, 16)], ids=["images", "triplets"])
-def test_batched_jitter_equals_torchvision_per_sample(shape):
+def test_batched_jitter_equals_torchvision_per_sample(shape, device):
+    """On every device, the batched jitter equals torchvision's per-sample ColorJitter on the CPU."""
     torch.manual_seed(0)
     x = torch.rand(shape) * 255
     p = draw_params(AugmentConfig(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2), shape[0],
                     torch.Generator().manual_seed(3))
-    out = colour_jitter(x, p)
+    out = colour_jitter(x.to(device), p.to(device))
+    assert out.device.type == device.type
+    out = out.cpu()
     assert len({tuple(o) for o in p.order.tolist()}) > 1  # several orders in one batch
     for i in range(shape[0]):
         ref = _torchvision_reference(x[i], p.order[i].tolist(), [float(f[i]) for f in p.factors])
         assert torch.allclose(out[i], ref, atol=2e-3), (i, float((out[i] - ref).abs().max()))
 
 
-def test_flip_keeps_labels_aligned_and_raw_frames_uncoloured():
+def test_flip_keeps_labels_aligned_and_raw_frames_uncoloured(device):
     image = torch.zeros(8, 3, 8, 10, dtype=torch.uint8)
     image[..., :3] = 255
     label = (image[:, 0] > 0).to(torch.uint8)
     p = draw_params(AugmentConfig(), 8, torch.Generator().manual_seed(0))
-    out = augment_segmentation(image, label, p)
+    out = {k: v.cpu() for k, v in augment_segmentation(image.to(device), label.to(device), p).items()}
     assert out["label"].dtype == torch.int64 and 0 < int(p.flip.sum()) < 8
     for i in range(8):
         bright = out["image"][i].mean(0) > out["image"][i].mean()
@@ -86,7 +89,7 @@ def test_flip_keeps_labels_aligned_and_raw_frames_uncoloured():
     frames = (torch.rand(8, 3, 3, 6, 10) * 255).to(torch.uint8)
     k = torch.eye(4).repeat(8, 1, 1)
     k[:, 0, 2] = 3.0
-    v = augment_video(frames, k, p)
+    v = {n: t.cpu() for n, t in augment_video(frames.to(device), k.to(device), p).items()}
     for i in range(8):
         f = frames[i].float().flip(-1) if p.flip[i] else frames[i].float()
         assert torch.equal(v["frames_raw"][i], f)  # the photometric loss sees the frames without colour change

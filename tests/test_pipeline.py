@@ -17,10 +17,11 @@ from mtkit.results import RunResults
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
+def first_run(tmp_path_factory, device):
+    """The miniature protocol on the device under test (train → evaluate → report, as ``mtkit run``)."""
     folder = tmp_path_factory.mktemp("pipeline")
     recipe_file = folder / "tiny.yaml"
-    recipe_file.write_text(yaml.safe_dump(tiny_recipe()))
+    recipe_file.write_text(yaml.safe_dump(tiny_recipe(device=str(device))))
     recipe = load_recipe(recipe_file)
     res = run(recipe, progress=False, run_dir=folder / "run", log=lambda m: None)
     return recipe_file, recipe, res
@@ -66,7 +67,10 @@ def test_every_artefact_exists_and_parses(first_run):
     assert len(table) == 2 + 4 and table[2].startswith("| single (single-task) on CS | ")
     assert validate(yaml.safe_load((d / "recipe.yaml").read_text())).to_dict() == recipe.to_dict()
     env = json.loads((d / "environment.json").read_text())
-    assert env["versions"]["torch"] and env["device"] == "cpu"
+    assert env["versions"]["torch"] and env["device"].split(":")[0] == recipe.device
+    cuda = recipe.device == "cuda"  # the math policy of each phase: TF32 in training only, fp32 evaluation
+    assert env["math"]["train"]["tf32"] == cuda and env["math"]["evaluation"]["tf32"] is False
+    assert env["math"]["evaluation"]["amp"] == "fp32" and env["math"]["train"]["cudnn_benchmark"] == cuda
     for summary in results.training:  # the class weights and the content key they were cached under
         assert len(summary["class_weights"]) == 19 and summary["class_weights_key"]
         assert summary["steps"] == 2 and summary["history"][-1]["val_miou"] >= 0

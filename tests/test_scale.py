@@ -33,8 +33,8 @@ GRAD_TOL = {"bf16": 0.1, "fp16": 2e-2, "channels_last": 1e-4, "compile": 1e-3}
 MIOU_TOL = {"bf16": 0.02, "channels_last": 1e-3, "compile": 1e-3}
 
 
-def _trainer(tmp_path, **train) -> Trainer:
-    recipe = validate(tiny_recipe(**{f"train.{k}": v for k, v in train.items()}))
+def _trainer(tmp_path, device: torch.device | str = "cpu", **train) -> Trainer:
+    recipe = validate(tiny_recipe(device=str(device), **{f"train.{k}": v for k, v in train.items()}))
     tr = Trainer(recipe, recipe.models[0], tmp_path, progress=False)
     tr.build(None)
     return tr
@@ -48,21 +48,28 @@ def _batch(n: int = 4) -> dict[str, torch.Tensor]:
 
 def _step(tr: Trainer, batch) -> tuple[float, torch.Tensor]:
     loss = tr.train_step(batch, None)["seg"]
-    grads = torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.grad is not None])
+    grads = torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.grad is not None]).cpu()
     return loss, grads
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return _step(_trainer(tmp_path_factory.mktemp("fp32"), amp="off", channels_last=False), _batch())
+def reference(tmp_path_factory, device):
+    """The fp32 eager step on the device under test (CUDA: IEEE fp32, no TF32)."""
+    from mtkit.runtime import math_mode
+
+    with math_mode(tf32=False):
+        return _step(_trainer(tmp_path_factory.mktemp("fp32"), device, amp="off", channels_last=False), _batch())
 
 
 @pytest.mark.parametrize("mode", ["bf16", "fp16", "channels_last"])
-def test_a_training_step_in_each_precision_matches_fp32(mode, reference, tmp_path):
+def test_a_training_step_in_each_precision_matches_fp32(mode, reference, tmp_path, device):
+    from mtkit.runtime import math_mode
+
     settings = {"bf16": dict(amp="bf16"), "fp16": dict(amp="fp16"), "channels_last": dict(channels_last=True)}[mode]
-    tr = _trainer(tmp_path, **{"amp": "off", "channels_last": False, **settings})
+    tr = _trainer(tmp_path, device, **{"amp": "off", "channels_last": False, **settings})
     assert tr.precision.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
-    loss, grads = _step(tr, _batch())
+    with math_mode(tf32=False):
+        loss, grads = _step(tr, _batch())
     ref_loss, ref_grads = reference
     assert abs(loss - ref_loss) / ref_loss < LOSS_TOL[mode]
     assert float((grads - ref_grads).norm() / ref_grads.norm()) < GRAD_TOL[mode]
@@ -72,13 +79,16 @@ def test_a_training_step_in_each_precision_matches_fp32(mode, reference, tmp_pat
         assert next(tr.model.encoder.parameters()).is_contiguous(memory_format=torch.channels_last)
 
 
-def test_compiled_training_matches_eager_and_does_not_recompile_every_step(reference, tmp_path):
-    """inductor (gcc on this machine): the first step compiles, the next two reuse the graphs."""
+def test_compiled_training_matches_eager_and_does_not_recompile_every_step(reference, tmp_path, device):
+    """inductor (gcc on this machine; triton on a GPU): the first step compiles, the next two reuse the graphs."""
     from torch._dynamo.utils import counters
 
+    from mtkit.runtime import math_mode
+
     torch._dynamo.reset()
-    tr = _trainer(tmp_path, amp="off", channels_last=False, compile=True)
-    loss, grads = _step(tr, _batch())
+    tr = _trainer(tmp_path, device, amp="off", channels_last=False, compile=True)
+    with math_mode(tf32=False):
+        loss, grads = _step(tr, _batch())
     ref_loss, ref_grads = reference
     assert abs(loss - ref_loss) / ref_loss < LOSS_TOL["compile"]
     assert float((grads - ref_grads).norm() / ref_grads.norm()) < GRAD_TOL["compile"]
@@ -121,20 +131,21 @@ def _rows(sweep) -> list[tuple]:
 
 
 @pytest.mark.parametrize("mode", ["bf16", "channels_last", "compile"])
-def test_a_robustness_sweep_in_each_precision_matches_fp32(mode, sweep_setup):
+def test_a_robustness_sweep_in_each_precision_matches_fp32(mode, sweep_setup, device):
     """FGSM and PGD under autocast / channels_last / torch.compile (aot_eager: the inductor build is proven by
-    the training test) against fp32 eager: every row's mIoU within MIOU_TOL."""
+    the training test) against fp32 eager on the same device: every row's mIoU within MIOU_TOL."""
+    import copy
+
     loaded, ds, perts = sweep_setup
+    segmenter = copy.deepcopy(loaded.segmenter).to(device)
     attacks = {k: perts[k] for k in ("fgsm", "pgd")}
     # one batch of the 4 images and one ε: every pass has the same shape, so a compiled model compiles once
-    ref = robustness_sweep(loaded.segmenter, ds, attacks, [4.0], 19, loaded.class_weights, batch_size=4)
-    precision = {"bf16": Precision(torch.bfloat16), "channels_last": Precision(channels_last=True),
-                 "compile": Precision(compile="aot_eager")}[mode]
-    try:
-        got = robustness_sweep(loaded.segmenter, ds, attacks, [4.0], 19, loaded.class_weights, batch_size=4,
-                               precision=precision)
-    finally:
-        loaded.segmenter.to(memory_format=torch.contiguous_format)
+    ref = robustness_sweep(segmenter, ds, attacks, [4.0], 19, loaded.class_weights, batch_size=4, device=device)
+    precision = {"bf16": Precision(torch.bfloat16, device_type=device.type),
+                 "channels_last": Precision(channels_last=True, device_type=device.type),
+                 "compile": Precision(compile="aot_eager", device_type=device.type)}[mode]
+    got = robustness_sweep(segmenter, ds, attacks, [4.0], 19, loaded.class_weights, batch_size=4,
+                           precision=precision, device=device)
     assert abs(got.clean.miou - ref.clean.miou) < MIOU_TOL[mode]
     for a, b in zip(got.rows, ref.rows):
         assert (a.perturbation, a.level) == (b.perturbation, b.level)
