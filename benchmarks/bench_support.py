@@ -2,11 +2,45 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
 
 SIZES = {"quick": (64, 192), "paper": (192, 640)}
+
+
+def bench_device() -> torch.device:
+    """The device the benchmarks run on: ``MTKIT_BENCH_DEVICE`` (cpu, cuda, cuda:N), else a GPU when present."""
+    name = os.environ.get("MTKIT_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+DEVICE = bench_device()
+
+
+def sync() -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously; a timer must not stop before them)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def synced(fn):
+    """``fn`` followed by ``sync()``: what a benchmark times on any device."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        sync()
+        return out
+    return call
+
+
+def device_name() -> str:
+    """The benchmarked device in words (the GPU's name, or the CPU with its thread count)."""
+    if DEVICE.type == "cuda":
+        return torch.cuda.get_device_name(DEVICE)
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def rounds(benchmark, n: int) -> int:
@@ -23,13 +57,15 @@ class Setup:
 
 
 def make_trainer(size: str, multitask: bool, **train) -> Setup:
+    """The toolkit's trainer for the benchmark device (``DEVICE``; fp32, no channels_last unless ``train`` says
+    otherwise) and random batches of the right shapes already on it (a step's time excludes the copy)."""
     from mtkit.recipe import validate
     from mtkit.train import Trainer
 
     h, w = SIZES[size]
     ds = {"name": "synthetic", "height": h, "width": w}
     recipe = validate({
-        "name": "bench", "device": "cpu",
+        "name": "bench", "device": str(DEVICE),
         "data": {"segmentation": ds, "segmentation_val": ds, "depth": {**ds, "name": "synthetic_video"}},
         "train": {"amp": "off", "channels_last": False, **train},
         "models": [{"name": "m", "tasks": ["segmentation", "depth"] if multitask else ["segmentation"],
@@ -48,6 +84,8 @@ def make_trainer(size: str, multitask: bool, **train) -> Setup:
         k = torch.eye(4).repeat(b, 1, 1)
         k[:, 0, 0], k[:, 1, 1], k[:, 0, 2], k[:, 1, 2] = 0.58 * w, 1.92 * h, w / 2, h / 2
         dep = {"frames": frames, "frames_raw": frames.clone(), "K": k}
+    seg = {n: t.to(DEVICE) for n, t in seg.items()}
+    dep = None if dep is None else {n: t.to(DEVICE) for n, t in dep.items()}
     return Setup(trainer, seg, dep, b_seg + trainer.depth_batch)
 
 
@@ -85,7 +123,7 @@ def matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
 
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)
     a @ b
     sync()
     best = float("inf")

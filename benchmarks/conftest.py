@@ -12,17 +12,26 @@ import time
 
 import pytest
 import torch
-from bench_support import SIZES, matmul_peak
+from bench_support import DEVICE, SIZES, device_name, matmul_peak
 
 torch.set_num_threads(int(os.environ.get("MTKIT_BENCH_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")
 def peak() -> float:
-    """The fp32 matmul peak of this CPU in FLOP/s (bf16 on a GPU), measured once per run."""
-    if torch.cuda.is_available():
-        return matmul_peak("cuda", torch.bfloat16, 8192)
+    """The matmul peak in FLOP/s of the benchmark device (``MTKIT_BENCH_DEVICE``, default a GPU when present),
+    measured once per run: fp32 on a CPU, bf16 on a GPU (its tensor cores' rate, what training under autocast
+    can reach), so every benchmark's fraction of peak is against the device it ran on."""
+    if DEVICE.type == "cuda":
+        return matmul_peak(DEVICE, torch.bfloat16, 8192)
     return matmul_peak("cpu", torch.float32, 2048)
+
+
+@pytest.fixture(autouse=True)
+def _device_info(request):
+    """Every benchmark records the device it ran on."""
+    if "benchmark" in request.fixturenames:
+        request.getfixturevalue("benchmark").extra_info["device"] = device_name()
 
 
 @pytest.fixture(scope="session")
@@ -32,11 +41,11 @@ def trained_segmenter():
     from mtkit.config import ModelConfig
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig()).eval()
+    model = build_model(ModelConfig()).eval().to(DEVICE)
     h, w = SIZES["quick"]
     x = torch.rand(8, 3, h, w) * 255
     y = torch.randint(0, 19, (8, h, w))
-    return model.segmenter().eval(), x, y
+    return model.segmenter().eval(), x.to(DEVICE), y.to(DEVICE)
 
 
 @pytest.fixture

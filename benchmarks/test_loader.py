@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from bench_support import make_trainer, rounds
+from bench_support import make_trainer, rounds, sync
 from torch.utils.data import default_collate
 
 from mtkit.config import AugmentConfig, DatasetConfig
@@ -82,8 +82,10 @@ def _step_rate(benchmark) -> float | None:
         return None
     s = make_trainer("paper", True)
     s.trainer.train_step(s.seg, s.dep)
+    sync()
     t0 = time.perf_counter()
     s.trainer.train_step(s.seg, s.dep)
+    sync()
     return s.images / (time.perf_counter() - t0)
 
 

@@ -16,7 +16,17 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from bench_support import SIZES, count_flops, input_gradient_flops, make_trainer, record_flops, rounds
+from bench_support import (
+    DEVICE,
+    SIZES,
+    count_flops,
+    input_gradient_flops,
+    make_trainer,
+    record_flops,
+    rounds,
+    sync,
+    synced,
+)
 
 from mtkit.losses import IGNORE_INDEX, MonodepthLoss
 from mtkit.models.decoders import disp_to_depth
@@ -39,8 +49,10 @@ class UnitRange(torch.nn.Module):
 def _median_seconds(fn, n: int) -> float:
     times = []
     for _ in range(n):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -106,7 +118,7 @@ def test_train_step(benchmark, size, multitask, peak):
     benchmark.extra_info.update(images_per_step=s.images, overhead_vs_plain_pytorch=toolkit / plain - 1,
                                 plain_pytorch_images_per_s=s.images / plain)
     flops = count_flops(tr.train_step, s.seg, s.dep)
-    benchmark.pedantic(tr.train_step, args=(s.seg, s.dep), rounds=n, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(synced(tr.train_step), args=(s.seg, s.dep), rounds=n, iterations=1, warmup_rounds=0)
     benchmark.extra_info["images_per_s"] = s.images / benchmark.stats.stats.median if benchmark.stats else None
     record_flops(benchmark, flops, peak)
 
@@ -127,7 +139,7 @@ def test_train_step_precision(benchmark, mode, peak):
     eager, other = _interleaved(lambda: base.trainer.train_step(base.seg, base.dep),
                                 lambda: s.trainer.train_step(s.seg, s.dep), 3)
     benchmark.extra_info.update(images_per_step=s.images, speedup_vs_fp32_eager=eager / other, size=size)
-    benchmark.pedantic(s.trainer.train_step, args=(s.seg, s.dep), rounds=3, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(synced(s.trainer.train_step), args=(s.seg, s.dep), rounds=3, iterations=1, warmup_rounds=0)
     record_flops(benchmark, count_flops(base.trainer.train_step, base.seg, base.dep), peak)
 
 
@@ -139,7 +151,7 @@ def test_segmenter_inference(benchmark, trained_segmenter, peak):
         with torch.inference_mode():
             return seg(x)
 
-    out = benchmark(infer)
+    out = benchmark(synced(infer))
     assert out.shape == (x.shape[0], 19, *x.shape[-2:])
     benchmark.extra_info["images"] = x.shape[0]
     with torch.no_grad():
@@ -160,7 +172,8 @@ def test_pgd_sweep_batched(benchmark, trained_segmenter, peak):
 
     batched, single = _interleaved(lambda: attack.sweep(ctx, x, y, EPSILONS), per_epsilon, rounds(benchmark, 3))
     benchmark.extra_info.update(images=x.shape[0], speedup_batched_vs_per_epsilon=single / batched)
-    out = benchmark.pedantic(attack.sweep, args=(ctx, x, y, EPSILONS), rounds=rounds(benchmark, 3), iterations=1)
+    out = benchmark.pedantic(synced(attack.sweep), args=(ctx, x, y, EPSILONS), rounds=rounds(benchmark, 3),
+                             iterations=1)
     ref = per_epsilon()
     assert all(torch.equal(out[e], ref[e]) for e in EPSILONS)
     record_flops(benchmark, input_gradient_flops(seg, x, y) * sum(iters.values()), peak)
@@ -171,14 +184,16 @@ def test_photometric_loss(benchmark, injected_sleep, peak):
     h, w = SIZES["quick"]
     g = torch.Generator().manual_seed(0)
     b = 6
-    disps = {s: torch.rand(b, 1, h // 2**s, w // 2**s, generator=g) + 0.1 for s in range(4)}
-    frames = [torch.rand(b, 3, h, w, generator=g) * 255 for _ in range(3)]
+    disps = {s: (torch.rand(b, 1, h // 2**s, w // 2**s, generator=g) + 0.1).to(DEVICE) for s in range(4)}
+    frames = [(torch.rand(b, 3, h, w, generator=g) * 255).to(DEVICE) for _ in range(3)]
     k = torch.eye(4).repeat(b, 1, 1)
     k[:, 0, 0], k[:, 1, 1], k[:, 0, 2], k[:, 1, 2] = 0.58 * w, 1.92 * h, w / 2, h / 2
+    k = k.to(DEVICE)
     pose = torch.eye(4).repeat(b, 1, 1)
     pose[:, 2, 3] = 0.5
+    pose = pose.to(DEVICE)
     loss = MonodepthLoss()
-    out = benchmark(loss, disps, frames, k, {-1: pose, 1: pose})
+    out = benchmark(synced(loss), disps, frames, k, {-1: pose, 1: pose})
     assert torch.isfinite(out.total)
     record_flops(benchmark, count_flops(loss, disps, frames, k, {-1: pose, 1: pose}), peak)
 
@@ -193,7 +208,7 @@ def test_fgsm_sweep(benchmark, trained_segmenter, peak):
 
     sweep, seven = _interleaved(lambda: FGSM().sweep(ctx, x, y, EPSILONS), independent, rounds(benchmark, 3))
     benchmark.extra_info["speedup_vs_7_independent_runs"] = seven / sweep
-    out = benchmark(FGSM().sweep, ctx, x, y, EPSILONS)
+    out = benchmark(synced(FGSM().sweep), ctx, x, y, EPSILONS)
     assert sorted(out) == EPSILONS
     record_flops(benchmark, input_gradient_flops(seg, x, y), peak)
 
@@ -214,6 +229,6 @@ def test_pgd_iteration(benchmark, trained_segmenter, peak):
         ours, theirs = _interleaved(lambda: pgd(ctx, x, y_valid, eps, iterations=1),
                                     lambda: attack(x / 255.0, y_valid), rounds(benchmark, 5))
         benchmark.extra_info["ratio_vs_torchattacks"] = ours / theirs
-    out = benchmark(pgd, ctx, x, y, eps, 1.0, 1)
+    out = benchmark(synced(pgd), ctx, x, y, eps, 1.0, 1)
     assert (out - x).abs().max() <= eps + 1e-4
     record_flops(benchmark, input_gradient_flops(seg, x, y), peak)
