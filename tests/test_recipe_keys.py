@@ -164,6 +164,22 @@ def _masking(r: Recipe) -> list:
     return [(c.check, c.passed) for c in masking_checks(sweep, r.robustness.sanity)]
 
 
+def _math_modes(r: Recipe, c, where: str) -> list[tuple[bool, bool]]:
+    """The (tf32, deterministic) policies ``math_mode`` is entered with while training (``where`` "train") or
+    evaluating ("evaluate") under recipe ``r``."""
+    import mtkit.runtime
+
+    seen = []
+    real = mtkit.runtime.math_mode
+    c.mp.setattr(f"mtkit.{where}.math_mode", lambda tf32, deterministic=False: seen.append((tf32, deterministic))
+                 or real(tf32, deterministic))
+    if where == "train":
+        _fit(r, c.tmp)
+    else:
+        _robustness_rows(r, c.trained, c.mp)
+    return seen
+
+
 def _weights_file(tmp: Path, name: str = "resnet18") -> str:
     torch.manual_seed(1)
     path = tmp / f"{name}.pth"
@@ -233,6 +249,8 @@ PROBES: dict[str, tuple[Any, Any, Callable[..., Any]]] = {
     "train.amp": ("off", "bf16", lambda r, c: str(_trainer(r, c.tmp).precision.dtype)),
     "train.channels_last": (False, True, lambda r, c: _trainer(r, c.tmp).precision.channels_last),
     "train.compile": (False, True, lambda r, c: type(_trainer(r, c.tmp).net).__name__),
+    "train.tf32": (True, False, lambda r, c: (_trainer(r, c.tmp).precision.tf32, _math_modes(r, c, "train"))),
+    "train.deterministic": (False, True, lambda r, c: _math_modes(r, c, "train")),
     "train.grad_clip": (None, 1e-6, lambda r, c: _one_step_update(r, c)),
     "train.log_every": (1, 2, lambda r, c: len(_jsonl(_fit(r, c.tmp).run_dir / "metrics.jsonl"))),
     "train.tensorboard": (False, True, lambda r, c: (_fit(r, c.tmp).run_dir / "tensorboard").is_dir()),
@@ -251,6 +269,7 @@ PROBES: dict[str, tuple[Any, Any, Callable[..., Any]]] = {
     "robustness.amp": ("off", "bf16", lambda r, c: _eval_passes(r, c.trained, c.mp)),
     "robustness.channels_last": (False, True, lambda r, c: _eval_passes(r, c.trained, c.mp)),
     "robustness.compile": (False, "aot_eager", lambda r, c: _eval_passes(r, c.trained, c.mp)[1]),
+    "robustness.tf32": (False, True, lambda r, c: _math_modes(r, c, "evaluate")),
     "robustness.options": ({}, {"pgd": {"iterations": 1}}, lambda r, c: _robustness_rows(r, c.trained, c.mp)[0]),
     "robustness.sanity.enabled": (True, False, lambda r, c: _eval_passes(r, c.trained, c.mp)),
     "robustness.sanity.iterations": (3, 1, lambda r, c: _eval_passes(r, c.trained, c.mp)),
