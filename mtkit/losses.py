@@ -123,28 +123,33 @@ class MonodepthLoss(nn.Module):
     def forward(self, disps: dict[int, torch.Tensor], frames: list[torch.Tensor], k: torch.Tensor,
                 poses: dict[int, torch.Tensor]) -> DepthLossOutput:
         """disps: scale → scaled inverse depth aσ+b; frames: un-augmented [x_{t-1}, x_t, x_{t+1}] in 0..255;
-        k: (B, 4, 4) at input resolution; poses: {-1: T_{t→t-1}, 1: T_{t→t+1}}."""
+        k: (B, 4, 4) at input resolution; poses: {-1: T_{t→t-1}, 1: T_{t→t+1}}.
+
+        The 2 sources × ``num_scales`` warps and their photometric errors run as one batch each (one
+        ``grid_sample``, one SSIM); the rays and each source's projection are computed once."""
         prev, cur, nxt = (f / 255.0 for f in frames)
-        h, w = cur.shape[-2:]
-        sources = {-1: prev, 1: nxt}
-        ph_total = cur.new_zeros(())
-        sm_total = cur.new_zeros(())
-        identity = None
+        b, _, h, w = cur.shape
+        n = self.num_scales
+        sources = torch.stack([prev, nxt])  # (O, B, 3, H, W): t-1, t+1
+        o = sources.shape[0]
+        # every scale's depth at the input resolution (monodepth2), flat: (S, 1, B, 1, H·W)
+        depth = torch.stack([1.0 / F.interpolate(disps[s], size=(h, w), mode="bilinear", align_corners=False)
+                             for s in range(n)]).reshape(n, 1, b, 1, h * w)
+        rays = geometry.camera_rays(geometry.inverse(k), h, w)  # (B, 3, H·W)
+        p = torch.stack([geometry.projection(k, poses[-1]), geometry.projection(k, poses[1])])  # (O, B, 3, 4)
+        grid = geometry.sampling_grid(depth, geometry.rotated_rays(p, rays), p, h, w)  # (S, O, B, H, W, 2)
+        warped = geometry.sample(sources.expand(n, o, b, 3, h, w).reshape(-1, 3, h, w), grid.reshape(-1, h, w, 2))
+        target = cur.expand(n * o, b, 3, h, w).reshape(-1, 3, h, w)
+        errors = photometric_error(target, warped, self.alpha).view(n, o, b, 1, h, w)  # eq. 2 inside the min
         if self.automask:
-            identity = min_reprojection([photometric_error(cur, s, self.alpha) for s in sources.values()])
+            identity = photometric_error(cur.expand(o, b, 3, h, w).reshape(-1, 3, h, w), sources.reshape(-1, 3, h, w),
+                                         self.alpha).view(o, b, 1, h, w).min(0, keepdim=True).values
             identity = identity + torch.randn_like(identity) * 1e-5  # break ties as monodepth2
-        pyramid = image_pyramid(cur, [tuple(disps[s].shape[-2:]) for s in range(self.num_scales)])
-        for s in range(self.num_scales):
-            disp = disps[s]
-            disp_full = F.interpolate(disp, size=(h, w), mode="bilinear", align_corners=False)
-            depth = 1.0 / disp_full
-            errors = [photometric_error(cur, geometry.warp(src, depth, k, poses[o]), self.alpha)
-                      for o, src in sources.items()]
-            err = min_reprojection(errors if identity is None else [*errors, identity])
-            ph_total = ph_total + err.mean()
-            sm_total = sm_total + smoothness(disp, pyramid[s]) / (2**s)
-        ph = ph_total / self.num_scales
-        sm = sm_total / self.num_scales
+            errors = torch.cat([errors, identity.expand(n, 1, b, 1, h, w)], 1)
+        # per-pixel minimum over the sources (eq. 2), each scale's mean, averaged over scales (equal sizes)
+        ph = errors.min(1).values.mean()
+        pyramid = image_pyramid(cur, [tuple(disps[s].shape[-2:]) for s in range(n)])
+        sm = sum(smoothness(disps[s], pyramid[s]) / (2**s) for s in range(n)) / n
         return DepthLossOutput(ph + self.beta * sm, ph, sm)
 
 

@@ -115,8 +115,8 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.depth_loss = build_depth_loss(r) if self.multitask else None
         self.seg_loss = build_segmentation_loss(r.loss.segmentation, self.weights).to(self.device)
-        # fused Adam on CUDA (one kernel for all parameters); the CPU keeps the reference implementation
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=r.train.lr, fused=self.device.type == "cuda")
+        # fused Adam: one kernel for all parameters, its step counts on the device (no read-back in a step)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=r.train.lr, fused=True)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, r.train.lr_drop_epochs,
                                                               r.train.lr_drop_factor)
         # fp16 needs loss scaling (bf16 has fp32's range); the scaler's state is part of last.pt
@@ -209,15 +209,15 @@ class Trainer:
                                   dep_p)
 
     # ----------------------------------------------------------------------------------------- one step
-    def train_step(self, seg: dict[str, torch.Tensor], dep: dict[str, torch.Tensor] | None) -> dict[str, float]:
-        """One optimisation step on a segmentation batch and (multi-task) a video batch; the loss terms."""
+    def train_step(self, seg: dict[str, torch.Tensor], dep: dict[str, torch.Tensor] | None
+                   ) -> dict[str, torch.Tensor]:
+        """One optimisation step on a segmentation batch and (multi-task) a video batch. Returns the loss terms as
+        detached fp32 scalars on the device: nothing in a step reads a value back to the host (the labels are
+        checked once at set-up, ``data.stats.check_labels``; the loop reads the terms and checks them for NaN at
+        log steps, ``read_back``), so a GPU never waits for the host between steps."""
         dev = self.device
         x = seg["image"].to(dev, non_blocking=True)
         y = seg["label"].to(dev, non_blocking=True)
-        n = self.recipe.model.num_classes
-        if bool(((y >= n) & (y != 255)).any()):
-            raise MtkitError(f"a training label holds class {int(y[y != 255].max())}, but model.num_classes is {n}: "
-                             "set model.num_classes to the labels' class count")
         frames = None if dep is None else dep["frames"].to(dev, non_blocking=True)
         with self.precision.autocast():
             out = self.net(self.precision.input(x), frames)
@@ -227,22 +227,13 @@ class Trainer:
             terms[name] = task.loss(out["aux"][name].float(), x)
             total = total + terms[name]
         if dep is not None:
-            raw = dep["frames_raw"].to(dev)
+            raw = dep["frames_raw"].to(dev, non_blocking=True)
             disp = {s: v.float() for s, v in out["disp"].items()}
             poses = {k: v.float() for k, v in out["poses"].items()}
-            d = self.depth_loss(disp, [raw[:, 0], raw[:, 1], raw[:, 2]], dep["K"].to(dev), poses)
+            d = self.depth_loss(disp, [raw[:, 0], raw[:, 1], raw[:, 2]], dep["K"].to(dev, non_blocking=True), poses)
             terms.update(depth=d.total, photometric=d.photometric, smoothness=d.smoothness)
             # eq. 5: each decoder sees its own unscaled loss, the encoder (1-λ)·g_depth + λ·g_seg
             total = total + d.total
-        finite = torch.stack([torch.isfinite(v.detach()) for v in terms.values()]).float()
-        if self.dist.enabled:  # every rank stops together (no rank left waiting in an all-reduce)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        for (name, value), ok in zip(terms.items(), finite.tolist()):
-            if not ok:
-                raise TrainingDiverged(
-                    f"loss term '{name}' is {float(value.detach())} at step {self.step + 1} (epoch {self.epoch + 1}); "
-                    f"training stopped, the last good checkpoint is kept at {self.last_path}"
-                    + ("" if self.last_path.is_file() else " (none written yet)"))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if self.recipe.train.grad_clip:
@@ -250,11 +241,29 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip)
         self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
         self.scaler.update()
-        values = torch.stack([v.detach().float() for v in terms.values()])
-        if self.dist.enabled:  # log the mean over ranks, i.e. over the global batch
+        return {k: v.detach().float() for k, v in terms.items()}
+
+    def read_back(self, window: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
+        """The loss terms of the steps since the last read-back (``window``, oldest first) as floats, in one
+        device-to-host transfer; under DDP their mean over the ranks (every rank reads back at the same steps).
+        A non-finite term stops training on every rank with the first step it appeared at."""
+        if not window:
+            return []
+        names = list(window[0])
+        values = torch.stack([torch.stack([w[n] for n in names]) for w in window])  # (steps, terms)
+        if self.dist.enabled:  # the mean over ranks (the global batch); a NaN on any rank reaches every rank
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
             values /= self.dist.world
-        return dict(zip(terms, values.tolist()))
+        rows = values.cpu().tolist()
+        first = self.step - len(window) + 1
+        for i, row in enumerate(rows):
+            for name, value in zip(names, row):
+                if not math.isfinite(value):
+                    raise TrainingDiverged(
+                        f"loss term '{name}' is {value} at step {first + i} (epoch {self.epoch + 1}); training "
+                        f"stopped, the last good checkpoint is kept at {self.last_path}"
+                        + ("" if self.last_path.is_file() else " (none written yet)"))
+        return [dict(zip(names, row)) for row in rows]
 
     def validate(self) -> float:
         bs = self.recipe.robustness.batch_size
@@ -313,27 +322,37 @@ class Trainer:
                 seg_it = seg_loader.epoch(seg_keys[skip:])
                 dep_it = dep_loader.epoch(dep_keys[skip:]) if dep_loader is not None and dep_keys else None
                 sums: dict[str, float] = {}
-                tick = time.perf_counter()
+                window: list[dict[str, torch.Tensor]] = []  # the steps' terms not yet read back
+                tick, ticked = time.perf_counter(), self.step
                 for k, seg_raw in enumerate(seg_it, start=skip):
                     seg, dep = self.augment(seg_raw, next(dep_it) if dep_it is not None else None,
                                             seg_p[k * ls:(k + 1) * ls],
                                             dep_p[k * ld:(k + 1) * ld] if dep_p is not None else None)
-                    terms = self.train_step(seg, dep)
+                    window.append(self.train_step(seg, dep))
                     self.step += 1
                     self.step_in_epoch += 1
-                    for k, v in terms.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    rate = images_per_step * self.dist.world / max(time.perf_counter() - tick, 1e-9)
-                    tick = time.perf_counter()
-                    advance(description=f"{self.spec.name} epoch {self.epoch + 1}/{t.epochs}",
-                            info=" ".join(f"{k}={v:.3f}" for k, v in terms.items()) + f" {rate:.1f} img/s")
-                    if self.step % t.log_every == 0:
-                        log.write({"type": "step", "model": self.spec.name, "epoch": self.epoch + 1,
-                                   "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
-                                   "images_per_s": rate, **terms})
-                    if t.checkpoint_every and self.step % t.checkpoint_every == 0 \
-                            and self.step_in_epoch < self.steps_per_epoch:
+                    save = t.checkpoint_every and self.step % t.checkpoint_every == 0 \
+                        and self.step_in_epoch < self.steps_per_epoch
+                    info = None
+                    # read back (and check for NaN) at log steps, before a checkpoint and at the epoch's end only
+                    if self.step % t.log_every == 0 or save or self.step_in_epoch == self.steps_per_epoch:
+                        values = self.read_back(window)
+                        window = []
+                        for row in values:
+                            for name, v in row.items():
+                                sums[name] = sums.get(name, 0.0) + v
+                        rate = images_per_step * self.dist.world * (self.step - ticked) / max(
+                            time.perf_counter() - tick, 1e-9)
+                        tick, ticked = time.perf_counter(), self.step
+                        info = " ".join(f"{n}={v:.3f}" for n, v in values[-1].items()) + f" {rate:.1f} img/s"
+                        if self.step % t.log_every == 0:
+                            log.write({"type": "step", "model": self.spec.name, "epoch": self.epoch + 1,
+                                       "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+                                       "images_per_s": rate, **values[-1]})
+                    advance(description=f"{self.spec.name} epoch {self.epoch + 1}/{t.epochs}", info=info)
+                    if save:
                         self.save(self.last_path)
+                self.read_back(window)  # an epoch cut short (a resumed one with nothing left) reads the rest
                 n = max(self.step_in_epoch - skip, 1)
                 self.epoch += 1
                 self.step_in_epoch = 0

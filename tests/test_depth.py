@@ -231,9 +231,10 @@ def test_depth_evaluation_protocol():
 
 @pytest.mark.slow
 def test_depth_only_training_lowers_abs_rel_on_synthetic_video():
-    """Fifty steps of self-supervised depth training (λ = 0: the encoder sees only the depth gradient) on the
-    synthetic drive video lower abs_rel by more than 10 % against the exact depth of held-out frames (median
-    scaling); measured: 0.700 → 0.603."""
+    """A hundred steps of self-supervised depth training (λ = 0: the encoder sees only the depth gradient; Adam
+    2·10⁻⁴) on the synthetic drive video lower abs_rel by more than 10 % against the exact depth of held-out frames
+    (median scaling); measured: 0.700 → 0.516 (weight seeds 1 and 2: 0.702 → 0.605, 0.704 → 0.609). Fifty steps
+    at 5·10⁻⁴, this test's former setting, passed for seed 0 only (0.84; seeds 1 and 2: 1.05, 0.99)."""
     from mtkit.build import build_dataset, build_model
     from mtkit.config import AugmentConfig, DatasetConfig, ModelConfig
     from mtkit.data.augment import augment_video, draw_params
@@ -250,7 +251,7 @@ def test_depth_only_training_lowers_abs_rel_on_synthetic_video():
     torch.manual_seed(0)
     model = build_model(ModelConfig(), ["segmentation", "depth"], 0.0)
     loss = MonodepthLoss()
-    opt = torch.optim.Adam(model.parameters(), 5e-4)
+    opt = torch.optim.Adam(model.parameters(), 2e-4)
 
     def abs_rel() -> float:
         model.eval()
@@ -262,7 +263,7 @@ def test_depth_only_training_lowers_abs_rel_on_synthetic_video():
 
     before = abs_rel()
     g = torch.Generator().manual_seed(0)
-    for _ in range(50):
+    for _ in range(100):
         batch = torch.utils.data.default_collate([train[i] for i in torch.randint(0, len(train), (6,),
                                                                                     generator=g).tolist()])
         batch = augment_video(batch["frames"], batch["K"], draw_params(AugmentConfig(), 6, g))

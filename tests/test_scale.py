@@ -47,7 +47,7 @@ def _batch(n: int = 4) -> dict[str, torch.Tensor]:
 
 
 def _step(tr: Trainer, batch) -> tuple[float, torch.Tensor]:
-    loss = tr.train_step(batch, None)["seg"]
+    loss = float(tr.train_step(batch, None)["seg"])
     grads = torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.grad is not None]).cpu()
     return loss, grads
 

@@ -52,8 +52,12 @@ if [ -n "$wheels" ]; then
   PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= python3 -m pip download -q --no-deps --only-binary=:all: \
     --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -c "$repo/constraints.txt" -d "$wheels" "${pkgs[@]}"
-  bash "$repo/tools/with-env.sh" python -m pip wheel -q --no-deps --no-build-isolation -w "$wheels" \
-    "$repo" "$repo"/plugins/*/ >/dev/null
+  # built from a copy: setuptools leaves build/ folders behind in the source tree
+  src="$(mktemp -d)"
+  git -C "$repo" ls-files -z | (cd "$repo" && xargs -0 cp --parents -t "$src")
+  bash "$repo/tools/with-env.sh" python -m pip wheel -q --no-deps --no-build-isolation -w "$(cd "$wheels" && pwd)" \
+    "$src" "$src"/plugins/*/ >/dev/null
+  rm -rf "$src"
   echo "gpu-check: wheels in $wheels ($(du -sh "$wheels" | cut -f1)); on the GPU machine:"
   echo "  bash tools/gpu-check.sh --python python3 --install $wheels"
   exit 0
