@@ -28,6 +28,7 @@ from bench_support import (
     synced,
 )
 
+from mtkit.bench import count_ops
 from mtkit.losses import IGNORE_INDEX, MonodepthLoss
 from mtkit.models.decoders import disp_to_depth
 from mtkit.perturbations import FGSM, PGD, AttackContext, fgsm, fgsm_direction, pgd
@@ -118,6 +119,8 @@ def test_train_step(benchmark, size, multitask, peak):
     benchmark.extra_info.update(images_per_step=s.images, overhead_vs_plain_pytorch=toolkit / plain - 1,
                                 plain_pytorch_images_per_s=s.images / plain)
     flops = count_flops(tr.train_step, s.seg, s.dep)
+    _, ops = count_ops(tr.train_step, s.seg, s.dep)  # the CPU-side proxy of kernel launches and host syncs
+    benchmark.extra_info.update(aten_ops=ops.total, kernel_ops=ops.kernels, host_syncs=sum(ops.syncs.values()))
     benchmark.pedantic(synced(tr.train_step), args=(s.seg, s.dep), rounds=n, iterations=1, warmup_rounds=0)
     benchmark.extra_info["images_per_s"] = s.images / benchmark.stats.stats.median if benchmark.stats else None
     record_flops(benchmark, flops, peak)

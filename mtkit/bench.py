@@ -140,6 +140,13 @@ SYNC_METHODS = ("tolist", "cpu", "numpy", "item", "__bool__", "__float__", "__in
 LARGE_SMALL_MATMUL = 10_000
 
 
+#: operators that only make a view or read metadata (no kernel on a GPU)
+VIEW_OPS = frozenset({"detach", "view", "_unsafe_view", "slice", "select", "expand", "unbind", "alias", "as_strided",
+                      "t", "transpose", "permute", "unsqueeze", "squeeze", "reshape", "_reshape_alias", "split",
+                      "split_with_sizes", "chunk", "narrow", "movedim", "lift_fresh", "unfold", "diagonal", "empty",
+                      "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_to_copy_view", "view_as"})
+
+
 @dataclass
 class OpCount:
     """What one call dispatched: every aten operator (``ops``), the ones that synchronise the host with the
@@ -153,6 +160,11 @@ class OpCount:
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+    @property
+    def kernels(self) -> int:
+        """The operators that run a kernel on a GPU (all but views, metadata and allocation)."""
+        return sum(n for op, n in self.ops.items() if op not in VIEW_OPS)
 
 
 def count_ops(fn, *args, **kwargs) -> tuple[Any, OpCount]:

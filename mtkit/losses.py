@@ -33,19 +33,27 @@ def enet_class_weights(class_counts: torch.Tensor, c: float = 1.02) -> torch.Ten
     return (1.0 / torch.log(c + p)).float()
 
 
+def _pool3(t: torch.Tensor) -> torch.Tensor:
+    """3x3 mean with reflection padding of images (..., C, H, W) (any leading dimensions)."""
+    lead = t.shape[:-3]
+    flat = F.pad(t.reshape(-1, *t.shape[-3:]), (1, 1, 1, 1), mode="reflect")
+    return F.avg_pool2d(flat, 3, 1).view(*lead, *t.shape[-3:])
+
+
 def ssim(x: torch.Tensor, y: torch.Tensor, c1: float = 0.01**2, c2: float = 0.03**2) -> torch.Tensor:
     """Per-pixel, per-channel SSIM on 3x3 patches with reflection padding, images in [0, 1] (eq. 2), in [-1, 1].
 
+    ``x`` (..., C, H, W) and ``y`` broadcast against each other: a target x and a stack of its warped sources y
+    (K, B, C, H, W) pool x's statistics once. Reflection padding commutes with the elementwise products, so
+    pooling pad(x·y) equals pooling pad(x)·pad(y) exactly.
     Not clamped: the loss term (1 - SSIM) / 2 is clamped instead (``dssim``), as in the authors' code base
     (SGDepth) and monodepth2, so that pixels with negative SSIM keep their loss and their gradient.
     """
-    x = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    y = F.pad(y, (1, 1, 1, 1), mode="reflect")
-    mu_x = F.avg_pool2d(x, 3, 1)
-    mu_y = F.avg_pool2d(y, 3, 1)
-    sigma_x = F.avg_pool2d(x * x, 3, 1) - mu_x**2
-    sigma_y = F.avg_pool2d(y * y, 3, 1) - mu_y**2
-    sigma_xy = F.avg_pool2d(x * y, 3, 1) - mu_x * mu_y
+    mu_x = _pool3(x)
+    mu_y = _pool3(y)
+    sigma_x = _pool3(x * x) - mu_x**2
+    sigma_y = _pool3(y * y) - mu_y**2
+    sigma_xy = _pool3(x * y) - mu_x * mu_y
     num = (2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)
     den = (mu_x**2 + mu_y**2 + c1) * (sigma_x + sigma_y + c2)
     return num / den
@@ -58,12 +66,13 @@ def dssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def photometric_error(target: torch.Tensor, pred: torch.Tensor, alpha: float = 0.85) -> torch.Tensor:
-    """Per-pixel α·(1 - SSIM)/2 + (1-α)·1/C·‖x_t - x_{t'→t}‖₁ (the term inside eq. 2), (B, 1, H, W).
+    """Per-pixel α·(1 - SSIM)/2 + (1-α)·1/C·‖x_t - x_{t'→t}‖₁ (the term inside eq. 2), (..., 1, H, W).
 
-    The SSIM term is clamped per channel (``dssim``) and averaged over channels; images in [0, 1].
+    The SSIM term is clamped per channel (``dssim``) and averaged over channels; images in [0, 1], (..., C, H, W);
+    ``pred`` may stack several warps of ``target`` in front (K, B, C, H, W).
     """
-    l1 = (target - pred).abs().mean(1, keepdim=True)
-    return alpha * dssim(target, pred).mean(1, keepdim=True) + (1 - alpha) * l1
+    l1 = (target - pred).abs().mean(-3, keepdim=True)
+    return alpha * dssim(target, pred).mean(-3, keepdim=True) + (1 - alpha) * l1
 
 
 def min_reprojection(errors: list[torch.Tensor]) -> torch.Tensor:
@@ -111,8 +120,10 @@ class MonodepthLoss(nn.Module):
     """
 
     def __init__(self, alpha: float = 0.85, smoothness_weight: float = 1e-3, num_scales: int = 4,
-                 automask: bool = False, min_depth: float = 0.1, max_depth: float = 100.0) -> None:
+                 automask: bool = False, min_depth: float = 0.1, max_depth: float = 100.0,
+                 scales_per_pass: int | None = None) -> None:
         super().__init__()
+        self.scales_per_pass = scales_per_pass
         self.alpha = alpha
         self.beta = smoothness_weight
         self.num_scales = num_scales
@@ -137,13 +148,14 @@ class MonodepthLoss(nn.Module):
                              for s in range(n)]).reshape(n, 1, b, 1, h * w)
         rays = geometry.camera_rays(geometry.inverse(k), h, w)  # (B, 3, H·W)
         p = torch.stack([geometry.projection(k, poses[-1]), geometry.projection(k, poses[1])])  # (O, B, 3, 4)
-        grid = geometry.sampling_grid(depth, geometry.rotated_rays(p, rays), p, h, w)  # (S, O, B, H, W, 2)
-        warped = geometry.sample(sources.expand(n, o, b, 3, h, w).reshape(-1, 3, h, w), grid.reshape(-1, h, w, 2))
-        target = cur.expand(n * o, b, 3, h, w).reshape(-1, 3, h, w)
-        errors = photometric_error(target, warped, self.alpha).view(n, o, b, 1, h, w)  # eq. 2 inside the min
+        rays_p = geometry.rotated_rays(p, rays)
+        # the scales in chunks of ``scales_per_pass`` (all of them on a GPU: one launch per kernel; one on a CPU,
+        # where a batch of every warp outgrows the caches and runs 2.5x slower); equal values either way
+        chunk = self.scales_per_pass or (n if cur.device.type == "cuda" else 1)
+        errors = torch.cat([self._reprojection(depth[s0:s0 + chunk], rays_p, p, sources, cur)
+                            for s0 in range(0, n, chunk)])  # (S, O, B, 1, H, W): eq. 2 inside the min
         if self.automask:
-            identity = photometric_error(cur.expand(o, b, 3, h, w).reshape(-1, 3, h, w), sources.reshape(-1, 3, h, w),
-                                         self.alpha).view(o, b, 1, h, w).min(0, keepdim=True).values
+            identity = photometric_error(cur, sources, self.alpha).min(0, keepdim=True).values
             identity = identity + torch.randn_like(identity) * 1e-5  # break ties as monodepth2
             errors = torch.cat([errors, identity.expand(n, 1, b, 1, h, w)], 1)
         # per-pixel minimum over the sources (eq. 2), each scale's mean, averaged over scales (equal sizes)
@@ -151,6 +163,16 @@ class MonodepthLoss(nn.Module):
         pyramid = image_pyramid(cur, [tuple(disps[s].shape[-2:]) for s in range(n)])
         sm = sum(smoothness(disps[s], pyramid[s]) / (2**s) for s in range(n)) / n
         return DepthLossOutput(ph + self.beta * sm, ph, sm)
+
+
+    def _reprojection(self, depth: torch.Tensor, rays_p: torch.Tensor, p: torch.Tensor, sources: torch.Tensor,
+                      cur: torch.Tensor) -> torch.Tensor:
+        """The photometric errors (S, O, B, 1, H, W) of every source warped with each of S flat depth maps
+        (S, 1, B, 1, H·W), in one ``grid_sample`` and one SSIM."""
+        n, o, (b, _, h, w) = depth.shape[0], sources.shape[0], cur.shape
+        grid = geometry.sampling_grid(depth, rays_p, p, h, w)  # (S, O, B, H, W, 2)
+        warped = geometry.sample(sources.expand(n, o, b, 3, h, w).reshape(-1, 3, h, w), grid.reshape(-1, h, w, 2))
+        return photometric_error(cur, warped.view(n * o, b, 3, h, w), self.alpha).view(n, o, b, 1, h, w)
 
 
 @register("loss", "weighted_ce")

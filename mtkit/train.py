@@ -234,6 +234,9 @@ class Trainer:
             terms.update(depth=d.total, photometric=d.photometric, smoothness=d.smoothness)
             # eq. 5: each decoder sees its own unscaled loss, the encoder (1-λ)·g_depth + λ·g_seg
             total = total + d.total
+        if not self.scaler.is_enabled():  # a non-finite loss must not reach the weights: fused Adam skips such a
+            # step on the device (GradScaler's found_inf protocol), and the loop reports it at the next read-back
+            self.optimizer.found_inf = (~torch.isfinite(total.detach())).float()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if self.recipe.train.grad_clip:

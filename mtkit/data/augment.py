@@ -31,13 +31,21 @@ class AugmentParams:
     flip: torch.Tensor
     order: torch.Tensor
     factors: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+    #: ``order`` as Python tuples, read on the host when the parameters are drawn (once per epoch): the jitter
+    #: groups the samples by it without reading anything back from the device
+    orders: tuple[tuple[int, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.orders is None:
+            object.__setattr__(self, "orders", tuple(map(tuple, self.order.cpu().tolist())))
 
     def __getitem__(self, sl: slice) -> AugmentParams:
-        return AugmentParams(self.flip[sl], self.order[sl], tuple(None if f is None else f[sl] for f in self.factors))
+        return AugmentParams(self.flip[sl], self.order[sl], tuple(None if f is None else f[sl] for f in self.factors),
+                             self.orders[sl] if self.orders is not None else None)
 
     def to(self, device: torch.device) -> AugmentParams:
         return AugmentParams(self.flip.to(device), self.order.to(device),
-                             tuple(None if f is None else f.to(device) for f in self.factors))
+                             tuple(None if f is None else f.to(device) for f in self.factors), self.orders)
 
 
 def factor_ranges(cfg: AugmentConfig) -> list[tuple[float, float] | None]:
@@ -85,15 +93,30 @@ def _adjust(x: torch.Tensor, which: int, f: torch.Tensor) -> torch.Tensor:
 
 def colour_jitter(images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
     """Colour jitter of images (N, ..., 3, H, W) in gray values 0..255, each sample with its own order and factors
-    (every frame of a triplet with its sample's); the result is float in 0..255."""
+    (every frame of a triplet with its sample's); the result is float in 0..255.
+
+    At each of the four positions of the order, the samples are grouped by the adjustment they take there, from
+    the orders read on the host when the parameters were drawn (``AugmentParams.orders``), and each group is
+    adjusted through index tensors sent to the device without waiting: no boolean mask and nothing read back from
+    a GPU. The parameters stay where they were drawn (the CPU)."""
     x = images.float() / 255.0
+    n = x.shape[0]
+    assert p.orders is not None
     for position in range(4):
-        for which, f in enumerate(p.factors):
+        groups: dict[int, list[int]] = {}
+        for i, o in enumerate(p.orders):
+            groups.setdefault(o[position], []).append(i)
+        for which, members in sorted(groups.items()):
+            f = p.factors[which]
             if f is None:
                 continue
-            mask = p.order[:, position] == which
-            if bool(mask.any()):
-                x[mask] = _adjust(x[mask], which, f[mask])
+            if len(members) == n:
+                x = _adjust(x, which, f.to(x.device, non_blocking=True))
+                continue
+            rows = torch.tensor(members)
+            index = rows.to(x.device, non_blocking=True)
+            factor = f[rows].to(x.device, non_blocking=True)
+            x = x.index_copy(0, index, _adjust(x.index_select(0, index), which, factor))
     return x.clamp(0, 1) * 255.0
 
 
@@ -112,15 +135,15 @@ def augment_segmentation(images: torch.Tensor, labels: torch.Tensor, p: AugmentP
                          ) -> dict[str, torch.Tensor]:
     """A batch of uint8 crops (N, 3, H, W) and labels (N, H, W) → ``image`` float 0..255 flipped and jittered,
     ``label`` int64 flipped alike."""
-    flip = p.flip.to(images.device)
-    return {"image": colour_jitter(_flip(images, flip), p.to(images.device)),
+    flip = p.flip.to(images.device, non_blocking=True)
+    return {"image": colour_jitter(_flip(images, flip), p),
             "label": _flip(labels, flip).long()}
 
 
 def augment_video(frames: torch.Tensor, k: torch.Tensor, p: AugmentParams) -> dict[str, torch.Tensor]:
     """A batch of uint8 triplets (N, 3, 3, H, W) with intrinsics (N, 4, 4) → ``frames`` flipped and jittered (the
     same jitter for the three frames of a sample), ``frames_raw`` flipped only (for the photometric loss), ``K``."""
-    flip = p.flip.to(frames.device)
+    flip = p.flip.to(frames.device, non_blocking=True)
     raw = _flip(frames, flip).float()
-    return {"frames": colour_jitter(raw, p.to(frames.device)), "frames_raw": raw,
+    return {"frames": colour_jitter(raw, p), "frames_raw": raw,
             "K": flip_intrinsics(k.float(), flip, frames.shape[-1])}

@@ -10,31 +10,25 @@ from .decoders import at_least_fp32
 
 
 def rot_from_axisangle(vec: torch.Tensor) -> torch.Tensor:
-    """Axis-angle (B, 3) → rotation matrices (B, 4, 4) (Rodrigues' formula)."""
+    """Axis-angle (B, 3) → rotation matrices (B, 4, 4) (Rodrigues' formula), assembled with one ``stack`` (no
+    slice assignments: each would be a copy in the forward and in the backward pass)."""
     angle = vec.norm(dim=-1, keepdim=True).clamp_min(1e-7)
     axis = vec / angle
     ca, sa = torch.cos(angle), torch.sin(angle)
     c1 = 1 - ca
     x, y, z = axis[..., 0:1], axis[..., 1:2], axis[..., 2:3]
-    rot = torch.zeros(vec.shape[0], 4, 4, dtype=vec.dtype, device=vec.device)
-    rot[:, 0, 0] = (ca + x * x * c1)[:, 0]
-    rot[:, 0, 1] = (x * y * c1 - z * sa)[:, 0]
-    rot[:, 0, 2] = (x * z * c1 + y * sa)[:, 0]
-    rot[:, 1, 0] = (y * x * c1 + z * sa)[:, 0]
-    rot[:, 1, 1] = (ca + y * y * c1)[:, 0]
-    rot[:, 1, 2] = (y * z * c1 - x * sa)[:, 0]
-    rot[:, 2, 0] = (z * x * c1 - y * sa)[:, 0]
-    rot[:, 2, 1] = (z * y * c1 + x * sa)[:, 0]
-    rot[:, 2, 2] = (ca + z * z * c1)[:, 0]
-    rot[:, 3, 3] = 1
-    return rot
+    zero, one = torch.zeros_like(x), torch.ones_like(x)
+    return torch.stack([ca + x * x * c1, x * y * c1 - z * sa, x * z * c1 + y * sa, zero,
+                        y * x * c1 + z * sa, ca + y * y * c1, y * z * c1 - x * sa, zero,
+                        z * x * c1 - y * sa, z * y * c1 + x * sa, ca + z * z * c1, zero,
+                        zero, zero, zero, one], -1).view(-1, 4, 4)
 
 
 def translation_matrix(t: torch.Tensor) -> torch.Tensor:
     """Translation vectors (B, 3) → (B, 4, 4)."""
-    m = torch.eye(4, dtype=t.dtype, device=t.device).repeat(t.shape[0], 1, 1)
-    m[:, :3, 3] = t
-    return m
+    eye = torch.eye(4, 3, dtype=t.dtype, device=t.device).expand(t.shape[0], 4, 3)
+    column = torch.cat([t, torch.ones_like(t[:, :1])], 1).unsqueeze(-1)
+    return torch.cat([eye, column], -1)
 
 
 def transformation_from_parameters(axisangle: torch.Tensor, translation: torch.Tensor,
