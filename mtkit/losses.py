@@ -136,13 +136,13 @@ class MonodepthLoss(nn.Module):
         """disps: scale → scaled inverse depth aσ+b; frames: un-augmented [x_{t-1}, x_t, x_{t+1}] in 0..255;
         k: (B, 4, 4) at input resolution; poses: {-1: T_{t→t-1}, 1: T_{t→t+1}}.
 
-        The 2 sources × ``num_scales`` warps and their photometric errors run as one batch each (one
-        ``grid_sample``, one SSIM); the rays and each source's projection are computed once."""
+        The 2 sources × ``num_scales`` warps and their photometric errors run batched (on a GPU all in one
+        ``grid_sample`` and one SSIM; ``scales_per_pass``); the rays and each source's projection are computed
+        once."""
         prev, cur, nxt = (f / 255.0 for f in frames)
         b, _, h, w = cur.shape
         n = self.num_scales
         sources = torch.stack([prev, nxt])  # (O, B, 3, H, W): t-1, t+1
-        o = sources.shape[0]
         # every scale's depth at the input resolution (monodepth2), flat: (S, 1, B, 1, H·W)
         depth = torch.stack([1.0 / F.interpolate(disps[s], size=(h, w), mode="bilinear", align_corners=False)
                              for s in range(n)]).reshape(n, 1, b, 1, h * w)
@@ -163,7 +163,6 @@ class MonodepthLoss(nn.Module):
         pyramid = image_pyramid(cur, [tuple(disps[s].shape[-2:]) for s in range(n)])
         sm = sum(smoothness(disps[s], pyramid[s]) / (2**s) for s in range(n)) / n
         return DepthLossOutput(ph + self.beta * sm, ph, sm)
-
 
     def _reprojection(self, depth: torch.Tensor, rays_p: torch.Tensor, p: torch.Tensor, sources: torch.Tensor,
                       cur: torch.Tensor) -> torch.Tensor:
