@@ -27,6 +27,15 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
     return per_pixel.sum() / valid
 
 
+def weighted_cross_entropy_per_image(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
+                                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """J^ce of eq. 1 of each image on its own (B,): ``weighted_cross_entropy`` of logits[i], labels[i] for every
+    i at once (each image's sum over its labelled pixels over their count)."""
+    per_pixel = F.cross_entropy(logits, labels, weight=weights, ignore_index=ignore_index, reduction="none")
+    valid = (labels != ignore_index).flatten(1).sum(1).clamp_min(1)
+    return per_pixel.flatten(1).sum(1) / valid
+
+
 def enet_class_weights(class_counts: torch.Tensor, c: float = 1.02) -> torch.Tensor:
     """ENet class weights w_s = 1 / ln(c + p_s), p_s the class frequency over the training labels (eq. 1)."""
     p = class_counts.double() / class_counts.sum().clamp_min(1)
@@ -185,6 +194,10 @@ class WeightedCrossEntropy(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return weighted_cross_entropy(logits, labels, self.weights)
 
+    def per_image(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of each image on its own, batched (what attacks that track each image use)."""
+        return weighted_cross_entropy_per_image(logits, labels, self.weights)
+
 
 @register("loss", "cross_entropy")
 class CrossEntropy(nn.Module):
@@ -195,3 +208,6 @@ class CrossEntropy(nn.Module):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return weighted_cross_entropy(logits, labels, None)
+
+    def per_image(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return weighted_cross_entropy_per_image(logits, labels, None)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 from .errors import MtkitError
-from .losses import IGNORE_INDEX, weighted_cross_entropy
+from .losses import IGNORE_INDEX, weighted_cross_entropy, weighted_cross_entropy_per_image
 from .registry import register
 
 
@@ -106,9 +106,15 @@ class AttackContext:
     def image_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The attacked loss of each image on its own (J^ce of eq. 1 over that image's labelled pixels by default):
         a tensor of one value per image, for attacks and ensembles that track each image (APGD, restarts, the
-        worst case). ``logits`` may stack copies of ``y``'s batch."""
-        b = y.shape[0]
-        return torch.stack([self.objective(logits[i:i + 1], y[i % b:i % b + 1]) for i in range(logits.shape[0])])
+        worst case). ``logits`` may stack copies of ``y``'s batch. Batched where the loss says how
+        (``per_image``, as the built-in cross-entropies); image by image otherwise."""
+        labels = y.repeat(logits.shape[0] // y.shape[0], *([1] * (y.dim() - 1)))
+        if self.loss_fn is None:
+            return weighted_cross_entropy_per_image(logits, labels, self.class_weights)
+        per_image = getattr(self.loss_fn, "per_image", None)
+        if per_image is not None:
+            return per_image(logits, labels)
+        return torch.stack([self.objective(logits[i:i + 1], labels[i:i + 1]) for i in range(logits.shape[0])])
 
     def image_loss_gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each image's attacked loss (``image_losses``) and its gradient ∇_x, in passes of at most ``pass_images``
@@ -181,35 +187,39 @@ def salt_and_pepper(x: torch.Tensor, eps: float, generator: torch.Generator | No
     measured ε of every image is recorded. With a ``generator``, one generator serves the images in turn; the
     evaluation gives each image its own (``AttackContext.image_generators``).
     """
-    return torch.cat([_salt_and_pepper_image(x[i:i + 1], eps, generator) for i in range(x.shape[0])])
+    return salt_and_pepper_per_image(x, eps, [generator] * x.shape[0])
 
 
-def salt_and_pepper_per_image(x: torch.Tensor, eps: float, generators: list[torch.Generator]) -> torch.Tensor:
-    """``salt_and_pepper`` with one generator per image: an image's result does not depend on its batch."""
-    return torch.cat([_salt_and_pepper_image(x[i:i + 1], eps, g) for i, g in enumerate(generators)])
-
-
-def _salt_and_pepper_image(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
+def salt_and_pepper_per_image(x: torch.Tensor, eps: float, generators: list[torch.Generator | None]
+                              ) -> torch.Tensor:
+    """``salt_and_pepper`` with one generator per image (an image's result does not depend on its batch), the
+    whole batch in one pass on ``x``'s device: each image's salt-or-pepper values and pixel order are drawn on its
+    generator's device (the CPU: the same numbers everywhere), then the running sums, the cut where they reach
+    ε²·N, the best-matching last pixel (the first in the image's order among equals) and the result are batched
+    tensor operations, in float64, without reading anything back."""
     b, c, h, w = x.shape
-    target = eps**2 * x.numel()
-    flat = x.permute(0, 2, 3, 1).reshape(-1, c).double()
-    n = flat.shape[0]
-    where = generator.device if generator is not None else "cpu"
-    values = torch.randint(0, 2, (n, 1), generator=generator, device=where).to(x.device).double() * 255.0
-    contrib = ((values - flat) ** 2).sum(1)
-    order = torch.randperm(n, generator=generator, device=where).to(x.device)
-    cum = contrib[order].cumsum(0)
-    k = int(torch.searchsorted(cum, torch.tensor(target, dtype=cum.dtype, device=cum.device)))
-    k = min(k, n)
-    chosen = order[:k]
-    deficit = target - (float(cum[k - 1]) if k > 0 else 0.0)
-    rest = order[k:]
-    if deficit > 0 and rest.numel():
-        best = rest[(contrib[rest] - deficit).abs().argmin()]
-        if abs(float(contrib[best]) - deficit) < deficit:
-            chosen = torch.cat([chosen, best.view(1)])
-    out = flat.clone()
-    out[chosen] = values[chosen].expand(-1, c)
+    n = h * w
+    values, orders = [], []
+    for g in generators:  # per image: its values, then its order, as the per-image algorithm draws them
+        where = g.device if g is not None else "cpu"
+        values.append(torch.randint(0, 2, (n, 1), generator=g, device=where))
+        orders.append(torch.randperm(n, generator=g, device=where))
+    values = torch.stack(values).to(x.device).double() * 255.0  # (B, n, 1)
+    order = torch.stack(orders).to(x.device)  # (B, n): the pixels in the order they are taken
+    flat = x.permute(0, 2, 3, 1).reshape(b, n, c).double()
+    contrib = ((values - flat) ** 2).sum(2)  # each pixel's Σ r² if taken
+    cum = contrib.gather(1, order).cumsum(1)
+    target = torch.full((b, 1), eps**2 * c * n, dtype=cum.dtype, device=cum.device)
+    k = torch.searchsorted(cum, target)  # (B, 1): pixels taken before the sum reaches the target
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand(b, n))
+    chosen = rank < k
+    deficit = target - torch.where(k > 0, cum.gather(1, (k - 1).clamp_min(0)), torch.zeros_like(target))
+    gap = (contrib - deficit).abs()
+    position = torch.where(rank >= k, gap, torch.inf).gather(1, order).argmin(1, keepdim=True)  # first in order
+    best = order.gather(1, position)
+    add = (deficit > 0) & (k < n) & (gap.gather(1, best) < deficit)
+    chosen = chosen.scatter(1, best, chosen.gather(1, best) | add)
+    out = torch.where(chosen.unsqueeze(-1), values.expand(b, n, c), flat)
     return out.to(x.dtype).view(b, h, w, c).permute(0, 3, 1, 2).contiguous()
 
 
@@ -495,6 +505,16 @@ def wrong_class_probability(logits: torch.Tensor, y: torch.Tensor) -> torch.Tens
     valid = y != IGNORE_INDEX
     p = logits.float().softmax(1).gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
     return ((1 - p) * valid).sum() / valid.sum().clamp_min(1)
+
+
+def _wrong_class_probability_per_image(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``wrong_class_probability`` of each image on its own (B,), batched."""
+    valid = y != IGNORE_INDEX
+    p = logits.float().softmax(1).gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
+    return ((1 - p) * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)
+
+
+wrong_class_probability.per_image = _wrong_class_probability_per_image  # type: ignore[attr-defined]
 
 
 class Unbounded(Perturbation):

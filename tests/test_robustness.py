@@ -24,6 +24,7 @@ from mtkit.perturbations import (
     pgd_iterations,
     pgd_sweep,
     salt_and_pepper,
+    salt_and_pepper_per_image,
 )
 from mtkit.recipe import validate
 
@@ -287,3 +288,56 @@ class HalfFGSM(Perturbation):
         keep = torch.tensor([i % 2 == self.parity for i in ctx.indices]).view(-1, 1, 1, 1)
         full = FGSM().sweep(ctx, x, y, epsilons)
         return {e: torch.where(keep, full[e], x) for e in epsilons}
+
+
+def _salt_and_pepper_reference(x: torch.Tensor, eps: float, g: torch.Generator) -> torch.Tensor:
+    """One image (1, C, H, W) the way the algorithm reads: pixels in random order until Σ r² reaches ε²·N, then
+    the remaining pixel whose contribution best matches the deficit (the first in the order among equals)."""
+    _, c, h, w = x.shape
+    flat = x.permute(0, 2, 3, 1).reshape(-1, c).double()
+    n = flat.shape[0]
+    values = torch.randint(0, 2, (n, 1), generator=g).double() * 255.0
+    contrib = ((values - flat) ** 2).sum(1)
+    order = torch.randperm(n, generator=g).tolist()
+    target, total, chosen = eps**2 * x.numel(), 0.0, []
+    for i in order:
+        if total + float(contrib[i]) >= target:
+            break
+        total += float(contrib[i])
+        chosen.append(i)
+    rest = order[len(chosen):]
+    deficit = target - total
+    if deficit > 0 and rest:
+        best = min(rest, key=lambda i: abs(float(contrib[i]) - deficit))  # min keeps the first among equals
+        if abs(float(contrib[best]) - deficit) < deficit:
+            chosen.append(best)
+    out = flat.clone()
+    out[chosen] = values[chosen].expand(-1, c)
+    return out.view(1, h, w, c).permute(0, 3, 1, 2).to(x.dtype)
+
+
+def test_batched_salt_and_pepper_equals_the_per_image_algorithm_exactly():
+    """The batched tensor version against the algorithm written as a loop, on integer gray values (many equal
+    contributions, so the tie rule matters), black and mid-gray images, every paper ε and one far above."""
+    torch.manual_seed(0)
+    x = (torch.rand(5, 3, 24, 40) * 255).round()
+    x[2], x[4] = 0.0, 128.0
+    for eps in (0.25, 1, 4, 16, 60):
+        got = salt_and_pepper_per_image(x, eps, [torch.Generator().manual_seed(10 + i) for i in range(5)])
+        for i in range(5):
+            ref = _salt_and_pepper_reference(x[i:i + 1], eps, torch.Generator().manual_seed(10 + i))
+            assert torch.equal(got[i:i + 1], ref), (eps, i)
+
+
+def test_per_image_losses_are_batched_and_equal_each_image_alone(trained):
+    loaded, _, x, y = trained
+    from mtkit.losses import CrossEntropy, WeightedCrossEntropy
+    from mtkit.perturbations import wrong_class_probability
+
+    with torch.no_grad():
+        logits = loaded.segmenter(torch.cat([x, x.flip(-1)]))  # two stacked copies of the batch
+    for loss in (None, WeightedCrossEntropy(loaded.class_weights), CrossEntropy(), wrong_class_probability):
+        ctx = AttackContext(loaded.segmenter, loaded.class_weights, torch.Generator(), loss_fn=loss)
+        got = ctx.image_losses(logits, y)
+        ref = torch.stack([ctx.objective(logits[i:i + 1], y[i % 4:i % 4 + 1]) for i in range(8)])
+        assert got.shape == (8,) and torch.allclose(got, ref, rtol=1e-5), loss
