@@ -22,7 +22,7 @@ from .evaluate import evaluate_checkpoint, evaluate_segmenter, evaluation_sets, 
 from .export import export_segmenter
 from .external import ExternalSegmenter, InputSpec, OutputSpec, build_external
 from .pipeline import RunResult, run
-from .plugins import get_plugins, get_registry
+from .plugins import list_entries, plugin_failures
 from .prepare import Prepared, prepare_recipe
 from .recipe import apply_overrides, load_recipe, validate
 from .report import save_report
@@ -32,26 +32,13 @@ from .train import TrainResult, train
 
 __all__ = ["InputSpec", "OutputSpec", "Prepared", "Recipe", "RunResult", "RunResults", "TrainResult", "bench",
            "build_external", "evaluate", "evaluate_depth", "evaluate_model", "export_onnx", "list_entries",
-           "load_recipe", "load_segmenter", "prepare", "report", "run", "train", "with_overrides"]
+           "load_recipe", "load_segmenter", "plugin_failures", "prepare", "report", "run", "train", "with_overrides"]
 
 
 def prepare(recipe: Recipe, workers: int | None = None, skip_bad: bool = False, force: bool = False,
             progress: bool = True, log=print) -> list[Prepared]:
     """Decode the recipe's datasets into the prepared cache (reused while sources and sizes are unchanged)."""
     return prepare_recipe(recipe, workers, skip_bad, force, progress, log)
-
-
-def list_entries(kind: str | None = None) -> list[dict[str, str]]:
-    """Registered entries (optionally of one kind) with their origin and one-line doc."""
-    reg = get_registry()
-    if kind is not None:
-        reg.names(kind)  # validates the kind
-    return [{"kind": e.kind, "name": e.name, "origin": e.origin, "doc": e.doc}
-            for e in reg if kind is None or e.kind == kind]
-
-
-def plugin_failures() -> list[str]:
-    return [str(f) for f in get_plugins().failures]
 
 
 def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:

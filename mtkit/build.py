@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
@@ -58,6 +57,8 @@ def build_backbone(name: str, pretrained: bool | str = False, in_chans: int = 3,
     registry = get_registry()
     if ("backbone", name) in registry:
         return registry.get("backbone", name)(name=name, pretrained=pretrained, in_chans=in_chans, **kwargs)
+    import timm
+
     if timm.is_model(name):
         return TimmEncoder(name, pretrained, in_chans, **kwargs)
     hint = did_you_mean(name, [*registry.names("backbone"), *timm.list_models()])

@@ -17,7 +17,6 @@ from rich.table import Table
 
 from . import __version__
 from .errors import MtkitError
-from .recipe import load_recipe
 
 console = Console()
 err_console = Console(stderr=True)
@@ -28,6 +27,9 @@ class Context:
 
 
 def _recipe(path: str, overrides: tuple[str, ...]):
+    # imported here, like every command's work: `mtkit --help` imports neither torch nor timm nor torchvision
+    from .recipe import load_recipe
+
     return load_recipe(path, list(overrides))
 
 
@@ -65,7 +67,7 @@ def cli(debug: bool) -> None:
 @click.argument("kind", required=False)
 def list_cmd(kind: str | None) -> None:
     """List registered backbones, heads, losses, perturbations, datasets, tasks and metrics."""
-    from .api import list_entries
+    from .plugins import list_entries
 
     table = Table(title="mtkit registry")
     for col in ("name", "kind", "origin", "description"):
@@ -306,7 +308,7 @@ def show(recipe: str, overrides: tuple[str, ...]) -> None:
 
 def _warn_plugin_failures() -> None:
     """One warning per plugin that failed to load (list, show and run say it alike)."""
-    from .api import plugin_failures
+    from .plugins import plugin_failures
 
     for failure in plugin_failures():
         err_console.print(f"[yellow]warning:[/yellow] {escape(failure)}")

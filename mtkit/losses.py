@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from . import geometry
@@ -102,6 +101,8 @@ def smoothness(disp: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
 def image_pyramid(image: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
     """The images for the smoothness term of each scale (eq. 3): each level resized from the one before with an
     antialiasing filter, as monodepth2's data pyramid (torchvision's antialiased resize)."""
+    import torchvision.transforms.v2.functional as TF  # torchvision costs a second to import: only when used
+
     levels = []
     for size in sizes:
         prev = levels[-1] if levels else image

@@ -120,3 +120,17 @@ def get_registry() -> Registry:
     registry = get_plugins().registry
     _add_decorated(registry)
     return registry
+
+
+def list_entries(kind: str | None = None) -> list[dict[str, str]]:
+    """Registered entries (optionally of one kind) with their origin and one-line doc."""
+    reg = get_registry()
+    if kind is not None:
+        reg.names(kind)  # validates the kind
+    return [{"kind": e.kind, "name": e.name, "origin": e.origin, "doc": e.doc}
+            for e in reg if kind is None or e.kind == kind]
+
+
+def plugin_failures() -> list[str]:
+    """One line per plugin that failed to import or to register."""
+    return [str(f) for f in get_plugins().failures]

@@ -7,8 +7,6 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from scipy.stats import t as student_t
-
 LEVEL = 0.95
 
 
@@ -43,6 +41,8 @@ def t_interval(values: list[float], level: float = LEVEL) -> Interval:
     if n == 1:
         return Interval(mean, 0.0, math.nan, math.nan, 1)
     sd = statistics.stdev(v)
+    from scipy.stats import t as student_t  # scipy.stats is slow to import: only for several seeds
+
     half = float(student_t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
     return Interval(mean, sd, mean - half, mean + half, n)
 

@@ -92,3 +92,27 @@ def test_no_function_level_import_of_mtkit_outside_the_cli():
             continue
         for module, line, inner in _mtkit_imports(path):
             assert not inner, f"{path.relative_to(ROOT)}:{line} imports {module} inside a function"
+
+
+def _modules_after(code: str) -> set[str]:
+    """The top-level packages a fresh interpreter has imported after ``code``."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", f"{code}\nimport json, sys; print(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return {m.split(".")[0] for m in json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def test_the_cli_imports_no_torch_until_a_command_needs_it():
+    """`mtkit --help` starts in a tenth of a second: importing the CLI (and running --help) loads neither torch
+    nor timm nor torchvision; listing the registry and validating a recipe load torch but neither timm nor
+    torchvision nor scikit-image (a second and more of imports, only when a model is built or data is
+    augmented)."""
+    heavy = {"torch", "timm", "torchvision", "segmentation_models_pytorch", "scipy", "skimage", "matplotlib"}
+    assert not _modules_after("import mtkit.cli") & heavy
+    assert not _modules_after("from mtkit.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass")\
+        & heavy
+    paper = str(ROOT / "recipes" / "paper.yaml")
+    registry = _modules_after(f"from mtkit.recipe import load_recipe\nload_recipe({paper!r})\n"
+                              "from mtkit.plugins import list_entries\nlist_entries()")
+    assert "torch" in registry and not registry & (heavy - {"torch"})

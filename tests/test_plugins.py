@@ -124,7 +124,11 @@ def test_every_corruption_runs_and_reports_its_measured_epsilon(trained):
     loaded, _, x, _ = trained
     reg = get_registry()
     names = [n for n in reg.names("perturbation") if n.startswith("corrupt_")]
-    assert len(names) == 19
+    import imagecorruptions
+    import mtkit_corruptions
+
+    assert list(mtkit_corruptions.CORRUPTIONS) == list(imagecorruptions.get_corruption_names("all"))
+    assert names == [f"corrupt_{n}" for n in mtkit_corruptions.CORRUPTIONS]
     ctx = _ctx(loaded)
     for name in names:
         pert = build_perturbation(name, {"severities": [1, 5]})

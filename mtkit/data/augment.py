@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torchvision.transforms.v2.functional as TF
-from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 from ..config import AugmentConfig
 
@@ -78,6 +76,9 @@ def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tenso
 
 def _adjust(x: torch.Tensor, which: int, f: torch.Tensor) -> torch.Tensor:
     """One of ColorJitter's adjustments of images (N, ..., 3, H, W) in [0, 1], factor ``f`` (N,) per sample."""
+    import torchvision.transforms.v2.functional as TF  # a second to import: only when training runs
+    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+
     r = _per_sample(f, x)
     if which == BRIGHTNESS:
         return (x * r).clamp(0, 1)

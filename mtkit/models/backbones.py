@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import timm
 import torch
-from timm.models import load_state_dict
 from torch import nn
 
 from ..errors import CheckpointError, MtkitError
@@ -32,6 +30,8 @@ class TimmEncoder(nn.Module):
             raise CheckpointError(f"weights file not found: {pretrained} (set model.pretrained to a .pth or "
                                   ".safetensors file)")
         overlay = {"pretrained_cfg_overlay": {"file": str(pretrained)}} if local else {}
+        import timm  # half a second to import: only when a model is built, not for mtkit list or show
+
         try:
             self.body = timm.create_model(name, features_only=True, pretrained=bool(pretrained), in_chans=in_chans,
                                           **overlay, **kwargs)
@@ -58,6 +58,8 @@ def _first_problem(message: str) -> str:
 
 def check_keys(body: nn.Module, path: Path, name: str) -> None:
     """The weight file holds the backbone's parameters: no missing key, no key of another architecture."""
+    from timm.models import load_state_dict
+
     try:
         state = load_state_dict(str(path), weights_only=True)
     except Exception as exc:  # timm already read it once; a second failure is still the file's fault

@@ -66,8 +66,16 @@ def _compat() -> Iterator[None]:
             del np.float_
 
 
+#: imagecorruptions' names ("all": the 15 benchmark corruptions and the 4 extra ones), as in its 1.1.x releases: the
+#: registry lists them without importing the package (0.2 s of scikit-image and SciPy on every `mtkit list`);
+#: tests/test_plugins.py checks the list against the installed package's
+CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+               "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+               "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate")
+
+
 def corruption_names() -> list[str]:
-    return list(_imagecorruptions().get_corruption_names("all"))
+    return list(CORRUPTIONS)
 
 
 def corrupt_batch(x: torch.Tensor, name: str, severity: int, seeds: list[int]) -> torch.Tensor:
