@@ -186,6 +186,53 @@ def camera_pose(domain: Domain, frame: int, phase: float) -> np.ndarray:
     return pose.astype(np.float32)
 
 
+TILE = 32  # pixels per side of the tiles the renderer culls boxes for
+
+
+def _screen_rects(boxes: np.ndarray, pose: np.ndarray, k: np.ndarray, height: int, width: int) -> np.ndarray:
+    """For each box (M, 6), the pixel rectangle (M, 4: u0, u1, v0, v1) that holds the projection of its 8
+    corners, widened by a pixel; the whole image for a box with a corner less than 0.1 m in front of the camera
+    (its projection is unbounded). A ray through a pixel outside it cannot meet the box."""
+    lo, hi = boxes[:, 0::2], boxes[:, 1::2]  # (M, 3) min and max corners
+    corners = np.stack([np.stack([(hi if (c >> a) & 1 else lo)[:, a] for a in range(3)], -1) for c in range(8)], 1)
+    cam = (corners - pose[:3, 3]) @ pose[:3, :3]  # world → camera: Rᵀ (p - origin)
+    z = cam[..., 2]
+    safe = np.where(z > 0.1, z, 1.0)
+    u = k[0, 0] * cam[..., 0] / safe + k[0, 2]
+    v = k[1, 1] * cam[..., 1] / safe + k[1, 2]
+    rects = np.stack([u.min(1) - 1, u.max(1) + 1, v.min(1) - 1, v.max(1) + 1], 1)
+    behind = (z <= 0.1).any(1)
+    rects[behind] = (-np.inf, np.inf, -np.inf, np.inf)
+    return rects
+
+
+def _hit_boxes(boxes: np.ndarray, idx: np.ndarray, origin: np.ndarray, inv: np.ndarray, pixels: np.ndarray,
+               best_t: np.ndarray, best: np.ndarray, axis: np.ndarray) -> None:
+    """The slab test of the rays ``pixels`` (their inverse directions ``inv``) against ``boxes[idx]`` (in index
+    order): where the nearest box hit is nearer than ``best_t``, record its distance, box and hit axis."""
+    b = boxes[idx]
+    n = inv.shape[0]
+    tnear = np.full((n, idx.size), -np.inf, np.float32)
+    tfar = np.full((n, idx.size), np.inf, np.float32)
+    near_axis = np.zeros((n, idx.size), np.int8)
+    for ax in range(3):  # slab test, one axis at a time on (pixels, boxes) arrays
+        t1 = (b[:, 2 * ax][None] - origin[ax]) * inv[:, ax, None]
+        t2 = (b[:, 2 * ax + 1][None] - origin[ax]) * inv[:, ax, None]
+        lo, hi = np.minimum(t1, t2), np.maximum(t1, t2)
+        upd = lo > tnear
+        tnear = np.where(upd, lo, tnear)
+        near_axis[upd] = ax
+        np.minimum(tfar, hi, out=tfar)
+    valid = (tfar >= tnear) & (tnear > 1e-3)
+    tnear = np.where(valid, tnear, np.inf)
+    j = tnear.argmin(1)
+    tj = tnear[np.arange(n), j]
+    hit = tj < best_t[pixels]
+    where = pixels[hit]
+    best_t[where], best[where] = tj[hit], idx[j[hit]]
+    axis[where] = near_axis[np.arange(n), j][hit]
+
+
 def render(scene: Scene, pose: np.ndarray, k: np.ndarray, height: int, width: int, frame: int = 0
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ray-cast one frame → (rgb uint8 (H, W, 3), depth float32 (H, W), label uint8 (H, W))."""
@@ -203,32 +250,23 @@ def render(scene: Scene, pose: np.ndarray, k: np.ndarray, height: int, width: in
         tg = np.where(dirs[:, 1] > 1e-6, -origin[1] / dirs[:, 1], np.inf)
     hit = tg < best_t
     best_t[hit], best[hit] = tg[hit], -1
-    # boxes (slab test), culled to those ahead of the camera
+    # boxes (slab test), culled to those ahead of the camera, then per image tile to those whose projection
+    # can reach it: each pixel meets the same boxes in the same order as without tiles, so the frame is the same
     boxes = scene.at(frame)
     keep = (boxes[:, 5] > origin[2] - 2) & (boxes[:, 4] < origin[2] + 150)
     idx = np.nonzero(keep)[0]
     if idx.size:
-        b = boxes[idx]
         with np.errstate(divide="ignore", invalid="ignore"):
             inv = (1.0 / np.where(np.abs(dirs) < 1e-9, 1e-9, dirs)).astype(np.float32)
-        tnear = np.full((n, idx.size), -np.inf, np.float32)
-        tfar = np.full((n, idx.size), np.inf, np.float32)
-        near_axis = np.zeros((n, idx.size), np.int8)
-        for ax in range(3):  # slab test, one axis at a time on (pixels, boxes) arrays
-            t1 = (b[:, 2 * ax][None] - origin[ax]) * inv[:, ax, None]
-            t2 = (b[:, 2 * ax + 1][None] - origin[ax]) * inv[:, ax, None]
-            lo, hi = np.minimum(t1, t2), np.maximum(t1, t2)
-            upd = lo > tnear
-            tnear = np.where(upd, lo, tnear)
-            near_axis[upd] = ax
-            np.minimum(tfar, hi, out=tfar)
-        valid = (tfar >= tnear) & (tnear > 1e-3)
-        tnear = np.where(valid, tnear, np.inf)
-        j = tnear.argmin(1)
-        tj = tnear[np.arange(n), j]
-        hit = tj < best_t
-        best_t[hit], best[hit] = tj[hit], idx[j[hit]]
-        axis[hit] = near_axis[np.arange(n), j][hit]
+        rects = _screen_rects(boxes[idx], pose, k, height, width)
+        pixel = np.arange(n).reshape(height, width)
+        for r0 in range(0, height, TILE):
+            for c0 in range(0, width, TILE):
+                tile = pixel[r0:r0 + TILE, c0:c0 + TILE].ravel()
+                r1, c1 = min(r0 + TILE, height) - 1, min(c0 + TILE, width) - 1
+                near = (rects[:, 0] <= c1) & (rects[:, 1] >= c0) & (rects[:, 2] <= r1) & (rects[:, 3] >= r0)
+                if near.any():
+                    _hit_boxes(boxes, idx[near], origin, inv[tile], tile, best_t, best, axis)
     points = origin + dirs * np.where(np.isfinite(best_t), best_t, 0)[:, None]
     label = np.full(n, SKY, np.uint8)
     color = np.zeros((n, 3), np.float32)
