@@ -411,7 +411,8 @@ def apgd_sweep(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, epsilons: l
     η starts at 2ε; x¹ = P(x⁰ + η·sign ∇); then z = P(xᵏ + η·sign ∇f(xᵏ)) and
     xᵏ⁺¹ = P(xᵏ + α(z − xᵏ) + (1 − α)(xᵏ − xᵏ⁻¹)) with momentum α. At each checkpoint (``apgd_checkpoints``)
     an image's η is halved and it restarts from its best point when the loss rose in fewer than ρ of the steps
-    since the last checkpoint, or when neither η nor the best loss changed since then. Returns each image's
+    since the last checkpoint, or when neither η nor the best loss changed since then (η unchanged: not halved
+    at the last checkpoint, as AutoAttack's ``reduced_last_check``). Returns each image's
     best point. ``iterations`` as PGD's (``pgd_iterations``): N iterations take N gradient passes and one
     forward pass, PGD's budget. From x⁰ = x the first step is FGSM, so APGD's loss is never below FGSM's.
     Every ε of the sweep runs in one stacked batch, as ``pgd_sweep``."""
@@ -428,7 +429,9 @@ def apgd_sweep(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, epsilons: l
     x_prev, x_best, grad_best, f_best = x_cur.clone(), x_cur.clone(), grad.clone(), loss.clone()
     eta = 2 * eps.clone()
     rises = torch.zeros_like(loss)  # steps since the last checkpoint where the loss rose
-    eta_check, f_check = eta.clone(), f_best.clone()
+    # condition 2 of Algorithm 1 compares η and the best loss with their values at the last checkpoint: η is
+    # unchanged since then exactly when it was not halved there (``halved``; AutoAttack's reduced_last_check)
+    halved, f_check = torch.zeros_like(loss, dtype=torch.bool), f_best.clone()
     marks = [apgd_checkpoints(n) for n in counts]
     last_mark = [0] * copies
 
@@ -454,18 +457,23 @@ def apgd_sweep(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, epsilons: l
             new_loss[d] = ctx.image_losses_of(x_cur[d], y)
         rises[r] += (new_loss[r] > loss[r]).to(rises.dtype)
         loss[r] = new_loss[r]
-        better = r[new_loss[r] > f_best[r]]
-        x_best[better], grad_best[better], f_best[better] = x_cur[better], grad[better], new_loss[better]
+        better = new_loss[r] > f_best[r]  # per image, without a boolean index (nothing read back)
+        wide = better.view(shape)
+        x_best[r] = torch.where(wide, x_cur[r], x_best[r])
+        grad_best[r] = torch.where(wide, grad[r], grad_best[r])
+        f_best[r] = torch.where(better, new_loss[r], f_best[r])
         for c in going:
             if k + 1 not in marks[c]:
                 continue
             cr = rows([c])
             since = k + 1 - last_mark[c]
-            halve = cr[(rises[cr] < rho * since) | ((eta[cr].flatten() == eta_check[cr].flatten())
-                                                   & (f_best[cr] == f_check[cr]))]
-            eta[halve] /= 2
-            x_cur[halve], grad[halve], loss[halve] = x_best[halve], grad_best[halve], f_best[halve]
-            eta_check[cr], f_check[cr], rises[cr] = eta[cr], f_best[cr], 0
+            decide = (rises[cr] < rho * since) | (~halved[cr] & (f_best[cr] <= f_check[cr]))
+            wide = decide.view(shape)  # halve η and restart from the best point
+            eta[cr] = torch.where(wide, eta[cr] / 2, eta[cr])
+            x_cur[cr] = torch.where(wide, x_best[cr], x_cur[cr])
+            grad[cr] = torch.where(wide, grad_best[cr], grad[cr])
+            loss[cr] = torch.where(decide, f_best[cr], loss[cr])
+            halved[cr], f_check[cr], rises[cr] = decide, f_best[cr], 0
             last_mark[c] = k + 1
     return {e: x_best[i * b:(i + 1) * b] for i, e in enumerate(epsilons)}
 

@@ -19,7 +19,6 @@ def make_dist(site: Path, dist: str, version: str, module: str, source: str, ep_
 
 
 GOOD_PLUGIN = '''
-import torch
 from mtkit.plugin_api import Perturbation, clip_image, hookimpl
 
 
@@ -27,7 +26,7 @@ class Uniform(Perturbation):
     """Uniform noise on [-a, a] scaled so that its RMS is ε (a test plugin)."""
 
     def sweep(self, ctx, x, y, epsilons):
-        u = torch.rand(x.shape, generator=ctx.generator) * 2 - 1
+        u = ctx.image_noise(x, "rand", "uniform_noise") * 2 - 1  # each image its own draw, on x's device
         return {e: clip_image(x + u * e * 3 ** 0.5) for e in epsilons}
 
 

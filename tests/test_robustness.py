@@ -341,3 +341,70 @@ def test_per_image_losses_are_batched_and_equal_each_image_alone(trained):
         got = ctx.image_losses(logits, y)
         ref = torch.stack([ctx.objective(logits[i:i + 1], y[i % 4:i % 4 + 1]) for i in range(8)])
         assert got.shape == (8,) and torch.allclose(got, ref, rtol=1e-5), loss
+
+
+class _OnePixel(torch.nn.Module):
+    """A segmenter whose output is 1x1: its segmentation loss is a classification loss (AutoAttack's setting)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1),
+                                       torch.nn.Conv2d(16, 5, 1))
+
+    def forward(self, x):
+        return self.net(x.double() / 255.0)
+
+
+def _apgd_reference(model, x, y, eps, n, rho=0.75, alpha=0.75):
+    """APGD-CE on one image, from Croce and Hein 2020, Algorithm 1, with AutoAttack's restart bookkeeping (the
+    momentum after a restart runs from the best point; η counts as unchanged when it was not halved at the last
+    checkpoint): written as a loop, independently of ``apgd_sweep``."""
+    def f_and_grad(z):
+        z = z.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(z), y)
+        (g,) = torch.autograd.grad(loss, z)
+        return float(loss), g
+
+    def proj(z):
+        return torch.clamp(torch.minimum(torch.maximum(z, x - eps), x + eps), 0, 255)
+
+    marks = set(apgd_checkpoints(n))
+    eta, x_k, x_prev = 2 * eps, x.clone(), x.clone()
+    f_k, g_k = f_and_grad(x_k)
+    x_best, f_best, g_best = x_k, f_k, g_k
+    rises, last, reduced_last, f_last = 0, 0, False, f_best
+    for k in range(n):
+        a = 1.0 if k == 0 else alpha
+        z = proj(x_k + eta * torch.sign(g_k))
+        x_new = proj(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev))
+        x_prev = x_k
+        f_new, g_new = f_and_grad(x_new)
+        rises += f_new > f_k
+        x_k, f_k, g_k = x_new, f_new, g_new
+        if f_new > f_best:
+            x_best, f_best, g_best = x_new, f_new, g_new
+        if k + 1 in marks and k + 1 < n:
+            reduce = rises < rho * (k + 1 - last) or (not reduced_last and f_best <= f_last)
+            reduced_last, f_last, rises, last = reduce, f_best, 0, k + 1
+            if reduce:
+                eta /= 2
+                x_k, f_k, g_k = x_best, f_best, g_best
+    return x_best
+
+
+def test_apgd_follows_algorithm_1_step_for_step_on_a_one_pixel_segmenter():
+    """APGD's best points equal the reference loop's at 100 iterations (AutoAttack's budget) for 6 images and two
+    ε, to 1e-9 gray values. The step size halves only when a checkpoint's condition holds: with η saved after
+    the halving (the former code), condition 2 always held and η halved at every checkpoint without a new best
+    loss, right after a halving too; that changed these trajectories."""
+    model = _OnePixel().double()
+    torch.manual_seed(4)
+    x = (torch.rand(6, 3, 8, 8, dtype=torch.float64) * 255)
+    y = torch.randint(0, 5, (6, 1, 1))
+    ctx = AttackContext(model, None, torch.Generator(), loss_fn=torch.nn.CrossEntropyLoss(reduction="mean"))
+    got = apgd_sweep(ctx, x, y, [4.0, 16.0], iterations=100)
+    for eps in (4.0, 16.0):
+        for i in range(6):
+            ref = _apgd_reference(model, x[i:i + 1], y[i:i + 1], eps, 100)
+            assert float((got[eps][i:i + 1] - ref).abs().max()) < 1e-9, (eps, i)

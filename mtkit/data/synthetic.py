@@ -345,25 +345,49 @@ class SyntheticSpec:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def generate(spec: SyntheticSpec) -> dict[str, np.ndarray]:
-    """Render ``spec`` → arrays images (N,H,W,3) uint8, depth (N,H,W) float32, labels (N,H,W) uint8,
-    poses (N,4,4), K (4,4), sequence (N,), frame (N,). Deterministic in ``spec.seed``."""
-    if spec.domain not in DOMAINS:
-        raise ValueError(f"unknown synthetic domain '{spec.domain}', choose one of {sorted(DOMAINS)}")
+def render_clip(spec: SyntheticSpec, s: int) -> dict[str, np.ndarray]:
+    """Clip ``s`` of ``spec``: its frames, depth, labels and poses, seeded by (spec.seed, s, domain) alone, so a
+    clip is the same whichever process renders it and whatever else is rendered."""
     domain = DOMAINS[spec.domain]
     k = intrinsics(spec.height, spec.width)
-    out = {key: [] for key in ("images", "depth", "labels", "poses", "sequence", "frame")}
-    for s in range(spec.sequences):
-        rng = np.random.default_rng([spec.seed, s, 0 if spec.domain == "city" else 1])
-        scene = make_scene(domain, rng, length=domain.speed * spec.frames + 60)
-        phase = rng.uniform(0, 2 * np.pi)
-        start = int(rng.integers(0, 200))
-        for f in range(spec.frames):
-            pose = camera_pose(domain, start + f, phase)
-            pose[2, 3] -= domain.speed * start  # keep the scene's z origin at the clip's first frame
-            rgb, depth, label = render(scene, pose, k, spec.height, spec.width, frame=f)
-            for key, val in zip(out, (rgb, depth, label, pose, s, f)):
-                out[key].append(val)
-    arrays = {key: np.stack([np.asarray(v) for v in vals]) for key, vals in out.items()}
-    arrays["K"] = k
+    out: dict[str, list] = {key: [] for key in ("images", "depth", "labels", "poses", "sequence", "frame")}
+    rng = np.random.default_rng([spec.seed, s, 0 if spec.domain == "city" else 1])
+    scene = make_scene(domain, rng, length=domain.speed * spec.frames + 60)
+    phase = rng.uniform(0, 2 * np.pi)
+    start = int(rng.integers(0, 200))
+    for f in range(spec.frames):
+        pose = camera_pose(domain, start + f, phase)
+        pose[2, 3] -= domain.speed * start  # keep the scene's z origin at the clip's first frame
+        rgb, depth, label = render(scene, pose, k, spec.height, spec.width, frame=f)
+        for key, val in zip(out, (rgb, depth, label, pose, s, f)):
+            out[key].append(val)
+    return {key: np.stack([np.asarray(v) for v in vals]) for key, vals in out.items()}
+
+
+def generate(spec: SyntheticSpec, workers: int = 1, progress=None) -> dict[str, np.ndarray]:
+    """Render ``spec`` → arrays images (N,H,W,3) uint8, depth (N,H,W) float32, labels (N,H,W) uint8,
+    poses (N,4,4), K (4,4), sequence (N,), frame (N,). Deterministic in ``spec.seed``: one clip per task on
+    ``workers`` processes gives the same arrays as one process. ``progress(done, total)`` is called after each
+    clip."""
+    if spec.domain not in DOMAINS:
+        raise ValueError(f"unknown synthetic domain '{spec.domain}', choose one of {sorted(DOMAINS)}")
+    workers = max(1, min(workers, spec.sequences))
+    clips: list[dict[str, np.ndarray]] = []
+    if workers == 1:
+        for s in range(spec.sequences):
+            clips.append(render_clip(spec, s))
+            if progress:
+                progress(s + 1, spec.sequences)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+            for s, clip in enumerate(pool.map(render_clip, [spec] * spec.sequences, range(spec.sequences))):
+                clips.append(clip)
+                if progress:
+                    progress(s + 1, spec.sequences)
+    arrays = {key: np.concatenate([c[key] for c in clips]) for key in clips[0]}
+    arrays["K"] = intrinsics(spec.height, spec.width)
     return arrays

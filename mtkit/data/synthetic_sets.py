@@ -5,6 +5,8 @@ video triplets with exact depth (``synthetic_video``) and frames with exact dept
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +16,9 @@ from pydantic import Field
 
 from ..config import AugmentConfig, DatasetConfig, expand_root
 from ..errors import DatasetError
+from ..progress import progress_bar
 from ..registry import register
+from ..runtime import local_world
 from . import synthetic
 from .base import DatasetOptions, SegmentationDataset, VideoDataset, normalized_intrinsics
 from .common import atomic_save_npz, cache_dir, to_image_tensor
@@ -47,7 +51,10 @@ def synthetic_arrays(cfg: DatasetConfig, options: SyntheticOptions | None = None
     if path.is_file():
         with np.load(path) as data:
             return dict(data)
-    arrays = synthetic.generate(spec)
+    # one clip per process on the node's cores (shared by its ranks): the same arrays whatever the count
+    workers = max(1, (os.cpu_count() or 1) // local_world())
+    with progress_bar(sys.stderr.isatty(), spec.sequences, f"generate {domain} {split} {w}x{h}") as advance:
+        arrays = synthetic.generate(spec, workers, progress=lambda done, total: advance())
     atomic_save_npz(path, **arrays)
     return arrays
 
