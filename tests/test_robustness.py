@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from support import tiny_recipe
@@ -356,7 +358,7 @@ class _OnePixel(torch.nn.Module):
         return self.net(x.double() / 255.0)
 
 
-def _apgd_reference(model, x, y, eps, n, rho=0.75, alpha=0.75):
+def _apgd_reference(model, x, y, eps, n, rho=0.75, alpha=0.75, eta_saved_after_halving=False):
     """APGD-CE on one image, from Croce and Hein 2020, Algorithm 1, with AutoAttack's restart bookkeeping (the
     momentum after a restart runs from the best point; η counts as unchanged when it was not halved at the last
     checkpoint): written as a loop, independently of ``apgd_sweep``."""
@@ -385,7 +387,8 @@ def _apgd_reference(model, x, y, eps, n, rho=0.75, alpha=0.75):
         if f_new > f_best:
             x_best, f_best, g_best = x_new, f_new, g_new
         if k + 1 in marks and k + 1 < n:
-            reduce = rises < rho * (k + 1 - last) or (not reduced_last and f_best <= f_last)
+            unchanged = True if eta_saved_after_halving else not reduced_last  # the former code's reading
+            reduce = rises < rho * (k + 1 - last) or (unchanged and f_best <= f_last)
             reduced_last, f_last, rises, last = reduce, f_best, 0, k + 1
             if reduce:
                 eta /= 2
@@ -395,9 +398,8 @@ def _apgd_reference(model, x, y, eps, n, rho=0.75, alpha=0.75):
 
 def test_apgd_follows_algorithm_1_step_for_step_on_a_one_pixel_segmenter():
     """APGD's best points equal the reference loop's at 100 iterations (AutoAttack's budget) for 6 images and two
-    ε, to 1e-9 gray values. The step size halves only when a checkpoint's condition holds: with η saved after
-    the halving (the former code), condition 2 always held and η halved at every checkpoint without a new best
-    loss, right after a halving too; that changed these trajectories."""
+    ε, to 1e-9 gray values (batched, per-image step sizes and restarts against one image at a time). On this smooth
+    model the checkpoint rule the former code misread never decides; the scripted test below makes it decide."""
     model = _OnePixel().double()
     torch.manual_seed(4)
     x = (torch.rand(6, 3, 8, 8, dtype=torch.float64) * 255)
@@ -408,3 +410,42 @@ def test_apgd_follows_algorithm_1_step_for_step_on_a_one_pixel_segmenter():
         for i in range(6):
             ref = _apgd_reference(model, x[i:i + 1], y[i:i + 1], eps, 100)
             assert float((got[eps][i:i + 1] - ref).abs().max()) < 1e-9, (eps, i)
+
+
+class _Scripted(torch.nn.Module):
+    """A 1x1-output segmenter whose loss at its c-th call is ``losses[c]`` (logits [0, z], label 0: J = log(1 +
+    e^z)) and whose input gradient has the signs ``directions[c]``: a landscape that exercises APGD's checkpoint
+    rules on purpose."""
+
+    def __init__(self, losses, directions) -> None:
+        super().__init__()
+        self.losses, self.directions, self.calls = losses, directions, 0
+
+    def forward(self, x):
+        c = self.calls
+        self.calls += 1
+        z = math.log(math.expm1(self.losses[c])) + 1e-3 * ((x - x.detach()) * self.directions[c]).sum()
+        return torch.stack([torch.zeros_like(z), z]).view(1, 2, 1, 1)
+
+
+def test_apgd_halves_after_a_halving_only_when_the_loss_stops_rising():
+    """Scripted losses: falling until the first checkpoint (w = 22: condition 1, η halves), then rising at every
+    step without a new best until the second (w = 41): condition 1 fails, and condition 2 fails because η was just
+    halved, so η stays; a new best follows at step 50. APGD's best point equals the reference's; the former
+    reading (η saved after halving, so "η unchanged" always held) would halve at w = 41 and land elsewhere."""
+    n = 100
+    losses = [1.0, 2.0] + [2.0 - 0.04 * j for j in range(1, 22)] + [1.0 + 0.01 * j for j in range(19)]
+    losses += [1.5] * 8 + [3.0] + [1.2] * (n + 1 - len(losses) - 9)
+    g = torch.Generator().manual_seed(0)
+    directions = [torch.where(torch.rand(1, 3, 2, 2, generator=g, dtype=torch.float64) < 0.5, -1.0, 1.0)
+                  for _ in losses]
+    x = torch.full((1, 3, 2, 2), 128.0, dtype=torch.float64)
+    y = torch.zeros(1, 1, 1, dtype=torch.long)
+    scripted = _Scripted(losses, directions)
+    ctx = AttackContext(scripted, None, torch.Generator(), loss_fn=torch.nn.CrossEntropyLoss())
+    got = apgd_sweep(ctx, x, y, [16.0], iterations=n)[16.0]
+    assert scripted.calls == n + 1
+    ref = _apgd_reference(_Scripted(losses, directions), x, y, 16.0, n)
+    assert torch.equal(got, ref)
+    former = _apgd_reference(_Scripted(losses, directions), x, y, 16.0, n, eta_saved_after_halving=True)
+    assert not torch.equal(former, ref)
