@@ -187,6 +187,7 @@ def camera_pose(domain: Domain, frame: int, phase: float) -> np.ndarray:
 
 
 TILE = 32  # pixels per side of the tiles the renderer culls boxes for
+PARALLEL_PIXELS = 4_000_000  # rendered pixels from which ``generate`` spreads the clips over processes
 
 
 def _screen_rects(boxes: np.ndarray, pose: np.ndarray, k: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -240,7 +241,9 @@ def render(scene: Scene, pose: np.ndarray, k: np.ndarray, height: int, width: in
     v, u = np.mgrid[0:height, 0:width].astype(np.float32)
     rays_cam = np.stack([(u - k[0, 2]) / k[0, 0], (v - k[1, 2]) / k[1, 1], np.ones_like(u)], -1).reshape(-1, 3)
     rot, origin = pose[:3, :3], pose[:3, 3]
-    dirs = rays_cam @ rot.T  # world directions with camera-z component 1: t along the ray = depth
+    # world directions with camera-z component 1 (t along the ray = depth); written out, not a BLAS product:
+    # BLAS's threads would spin against the other rendering processes
+    dirs = rays_cam[:, 0:1] * rot[:, 0] + rays_cam[:, 1:2] * rot[:, 1] + rays_cam[:, 2:3] * rot[:, 2]
     n = dirs.shape[0]
     best_t = np.full(n, np.inf, np.float32)
     best = np.full(n, -2, np.int64)  # -2 sky, -1 ground, else box index
@@ -319,7 +322,8 @@ def render(scene: Scene, pose: np.ndarray, k: np.ndarray, height: int, width: in
     # lighting on solid surfaces
     solid = ~sky
     sun = np.array(d.sun, np.float32) / np.linalg.norm(d.sun)
-    lambert = np.clip(normal[solid] @ -sun, 0, 1)
+    ns = normal[solid]
+    lambert = np.clip(ns[:, 0] * -sun[0] + ns[:, 1] * -sun[1] + ns[:, 2] * -sun[2], 0, 1)
     color[solid] *= (d.ambient + (1 - d.ambient) * lambert)[:, None] * 1.25
     depth = np.where(sky, 0.0, best_t).astype(np.float32)
     rgb = np.clip(color, 0, 255).round().astype(np.uint8).reshape(height, width, 3)
@@ -341,7 +345,7 @@ class SyntheticSpec:
         import hashlib
         import json
 
-        blob = json.dumps({**asdict(self), "v": 3}, sort_keys=True).encode()
+        blob = json.dumps({**asdict(self), "v": 4}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -372,6 +376,8 @@ def generate(spec: SyntheticSpec, workers: int = 1, progress=None) -> dict[str, 
     if spec.domain not in DOMAINS:
         raise ValueError(f"unknown synthetic domain '{spec.domain}', choose one of {sorted(DOMAINS)}")
     workers = max(1, min(workers, spec.sequences))
+    if spec.sequences * spec.frames * spec.height * spec.width < PARALLEL_PIXELS:
+        workers = 1  # a small job: starting processes would cost more than it saves
     clips: list[dict[str, np.ndarray]] = []
     if workers == 1:
         for s in range(spec.sequences):
@@ -382,6 +388,8 @@ def generate(spec: SyntheticSpec, workers: int = 1, progress=None) -> dict[str, 
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        # forked workers (no re-import of the caller's script, as spawning would need); the renderer uses no
+        # multithreaded BLAS product, whose spinning threads would take the cores from the other processes
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
             for s, clip in enumerate(pool.map(render_clip, [spec] * spec.sequences, range(spec.sequences))):
