@@ -42,6 +42,14 @@ def _seeds(text: str | None) -> list[int] | None:
         raise MtkitError(f"--seeds expects comma-separated integers like 0,1,2, got '{text}'") from None
 
 
+def _unit(text: str) -> tuple[str, int]:
+    name, _, seed = text.rpartition(":")
+    try:
+        return name, int(seed)
+    except ValueError:
+        raise MtkitError(f"--unit expects MODEL:SEED, e.g. multi-0.1:0, got '{text}'") from None
+
+
 def _floats(text: str | None, option: str = "--eps") -> list[float] | None:
     if text is None:
         return None
@@ -86,8 +94,13 @@ def list_cmd(kind: str | None) -> None:
 @click.option("--out", "out_dir", type=click.Path(), help="run folder (default <output_dir>/<name>)")
 @click.option("--skip-bad", is_flag=True, help="prepare: leave out unreadable source files instead of stopping")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="run up to N independent (model, seed) units at once, each in a process of its own (several "
+                   "models on one GPU, or one GPU each where there are several); results equal --jobs 1")
+@click.option("--unit", "units", multiple=True, hidden=True, metavar="MODEL:SEED",
+              help="run only this (model, seed) unit's stages, no report (what each --jobs process runs)")
 def run(recipe: str, overrides: tuple[str, ...], force: bool, seeds: str | None, out_dir: str | None,
-        skip_bad: bool, no_progress: bool) -> None:
+        skip_bad: bool, no_progress: bool, jobs: int, units: tuple[str, ...]) -> None:
     """Run the whole protocol of RECIPE: train, evaluate, sweep perturbations, report."""
     from . import api
     from .io import ensure_writable_dir
@@ -98,7 +111,11 @@ def run(recipe: str, overrides: tuple[str, ...], force: bool, seeds: str | None,
     ensure_writable_dir(out_dir or run_folder(r), "run folder")
     _warn_plugin_failures()
     res = api.run(r, force=force, seeds=_seeds(seeds), progress=not no_progress, run_dir=out_dir,
-                  log=lambda m: console.print(m, markup=False), skip_bad=skip_bad)
+                  log=lambda m: console.print(m, markup=False), skip_bad=skip_bad, jobs=jobs,
+                  units=[_unit(u) for u in units] or None)
+    if units:
+        console.print(f"unit {', '.join(units)}: stages run: {len(res.stages_run)}, cached: {len(res.stages_cached)}")
+        return
     for t in [*rich_tables(res.results), *depth_table(res.results)]:
         console.print(t)
     console.print(f"stages run: {len(res.stages_run)}, cached: {len(res.stages_cached)}, "

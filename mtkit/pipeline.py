@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import yaml
 from .build import build_dataset
 from .config import ModelSpec, Recipe, config_hash
 from .depth_eval import evaluate_depth_model
-from .errors import DatasetError
+from .errors import DatasetError, MtkitError
 from .evaluate import evaluate_checkpoint, evaluation_sets, load_model
 from .io import atomic_write_text
 from .plugins import get_plugins
@@ -135,10 +136,67 @@ def new_results(recipe: Recipe, seeds: list[int], device: str) -> RunResults:
                       environment=environment(device, recipe))
 
 
+def stage_files(recipe: Recipe, run_dir: Path, spec: ModelSpec, seed: int) -> list[Path]:
+    """The files that mark the stages of one (model, seed) done: training, each evaluation set, each depth set."""
+    th = train_hash(recipe, spec, seed)
+    files = [run_dir / "train" / f"{spec.name}-s{seed}-{th}" / "done.json"]
+    files += [run_dir / "eval" / f"{spec.name}-s{seed}-{key}-{eval_hash(th, recipe, key)}.json"
+              for key in evaluation_sets(recipe)]
+    files += [run_dir / "depth" / f"{spec.name}-s{seed}-{key}-{depth_hash(th, recipe, key)}.json"
+              for key in (recipe.data.depth_eval if "depth" in spec.tasks else ())]
+    return files
+
+
+def run_jobs(recipe: Recipe, run_dir: Path, units: list[tuple[str, int]], jobs: int, force: bool, log=print
+             ) -> None:
+    """Run the stages of independent (model, seed) units in up to ``jobs`` processes at once (``mtkit run --unit``
+    on the resolved recipe, into the same run folder and stage cache): several models share one GPU, or spread
+    over several (each process sees one GPU, ``CUDA_VISIBLE_DEVICES``, round robin), or share the CPU. Each
+    process trains and evaluates exactly as one process would (the same seeds, data and thread count), so the
+    results equal ``jobs=1``'s; a failed unit stops the others and names its log."""
+    folder = run_dir / "jobs"
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe_file = folder / "recipe.yaml"
+    atomic_write_text(recipe_file, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    gpus = torch.cuda.device_count() if recipe.device in ("auto", "cuda") else 0
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1"}
+    pending, running = list(enumerate(units)), []
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                i, (name, seed) = pending.pop(0)
+                child = {**env, **({"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus > 1 else {})}
+                logfile = folder / f"{name}-s{seed}.log"
+                cmd = [sys.executable, "-m", "mtkit", "run", str(recipe_file), "--out", str(run_dir), "--no-progress",
+                       "--unit", f"{name}:{seed}", *(["--force"] if force else [])]
+                with open(logfile, "w") as fh:
+                    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child)
+                running.append((proc, name, seed, logfile, time.perf_counter()))
+                log(f"[job] {name} seed {seed} started" + (f" on GPU {i % gpus}" if gpus > 1 else "")
+                    + f" (log: {logfile})")
+            time.sleep(0.2)
+            for job in [j for j in running if j[0].poll() is not None]:
+                proc, name, seed, logfile, t0 = job
+                running.remove(job)
+                if proc.returncode != 0:
+                    tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-8:])
+                    raise MtkitError(f"job {name} seed {seed} failed (exit code {proc.returncode}); its log "
+                                     f"{logfile} ends:\n{tail}")
+                log(f"[job] {name} seed {seed} done in {time.perf_counter() - t0:.0f} s")
+    finally:
+        for proc, *_ in running:
+            proc.terminate()
+
+
 def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, progress: bool = True,
-        run_dir: str | Path | None = None, log=print, skip_bad: bool = False) -> RunResult:
+        run_dir: str | Path | None = None, log=print, skip_bad: bool = False, jobs: int = 1,
+        units: list[tuple[str, int]] | None = None) -> RunResult:
     """Run every stage of ``recipe`` into ``run_dir`` (default ``<output_dir>/<name>``): prepare the data, train,
-    evaluate, report. ``skip_bad`` leaves unreadable source files out of the prepared data (counted)."""
+    evaluate, report. ``skip_bad`` leaves unreadable source files out of the prepared data (counted).
+
+    ``jobs`` > 1 runs the independent (model, seed) units in that many processes at once (``run_jobs``), then
+    reports from the stage cache. ``units`` restricts the run to those (model, seed) pairs and writes no report
+    (what each of those processes runs)."""
     seeds = seeds or recipe.run_seeds()
     run_dir = Path(run_dir or run_folder(recipe))
     check_datasets(recipe)
@@ -150,6 +208,11 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
     run_dir.mkdir(parents=True, exist_ok=True)
     ran, cached = [], []
     results = new_results(recipe, seeds, str(device))
+    names = [m.name for m in recipe.models]
+    unknown = [u for u in units or [] if u[0] not in names or u[1] not in seeds]
+    if unknown:
+        raise MtkitError(f"--unit {unknown[0][0]}:{unknown[0][1]} is no (model, seed) of the run; its models are "
+                         f"{names}, its seeds {seeds}")
     started = time.perf_counter()
     if not d.main:
         barrier(d)  # rank 0 prepares; the others then find the cache complete
@@ -162,8 +225,21 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
         results.data.append(DataRow(key=p.key, name=m.dataset["name"], split=m.dataset["split"], samples=m.count,
                                     height=m.size[0], width=m.size[1], skipped=len(m.skipped),
                                     skipped_items=m.skipped[:20], folder=str(p.folder)))
+    by_jobs: set[Path] = set()
+    if jobs > 1 and units is None and not d.enabled:
+        todo = [(spec.name, seed) for seed in seeds for spec in recipe.models
+                if force or not all(f.is_file() for f in stage_files(recipe, run_dir, spec, seed))]
+        before = {f for seed in seeds for spec in recipe.models for f in stage_files(recipe, run_dir, spec, seed)
+                  if f.is_file() and not force}
+        if todo:
+            run_jobs(recipe, run_dir, todo, jobs, force, log)
+            by_jobs = {f for seed in seeds for spec in recipe.models
+                       for f in stage_files(recipe, run_dir, spec, seed)} - before
+        force = False  # what force asked for has just run
     for seed in seeds:
         for spec in recipe.models:
+            if units is not None and (spec.name, seed) not in units:
+                continue
             th = train_hash(recipe, spec, seed)
             tdir = run_dir / "train" / f"{spec.name}-s{seed}-{th}"
             done = tdir / "done.json"
@@ -171,7 +247,7 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
             if force and tdir.exists():
                 shutil.rmtree(tdir)
             if done.is_file():
-                cached.append(stage)
+                (ran if done in by_jobs else cached).append(stage)
                 summary = json.loads(done.read_text())
             else:
                 log(f"[stage] {stage}" + (" (resuming)" if (tdir / "last.pt").is_file() else ""))
@@ -191,7 +267,7 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                 epath = run_dir / "eval" / f"{spec.name}-s{seed}-{key}-{eval_hash(th, recipe, key)}.json"
                 stage = f"evaluate {spec.name} seed {seed} on {key}"
                 if epath.is_file() and not force:
-                    cached.append(stage)
+                    (ran if epath in by_jobs else cached).append(stage)
                     ev = RunResults.read(epath)
                 else:
                     log(f"[stage] {stage}")
@@ -206,7 +282,7 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                 dpath = run_dir / "depth" / f"{spec.name}-s{seed}-{key}-{depth_hash(th, recipe, key)}.json"
                 stage = f"evaluate depth {spec.name} seed {seed} on {key}"
                 if dpath.is_file() and not force:
-                    cached.append(stage)
+                    (ran if dpath in by_jobs else cached).append(stage)
                     row = DepthRow.model_validate_json(dpath.read_text())
                 else:
                     log(f"[stage] {stage}")
@@ -221,7 +297,7 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                     ran.append(stage)
                 results.depth.append(row)
     results.seconds = time.perf_counter() - started
-    if not d.main:
+    if not d.main or units is not None:
         return RunResult(run_dir, results, {}, ran, cached)
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     atomic_write_text(run_dir / "environment.json", json.dumps(strict(results.environment), indent=2, allow_nan=False))

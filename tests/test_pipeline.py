@@ -111,6 +111,30 @@ def test_rerun_is_cached_and_a_changed_key_reruns_only_what_depends_on_it(first_
     assert any(s.startswith("prepare ") for s in forced.stages_run)  # the data prepared again too
 
 
+def _comparable(results: RunResults) -> tuple:
+    """Everything of a run's results but the timings."""
+    training = [{k: v for k, v in t.items() if k != "seconds"} for t in results.training]
+    robustness = [r.model_copy(update={"seconds_sweep": 0.0}) for r in results.robustness]
+    return training, results.clean, robustness, results.depth, results.sanity
+
+
+def test_two_jobs_give_the_results_of_one_process(first_run, device, tmp_path):
+    """mtkit run --jobs 2: the two models train and evaluate in two processes at once (same run folder, same stage
+    cache), and every number equals the one-process run's; run again, nothing is left to do."""
+    if device.type != "cpu":
+        pytest.skip("the CUDA case of --jobs is tools/gpu-check.sh's")
+    recipe_file, recipe, res = first_run
+    lines = []
+    jobs = run(recipe, progress=False, run_dir=tmp_path / "jobs", log=lines.append, jobs=2)
+    assert sorted(line.split(" started")[0] for line in lines if " started" in line) == [
+        "[job] multi seed 0", "[job] single seed 0"]
+    assert _comparable(jobs.results) == _comparable(res.results)
+    assert sorted(jobs.stages_run) == sorted(s for s in res.stages_run if not s.startswith("prepare "))
+    logged = len(lines)
+    again = run(recipe, progress=False, run_dir=tmp_path / "jobs", log=lines.append, jobs=2)
+    assert again.stages_run == [] and not any("[job]" in line for line in lines[logged:])
+
+
 def test_cli_run_uses_the_cache_and_prints_tables(first_run, capsys):
     recipe_file, _, res = first_run
     code, out, err = run_cli(["run", str(recipe_file), "--out", str(res.run_dir), "--no-progress"], capsys)
@@ -131,3 +155,11 @@ def test_paper_recipe_without_datasets_stops_at_once_pointing_to_quickstart(monk
     assert "data.segmentation (cityscapes)" in msg and "data.depth (kitti_raw)" in msg
     assert "recipes/quickstart.yaml" in msg
     assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_a_unit_that_is_not_in_the_run_is_refused(first_run, capsys):
+    recipe_file, _, res = first_run
+    code, _, err = run_cli(["run", str(recipe_file), "--out", str(res.run_dir), "--unit", "other:0"], capsys)
+    assert code == 2 and "--unit other:0 is no (model, seed) of the run" in err and "'single', 'multi'" in err
+    code, _, err = run_cli(["run", str(recipe_file), "--out", str(res.run_dir), "--unit", "single"], capsys)
+    assert code == 2 and "--unit expects MODEL:SEED" in err
