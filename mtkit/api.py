@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bench import run_bench
+from .bench import PlanRow, plan, run_bench
 from .build import build_dataset
 from .config import Recipe
 from .depth_eval import evaluate_depth_model
@@ -32,7 +32,8 @@ from .train import TrainResult, train
 
 __all__ = ["InputSpec", "OutputSpec", "Prepared", "Recipe", "RunResult", "RunResults", "TrainResult", "bench",
            "build_external", "evaluate", "evaluate_depth", "evaluate_model", "export_onnx", "list_entries",
-           "load_recipe", "load_segmenter", "plugin_failures", "prepare", "report", "run", "train", "with_overrides"]
+           "load_recipe", "load_segmenter", "plan", "PlanRow",
+           "plugin_failures", "prepare", "report", "run", "train", "with_overrides"]
 
 
 def prepare(recipe: Recipe, workers: int | None = None, skip_bad: bool = False, force: bool = False,

@@ -42,6 +42,32 @@ def _seeds(text: str | None) -> list[int] | None:
         raise MtkitError(f"--seeds expects comma-separated integers like 0,1,2, got '{text}'") from None
 
 
+def _hms(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m // 60} h {m % 60:02d} min" if m >= 60 else f"{m} min {s:02d} s"
+
+
+def _print_plan(rows, recipe, jobs: int) -> None:
+    """The projection of ``mtkit run --plan``: a row per stage, the total, and with --jobs the ideal overlap."""
+    from .runtime import resolve_device
+
+    table = Table(title=f"projected run of {recipe.name} on {resolve_device(recipe.device)}")
+    for col in ("stage", "measured unit", "seconds per unit", "units", "projected"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row.stage, row.unit, f"{row.seconds_per_unit:.3f}", str(row.units), _hms(row.seconds))
+    total = sum(row.seconds for row in rows)
+    console.print(table)
+    console.print(f"total: {_hms(total)} in one process")
+    if jobs > 1:  # the longest (model, seed) chain bounds what N processes can overlap
+        chains = {}
+        for row in rows:
+            model = row.stage.split(" on ")[0].split()[-1]
+            chains[model] = chains.get(model, 0.0) + row.seconds / max(len(recipe.run_seeds()), 1)
+        console.print(f"with --jobs {jobs}: about {_hms(max(total / jobs, max(chains.values())))} if {jobs} "
+                      "processes share the device without slowing each other (an upper bound of the gain)")
+
+
 def _unit(text: str) -> tuple[str, int]:
     name, _, seed = text.rpartition(":")
     try:
@@ -97,10 +123,13 @@ def list_cmd(kind: str | None) -> None:
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="run up to N independent (model, seed) units at once, each in a process of its own (several "
                    "models on one GPU, or one GPU each where there are several); results equal --jobs 1")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="measure a few training steps and one batch of every other stage on this device, print each "
+                   "stage's projected time and the total, and stop")
 @click.option("--unit", "units", multiple=True, hidden=True, metavar="MODEL:SEED",
               help="run only this (model, seed) unit's stages, no report (what each --jobs process runs)")
 def run(recipe: str, overrides: tuple[str, ...], force: bool, seeds: str | None, out_dir: str | None,
-        skip_bad: bool, no_progress: bool, jobs: int, units: tuple[str, ...]) -> None:
+        skip_bad: bool, no_progress: bool, jobs: int, plan_only: bool, units: tuple[str, ...]) -> None:
     """Run the whole protocol of RECIPE: train, evaluate, sweep perturbations, report."""
     from . import api
     from .io import ensure_writable_dir
@@ -108,6 +137,9 @@ def run(recipe: str, overrides: tuple[str, ...], force: bool, seeds: str | None,
     from .report import depth_table, rich_tables
 
     r = _recipe(recipe, overrides)
+    if plan_only:
+        _print_plan(api.plan(r, log=lambda m: console.print(m, markup=False)), r, jobs)
+        return
     ensure_writable_dir(out_dir or run_folder(r), "run folder")
     _warn_plugin_failures()
     res = api.run(r, force=force, seeds=_seeds(seeds), progress=not no_progress, run_dir=out_dir,

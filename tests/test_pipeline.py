@@ -163,3 +163,23 @@ def test_a_unit_that_is_not_in_the_run_is_refused(first_run, capsys):
     assert code == 2 and "--unit other:0 is no (model, seed) of the run" in err and "'single', 'multi'" in err
     code, _, err = run_cli(["run", str(recipe_file), "--out", str(res.run_dir), "--unit", "single"], capsys)
     assert code == 2 and "--unit expects MODEL:SEED" in err
+
+
+def test_the_plan_measures_every_stage_and_counts_what_the_recipe_asks_for(first_run, device, capsys):
+    """mtkit run --plan: a row per stage with its measured unit and the recipe's count of units (steps per epoch ×
+    epochs × seeds, batches per set), positive times, a total; nothing is trained."""
+    if device.type != "cpu":
+        pytest.skip("the plan on a GPU is tools/gpu-check.sh's")
+    recipe_file, recipe, _ = first_run
+    from mtkit.bench import plan
+
+    rows = {r.stage: r for r in plan(recipe, steps=1, log=lambda m: None)}
+    assert sorted(rows) == sorted(["train single", "validate single", "evaluate single on CS", "evaluate single on K",
+                                   "train multi", "validate multi", "evaluate multi on CS", "evaluate multi on K",
+                                   "evaluate depth multi on Eigen"])
+    assert rows["train multi"].units == 2 and rows["train multi"].unit == "step (2 + 2 images)"
+    assert rows["evaluate single on CS"].units == 1 and rows["validate single"].units == 1
+    assert all(r.seconds_per_unit > 0 for r in rows.values())
+    code, out, err = run_cli(["run", str(recipe_file), "--plan", "--jobs", "2"], capsys)
+    assert code == 0, err
+    assert "projected run of tiny on cpu" in out and "total:" in out and "with --jobs 2" in out
