@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bench import PlanRow, plan, run_bench
+from .bench import PlanRow, plan, run_bench, trend
 from .build import build_dataset
 from .config import Recipe
 from .depth_eval import evaluate_depth_model
@@ -33,7 +33,7 @@ from .train import TrainResult, train
 __all__ = ["InputSpec", "OutputSpec", "Prepared", "Recipe", "RunResult", "RunResults", "TrainResult", "bench",
            "build_external", "evaluate", "evaluate_depth", "evaluate_model", "export_onnx", "list_entries",
            "load_recipe", "load_segmenter", "plan", "PlanRow",
-           "plugin_failures", "prepare", "report", "run", "train", "with_overrides"]
+           "plugin_failures", "prepare", "report", "run", "train", "trend", "with_overrides"]
 
 
 def prepare(recipe: Recipe, workers: int | None = None, skip_bad: bool = False, force: bool = False,
@@ -150,6 +150,7 @@ def export_onnx(checkpoint: str | Path, output: str | Path, height: int, width: 
 
 
 def bench(save: str | None = None, compare_with: str | None = None, fail_over: float = 10.0,
-          select: str | None = None, path: str | Path | None = None):
-    """Run the benchmark suite; optionally save it as a baseline and compare with a stored one."""
-    return run_bench(save, compare_with, fail_over, select, path)
+          select: str | None = None, path: str | Path | None = None, history: str | Path | None = None):
+    """Run the benchmark suite; optionally save it as a baseline (and in the history) and compare with a stored
+    one."""
+    return run_bench(save, compare_with, fail_over, select, path, history=history)

@@ -74,26 +74,52 @@ def _check_baseline(path: Path) -> None:
         raise MtkitError(f"{path} is not a pytest-benchmark JSON file: {exc}") from None
 
 
+def device_slug() -> str:
+    """The benchmarked device as a folder name: ``MTKIT_BENCH_DEVICE`` or the GPU when present, e.g. ``cpu``,
+    ``nvidia-h100-80gb-hbm3``."""
+    name = os.environ.get("MTKIT_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(name).type == "cuda":
+        name = torch.cuda.get_device_name(torch.device(name))
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def history_folder(bench_dir: Path, history: str | Path | None = None) -> Path:
+    """Where saved runs accumulate (pytest-benchmark's own storage, one folder per device): ``history`` or
+    ``benchmarks/history``."""
+    return Path(history) if history else bench_dir / "history"
+
+
 def run_bench(save: str | None = None, compare_with: str | None = None, fail_over: float = 10.0,
-              select: str | None = None, path: str | Path | None = None, extra: list[str] | None = None
-              ) -> BenchResult:
-    """Run the suite with timing on (in a subprocess, as pytest runs it), then save and/or compare."""
+              select: str | None = None, path: str | Path | None = None, extra: list[str] | None = None,
+              history: str | Path | None = None) -> BenchResult:
+    """Run the suite with timing on (in a subprocess, as pytest runs it), then save and/or compare. A saved run
+    is also appended to the history (``--benchmark-autosave`` into ``history_folder()/<device>``, where
+    pytest-benchmark names each run by its counter, commit and date) that ``trend`` plots."""
     bench_dir = find_benchmarks(path)
+    if save:
+        store = (history_folder(bench_dir, history) / device_slug()).resolve()
+        store.mkdir(parents=True, exist_ok=True)
+        extra = [*(extra or []), "--benchmark-autosave", f"--benchmark-storage=file://{store}"]
     baseline = baseline_path(bench_dir, compare_with) if compare_with else None
     if baseline is not None:
         _check_baseline(baseline)
     # pytest-benchmark wants its storage below the working folder (it prints it relative to it)
     with tempfile.TemporaryDirectory(prefix=".mtkit-bench-", dir=bench_dir.parent) as tmp:
         json_path = Path(tmp) / "benchmark.json"
+        storage = [] if any(e.startswith("--benchmark-storage") for e in extra or []) else [
+            f"--benchmark-storage=file://{tmp}"]
         cmd = [sys.executable, "-m", "pytest", str(bench_dir), "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-               "--benchmark-enable", f"--benchmark-json={json_path}", f"--benchmark-storage=file://{tmp}",
+               "--benchmark-enable", f"--benchmark-json={json_path}", *storage,
                "--benchmark-columns=min,median,mean,rounds", "--benchmark-sort=fullname",
                *([f"--benchmark-max-time={os.environ['MTKIT_BENCH_MAX_TIME']}"]
                  if os.environ.get("MTKIT_BENCH_MAX_TIME") else []),
                *(["-k", select] if select else []), *(extra or [])]
         if baseline is not None:
             cmd += [f"--benchmark-compare={baseline.resolve()}", f"--benchmark-compare-fail=median:{fail_over:g}%"]
-        proc = subprocess.run(cmd, cwd=bench_dir.parent, env={**os.environ}, capture_output=True, text=True)
+        # pytest-benchmark wants its storage below the working folder: the history may be elsewhere
+        stores = [e.split("file://", 1)[1] for e in cmd if e.startswith("--benchmark-storage=file://")]
+        cwd = os.path.commonpath([str(bench_dir.parent.resolve()), *stores])
+        proc = subprocess.run(cmd, cwd=cwd, env={**os.environ}, capture_output=True, text=True)
         sys.stdout.write(proc.stdout)
         sys.stderr.write(proc.stderr)
         output = proc.stdout + proc.stderr
@@ -329,3 +355,46 @@ def plan(recipe, steps: int = 3, log=print) -> list[PlanRow]:
                                               / recipe.depth_evaluation.batch_size) * seeds))
         del tr
     return rows
+
+
+def trend(path: str | Path | None = None, history: str | Path | None = None) -> list[Path]:
+    """One PNG per device of the history (``history_folder``): each benchmark's fraction of the device's matmul
+    peak (measured in the same run, so comparable across machines of different speed) over the saved runs, in
+    the order pytest-benchmark numbered them, labelled by commit. Returns the PNGs written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = history_folder(find_benchmarks(path), history)
+    devices = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    written = []
+    for device in devices:
+        runs = sorted(device.rglob("*.json"), key=lambda p: p.name)
+        series: dict[str, list[tuple[int, float]]] = {}
+        labels = []
+        for i, run in enumerate(runs):
+            data = json.loads(run.read_text())
+            labels.append((data.get("commit_info") or {}).get("id", "")[:7] or run.stem.split("_")[0])
+            for b in data.get("benchmarks", []):
+                info, median = b.get("extra_info", {}), b["stats"]["median"]
+                if info.get("flops") and info.get("peak_flop_per_s") and median:
+                    series.setdefault(b["name"], []).append((i, info["flops"] / median / info["peak_flop_per_s"]))
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(runs)), 4.5))
+        for name, points in sorted(series.items()):
+            ax.plot([i for i, _ in points], [100 * f for _, f in points], marker="o", label=name)
+        ax.set_xticks(range(len(runs)), labels, rotation=45, ha="right")
+        ax.set_ylabel("% of the device's matmul peak")
+        ax.set_title(f"mtkit benchmarks on {device.name}: {len(runs)} saved runs")
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        out = folder / f"trend-{device.name}.png"
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        written.append(out)
+    if not written:
+        raise MtkitError(f"no saved benchmark runs with FLOP counts under {folder}: save some with mtkit bench --save "
+                         "NAME (each one is also added to the history)")
+    return written

@@ -321,13 +321,23 @@ def export(checkpoint: str, output: str, height: int, width: int) -> None:
               help="with --compare: exit 1 when a benchmark's median is slower by more than PCT %")
 @click.option("-k", "select", metavar="EXPR", help="run only the benchmarks matching this pytest -k expression")
 @click.option("--path", type=click.Path(), help="the benchmarks folder (default ./benchmarks)")
+@click.option("--history", type=click.Path(), help="where --save also appends the run, one folder per device "
+                                                  "(default <benchmarks>/history)")
+@click.option("--trend", "plot_trend", is_flag=True,
+              help="plot each benchmark's fraction of the device's peak over the saved runs (a PNG per device) "
+                   "and stop")
 def bench(save: str | None, compare_with: str | None, fail_over: float, select: str | None,
-          path: str | None) -> None:
-    """Run the throughput benchmarks (pytest-benchmark); save a baseline, compare with one."""
+          path: str | None, history: str | None, plot_trend: bool) -> None:
+    """Run the throughput benchmarks (pytest-benchmark); save a baseline, compare with one, plot the trend."""
     from . import api
     from .bench import summary_rows
 
-    res = api.bench(save=save, compare_with=compare_with, fail_over=fail_over, select=select, path=path)
+    if plot_trend:
+        for png in api.trend(path, history):
+            console.print(f"wrote {png}")
+        return
+    res = api.bench(save=save, compare_with=compare_with, fail_over=fail_over, select=select, path=path,
+                    history=history)
     table = Table(title="mtkit benchmarks")
     for col in ("benchmark", "median [ms]", "throughput", "GFLOP/s", "of peak", "side by side"):
         table.add_column(col)

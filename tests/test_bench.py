@@ -18,8 +18,16 @@ def _bench(capsys, monkeypatch, *args, env=None):
 def test_bench_saves_compares_and_catches_a_slowdown(tmp_path, capsys, monkeypatch):
     base = tmp_path / "base.json"
     # saves, and passes against the committed CPU baseline (unchanged code; a generous threshold: another machine)
-    code, out, err = _bench(capsys, monkeypatch, "--save", str(base), "--compare", "cpu", "--fail-over", "1000")
+    history = tmp_path / "history"
+    code, out, err = _bench(capsys, monkeypatch, "--save", str(base), "--compare", "cpu", "--fail-over", "1000",
+                            "--history", str(history))
     assert code == 0, out + err
+    saved = list((history / "cpu").rglob("*.json"))  # the run is also in the history, by device and commit
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["benchmarks"][0]["extra_info"]["peak_flop_per_s"]
+    tcode, tout, terr = run_cli(["bench", "--path", str(ROOT / "benchmarks"), "--trend", "--history",
+                                 str(history)], capsys)
+    assert tcode == 0, terr
+    assert (history / "trend-cpu.png").stat().st_size > 1000 and "trend-cpu.png" in "".join(tout.split())
     assert "REGRESSION" not in out and "no benchmark slower than cpu" in " ".join(out.split())
     data = json.loads(base.read_text())
     assert [b["name"] for b in data["benchmarks"]] == ["test_photometric_loss"]
@@ -35,3 +43,9 @@ def test_bench_missing_baseline_is_a_clear_error(tmp_path, capsys, monkeypatch):
     code, _, err = _bench(capsys, monkeypatch, "--compare", str(tmp_path / "nope.json"))
     assert code == 2
     assert "baseline not found" in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_trend_without_history_says_how_to_make_one(tmp_path, capsys):
+    code, _, err = run_cli(["bench", "--path", str(ROOT / "benchmarks"), "--trend", "--history", str(tmp_path)],
+                           capsys)
+    assert code == 2 and "mtkit bench --save" in " ".join(err.split())
