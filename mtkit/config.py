@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
@@ -18,7 +19,16 @@ PAPER_EPSILONS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+    # every number of a recipe is finite: `train.lr: inf` is as wrong as `nan`
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=(), allow_inf_nan=False)
+
+
+def plain_name(value: str) -> str:
+    """A name that becomes a folder or file name: not empty, no path separator, not "." or ".."."""
+    if not value or value in (".", "..") or any(c in value for c in "/\\\x00"):
+        raise ValueError(f"'{value}' is not a plain name: use letters, digits and - _ . without path separators "
+                         "or '..' (it names a folder)")
+    return value
 
 
 class DatasetConfig(Strict):
@@ -114,12 +124,17 @@ class TrainConfig(Strict):
 class ModelSpec(Strict):
     """One model of the experiment: single-task (segmentation) or multi-task (segmentation + depth)."""
 
-    name: str
+    name: str = Field(description="a plain name (it names the model's folders)")
     tasks: list[str] = Field(default_factory=lambda: ["segmentation"])
     lam: float = Field(None, alias="lambda", ge=0, le=1, validate_default=False,
                        description="eq. 5 gradient scale; required for a multi-task model (the paper's: 0.1)")
     task_scales: dict[str, float] = Field(default_factory=dict,
                                           description="plugin task -> encoder gradient scale (default 1-λ)")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return plain_name(v)
 
     @field_validator("tasks")
     @classmethod
@@ -185,6 +200,9 @@ class RobustnessConfig(Strict):
             raise ValueError(f"ε must be positive gray values, got {bad}")
         if not all(math.isfinite(e) for e in v):
             raise ValueError(f"ε must be finite gray values (the RMS of a perturbation of 0..255 images), got {v}")
+        twice = sorted({e for e in v if v.count(e) > 1})
+        if twice:
+            raise ValueError(f"ε {twice} listed more than once: give each strength once, e.g. {sorted(set(v))}")
         return sorted(v)
 
 
@@ -205,10 +223,11 @@ class DepthEvaluationConfig(Strict):
 
 
 class Recipe(Strict):
-    name: str
+    name: str = Field(description="the run folder's name under output_dir: a plain name, no path separators and "
+                                  "no '..' (output_dir and --out may be any folder)")
     description: str = ""
     seed: int = 0
-    seeds: list[int] | None = None
+    seeds: list[int] | None = Field(None, min_length=1, description="null: [seed]")
     output_dir: str = "runs"
     device: str = "auto"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -219,6 +238,18 @@ class Recipe(Strict):
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     depth_evaluation: DepthEvaluationConfig = Field(default_factory=DepthEvaluationConfig)
     source: str | None = Field(None, description="set by the loader: the recipe file")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return plain_name(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"'{v}' is not a device: use auto, cpu, cuda or cuda:N")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

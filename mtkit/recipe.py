@@ -34,10 +34,15 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise RecipeError(f"{path} is a folder, not a recipe file: give a .yaml recipe, e.g. recipes/quickstart.yaml")
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start} cannot be decoded): save the recipe as UTF-8"
+                          ) from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
     if data is None:
@@ -58,6 +63,9 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     if not isinstance(parent, str):
         raise RecipeError(f"{path}: key 'extends' expected a file name (string), got {parent!r}")
+    if not (path.parent / parent).exists():
+        raise RecipeError(f"{path}: extends '{parent}', which is not there ({(path.parent / parent).resolve()}); "
+                          "'extends' is relative to the recipe's folder")
     base = load_raw(path.parent / parent, (*_seen, path))
     return _deep_merge(base, data)
 
@@ -91,6 +99,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if isinstance(node, list):
                 node = node[_list_index(node, k, keys[: i + 1], text)]
                 continue
+            _mapping(node, keys[:i], k, text)
             if k not in node or not isinstance(node[k], dict | list):
                 node[k] = {}
             node = node[k]
@@ -98,8 +107,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if isinstance(node, list):
             node[_list_index(node, last, keys, text)] = value
         else:
+            _mapping(node, keys[:-1], last, text)
             node[last] = value
     return data
+
+
+def _mapping(node: Any, path: list[str], key: str, text: str) -> None:
+    """An override may only descend through mappings and lists: a value (a number, a string) has no keys."""
+    if not isinstance(node, dict):
+        raise RecipeError(f"override '{text}': '{'.'.join(path)}' is the value {node!r}, not a mapping, so it has no "
+                          f"key '{key}'")
 
 
 def _list_index(node: list, k: str, path: list[str], text: str) -> int:

@@ -114,3 +114,42 @@ def test_cli_version_and_missing_dataset_message(tmp_path, capsys, monkeypatch):
     assert "CITYSCAPES_ROOT" in err and "KITTI_ROOT" in err and "quickstart.yaml" in err
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("over, fragment", [
+    ({"name": "../../escape"}, "not a plain name"), ({"name": "/abs/path"}, "not a plain name"),
+    ({"name": ""}, "not a plain name"), ({"name": ".."}, "not a plain name"),
+    ({"models.0.name": "../x"}, "not a plain name"), ({"models.0.name": ""}, "not a plain name"),
+    ({"robustness.epsilons": [4.0, 4.0]}, "listed more than once"), ({"train.lr": float("inf")}, "finite"),
+    ({"train.lr": float("nan")}, "finite"), ({"seeds": []}, "at least 1"), ({"device": "gpu"}, "not a device"),
+])
+def test_recipes_refuse_names_that_leave_their_folder_and_values_that_mean_nothing(tmp_path, capsys, over, fragment):
+    """Each refused when the recipe loads, by `mtkit show` as by `mtkit run`: a one-line error, exit code 2."""
+    data = tiny_recipe()
+    for key, value in over.items():
+        node, parts = data, key.split(".")
+        for p in parts[:-1]:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = value
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code, _, err = run_cli(["show", str(path)], capsys)
+    assert code == 2 and fragment in " ".join(err.split()) and "Traceback" not in err, err
+
+
+def test_overrides_through_values_files_that_are_not_recipes_and_missing_parents_are_explained(tmp_path, capsys):
+    path = write(tmp_path / "r.yaml", tiny_recipe())
+    code, _, err = run_cli(["show", str(path), "-o", "robustness.epsilons.0.x=1"], capsys)
+    assert code == 2 and "'robustness.epsilons.0' is the value 1.0, not a mapping" in " ".join(err.split())
+    code, _, err = run_cli(["show", str(path), "-o", "name.sub=1"], capsys)  # a mapping where a name belongs
+    assert code == 2 and "key 'name': Input should be a valid string" in " ".join(err.split())
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(yaml.safe_dump(tiny_recipe(description="Straße"), allow_unicode=True).encode("latin-1"))
+    code, _, err = run_cli(["show", str(latin)], capsys)
+    assert code == 2 and "not UTF-8 text" in err and "Traceback" not in err
+    code, _, err = run_cli(["show", str(tmp_path)], capsys)
+    assert code == 2 and "is a folder, not a recipe file" in " ".join(err.split())
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: missing-parent.yaml\nname: child\n")
+    code, _, err = run_cli(["show", str(child)], capsys)
+    assert code == 2 and "child.yaml: extends 'missing-parent.yaml'" in " ".join(err.split())
