@@ -7,7 +7,9 @@ shows the traceback.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -373,11 +375,35 @@ def _warn_plugin_failures() -> None:
         err_console.print(f"[yellow]warning:[/yellow] {escape(failure)}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or torchrun's stop), handled like Ctrl-C: one line, the finished work kept."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+RESUME_HINT = "finished stages and the last checkpoint are kept: the same command continues where it stopped"
+
+
 def main(argv: list[str] | None = None) -> None:
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        _main(argv)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
-        err_console.print("aborted")
+    except click.exceptions.Abort as exc:  # click turns Ctrl-C (and our SIGTERM) into Abort
+        if isinstance(exc.__cause__, Terminated):
+            err_console.print(f"terminated (SIGTERM): {RESUME_HINT}")
+            sys.exit(143)
+        err_console.print(f"interrupted: {RESUME_HINT}")
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
@@ -388,8 +414,11 @@ def main(argv: list[str] | None = None) -> None:
         msg = str(exc)
         err_console.print(f"error: {msg}", style="bold red", markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except Terminated:
+        err_console.print(f"terminated (SIGTERM): {RESUME_HINT}")
+        sys.exit(143)
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        err_console.print(f"interrupted: {RESUME_HINT}")
         sys.exit(130)
 
 

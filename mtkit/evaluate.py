@@ -175,15 +175,20 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
     batches = evaluation_batches(len(dataset), int(batch_size), d)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory)
 
-    def predict(x: torch.Tensor, ctx: AttackContext | None = None, y: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # clean logits that are NaN or inf, per batch
+
+    def predict(x: torch.Tensor, ctx: AttackContext | None = None, y: torch.Tensor | None = None,
+                clean: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """argmax predictions in passes of at most ``pass_images`` images, and with ``ctx`` each image's attacked
-        loss against ``y`` (x stacks copies of y's batch)."""
+        loss against ``y`` (x stacks copies of y's batch); ``clean`` counts non-finite logits (read once)."""
+        nonlocal nonfinite
         preds, losses = [], []
         labels = None if y is None else y.repeat(x.shape[0] // y.shape[0], 1, 1).split(int(pass_images))
         with torch.no_grad(), precision.autocast():
             for i, c in enumerate(x.split(int(pass_images))):
                 logits = model(precision.input(c))
+                if clean:
+                    nonfinite = nonfinite + (~torch.isfinite(logits)).any().long()
                 preds.append(logits.argmax(1))
                 if ctx is not None and labels is not None:
                     losses.append(ctx.image_losses(logits.float(), labels[i]))
@@ -193,7 +198,7 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
         for batch, indices in zip(loader, batches):
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True)
-            conf[0] += confusion_counts(predict(x)[0], y, num_classes)
+            conf[0] += confusion_counts(predict(x, clean=True)[0], y, num_classes)
             advance(description=f"{label} clean")
             per_image = {i: [0.0] * len(keys) for i in indices}
             numel.update(dict.fromkeys(indices, x[0].numel()))
@@ -224,6 +229,10 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
                 for i, v in zip(indices, r2):
                     per_image[i][k] = v
             sq.update(per_image)
+    if int(all_reduce_sum(nonfinite.cpu(), d)):  # every rank stops alike
+        raise MtkitError(f"model '{model_name or 'model'}' gives NaN or infinite logits on clean images of "
+                         f"'{dataset_name or 'the evaluation set'}': its mIoU and Q would mean nothing. Check its "
+                         "weights and the input it expects (an external model: --input-range, --mean/--std)")
     conf = confusion_from_counts(all_reduce_sum(conf.cpu(), d), num_classes)
     parts = all_gather_objects((sq, numel, seconds, backward, len(batches)), d)
     for p_sq, p_numel, *_ in parts:

@@ -183,3 +183,24 @@ def test_the_plan_measures_every_stage_and_counts_what_the_recipe_asks_for(first
     code, out, err = run_cli(["run", str(recipe_file), "--plan", "--jobs", "2"], capsys)
     assert code == 0, err
     assert "projected run of tiny on cpu" in out and "total:" in out and "with --jobs 2" in out
+
+
+def test_sigterm_stops_with_one_line_like_ctrl_c(first_run, device, capsys, monkeypatch):
+    """A scheduler's SIGTERM during a run: exit code 143 and one line saying what is kept, no traceback."""
+    if device.type != "cpu":
+        pytest.skip("signals are the same on every device")
+    import os
+    import signal
+
+    from mtkit import api
+
+    recipe_file, _, res = first_run
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(api, "run", killed)
+    code, _, err = run_cli(["run", str(recipe_file), "--out", str(res.run_dir)], capsys)
+    assert code == 143 and "terminated (SIGTERM)" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after main

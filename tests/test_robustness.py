@@ -191,7 +191,7 @@ def test_bad_input_errors(trained):
     loaded, ds, x, _ = trained
     with pytest.raises(MtkitError, match="unknown perturbation 'fgsn'; did you mean 'fgsm'"):
         build_perturbation("fgsn")
-    for eps, msg in (([], "empty"), ([-1.0], "positive"), ([float("inf")], "finite"), ([float("nan")], "positive")):
+    for eps, msg in (([], "empty"), ([-1.0], "positive"), ([float("inf")], "finite"), ([float("nan")], "finite")):
         with pytest.raises(RecipeError, match=msg):  # ε is validated once, when the recipe loads
             validate(tiny_recipe(**{"robustness.epsilons": eps}))
     with pytest.raises(MtkitError, match="needs ground-truth labels"):
@@ -449,3 +449,17 @@ def test_apgd_halves_after_a_halving_only_when_the_loss_stops_rising():
     assert torch.equal(got, ref)
     former = _apgd_reference(_Scripted(losses, directions), x, y, 16.0, n, eta_saved_after_halving=True)
     assert not torch.equal(former, ref)
+
+
+def test_a_model_with_nan_logits_is_an_error_not_a_robust_model(trained):
+    """NaN logits argmax to class 0 everywhere: a few % mIoU that no perturbation changes (Q = 100 %). The sweep
+    stops with the reason instead of reporting it."""
+    _, ds, _, _ = trained
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 19, *x.shape[-2:]), float("nan")) + 0 * x.sum()
+
+    with pytest.raises(MtkitError, match="'broken' gives NaN or infinite logits on clean images of 'CS'"):
+        robustness_sweep(Broken(), ds, {"gaussian": build_perturbation("gaussian")}, [1.0], 19, batch_size=4,
+                         model_name="broken", dataset_name="CS")
