@@ -275,3 +275,4 @@ def test_depth_only_training_lowers_abs_rel_on_synthetic_video():
         opt.step()
     after = abs_rel()
     assert after < 0.9 * before, (before, after)
+

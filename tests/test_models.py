@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -183,3 +185,19 @@ def test_onnx_export_parity(tmp_path):
         ref = model.eval().segmenter()(x).numpy()
     assert np.abs(sess.run(None, {"image": x.numpy()})[0] - ref).max() < 1e-3
     assert ModelSpec.model_validate(spec.model_dump(by_alias=True)).lam == 0.1
+
+
+def test_equation_1_by_hand_two_pixels_one_void_and_class_weights():
+    """J^ce (eq. 1) = -1/|I| Σ_i w_{y_i} log softmax(z_i)_{y_i} over the labelled pixels I: pixel a of class 0
+    (w 0.5) with logits (2, 0, 0), pixel b of class 2 (w 2) with logits (0, 1, 3), pixel c void. |I| = 2 (not
+    PyTorch's Σ w = 2.5 of its weighted mean)."""
+    from mtkit.losses import weighted_cross_entropy, weighted_cross_entropy_per_image
+
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [5.0, 5.0, 5.0]]).T.reshape(1, 3, 1, 3)
+    labels = torch.tensor([[[0, 2, 255]]])
+    w = torch.tensor([0.5, 1.0, 2.0])
+    by_hand = -(0.5 * math.log(math.e**2 / (math.e**2 + 2)) + 2.0 * math.log(math.e**3 / (1 + math.e + math.e**3))) / 2
+    assert float(weighted_cross_entropy(logits, labels, w)) == pytest.approx(by_hand, rel=1e-6)
+    assert float(weighted_cross_entropy_per_image(logits, labels, w)[0]) == pytest.approx(by_hand, rel=1e-6)
+    pytorch_mean = float(torch.nn.functional.cross_entropy(logits, labels, weight=w, ignore_index=255))
+    assert pytorch_mean == pytest.approx(by_hand * 2 / 2.5, rel=1e-6)

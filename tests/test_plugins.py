@@ -223,3 +223,66 @@ def test_plugin_task_gradient_is_scaled_where_it_meets_the_encoder():
         expected = {"encoder": 0.7 * g_seg[name] + 0.2 * g_edges[name], "seg_head": g_seg[name],
                     "aux_heads": g_edges[name]}[part]
         assert torch.allclose(g, expected, atol=1e-6, rtol=1e-6), name
+
+
+class _OnePixelNet(torch.nn.Module):
+    """A segmenter with a 1x1 output (gray values in): its segmentation loss is a classification loss, so
+    classification attacks are independent references."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1),
+                                       torch.nn.Conv2d(8, 4, 1))
+
+    def forward(self, x):
+        return self.net(x / 255.0)
+
+
+def test_mifgsm_equals_torchattacks_momentum_normalisation_and_step():
+    """MI-FGSM against torchattacks' MIFGSM (the same model on [0, 1] images, ε/255, α = ε/T/255): momentum μ,
+    the per-image L1 normalisation of the gradient and the step α·sign(g) give the same images."""
+    torchattacks = pytest.importorskip("torchattacks")
+    from mtkit_attacks import mifgsm
+
+    from mtkit.plugin_api import AttackContext
+
+    model = _OnePixelNet().eval()
+    torch.manual_seed(3)
+    x = (torch.rand(5, 3, 8, 8) * 255).round()
+    y = torch.randint(0, 4, (5,))
+    ours = mifgsm(AttackContext(model, None, torch.Generator()), x, y.view(5, 1, 1), 8.0, iterations=5, decay=0.9)
+
+    class Flat(torch.nn.Module):
+        def forward(self, z):
+            return model(z * 255.0).flatten(1)
+
+    ref = torchattacks.MIFGSM(Flat(), eps=8 / 255, alpha=8 / 5 / 255, steps=5, decay=0.9)(x / 255.0, y) * 255.0
+    assert float((ours - ref).abs().max()) < 1e-3
+
+
+def test_segpgd_schedule_is_lambda_t_equal_to_t_minus_1_over_2t():
+    """SegPGD's λ_t = (t-1)/(2T) for t = 1..T (Gu et al. 2022, eq. 6): the weights each step takes, and the images
+    of the loop written out with them."""
+    import mtkit_attacks
+
+    from mtkit.plugin_api import AttackContext, project
+
+    model = _OnePixelNet().eval()
+    torch.manual_seed(4)
+    x = (torch.rand(3, 3, 8, 8) * 255).round()
+    y = torch.randint(0, 4, (3, 1, 1))
+    seen = []
+    real = mtkit_attacks.segpgd_loss
+    ctx = AttackContext(model, None, torch.Generator())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mtkit_attacks, "segpgd_loss", lambda logits, yy, lam, w=None: seen.append(lam) or
+                   real(logits, yy, lam, w))
+        got = mtkit_attacks.segpgd(ctx, x, y, 4.0, step=1.0, iterations=4)
+    assert seen == [0.0, 1 / 8, 2 / 8, 3 / 8]
+    ref = x.clone()
+    for lam in seen:
+        z = ref.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(real(model(z), y, lam), z)
+        ref = project(ref + torch.where(g >= 0, 1.0, -1.0), x, 4.0)
+    assert torch.equal(got, ref)

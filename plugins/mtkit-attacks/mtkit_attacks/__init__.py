@@ -88,8 +88,8 @@ def segpgd_loss(logits: torch.Tensor, y: torch.Tensor, lam: float, weights: torc
     valid = y != IGNORE_INDEX
     correct = (logits.argmax(1) == y) & valid
     wrong = ~correct & valid
-    n = valid.sum().clamp_min(1)
-    return ((1 - lam) * per_pixel[correct].sum() + lam * per_pixel[wrong].sum()) / n
+    n = valid.sum().clamp_min(1)  # masks as factors, not indices: nothing read back from a GPU
+    return ((1 - lam) * (per_pixel * correct).sum() + lam * (per_pixel * wrong).sum()) / n
 
 
 def segpgd(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, eps: float, step: float = 1.0,
