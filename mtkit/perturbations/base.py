@@ -1,0 +1,41 @@
+"""The base of the registry's perturbations: typed options, the flags the evaluation reads, ``sweep``."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from .context import AttackContext
+
+
+class PerturbationOptions(BaseModel):
+    """Base of a perturbation's typed options (unknown keys are refused); the base takes none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Perturbation:
+    """Base class of the registry's perturbations. Subclasses set ``needs_gradient`` and ``Options`` and
+    implement ``sweep``; ``self.options`` holds the validated options."""
+
+    Options: ClassVar[type[BaseModel]] = PerturbationOptions
+    #: gradient attacks run with autograd; noise types run under ``torch.no_grad``
+    needs_gradient = False
+    #: an iterative attack on each image: the gradient-masking checks expect it at least as strong as FGSM
+    iterative = False
+    #: what the sweep's keys are: "epsilon" (requested RMS ε in gray values, eq. 7) or another level such as a
+    #: corruption's "severity", whose ε is only measured (recorded per row as ``epsilon_measured``)
+    level_kind = "epsilon"
+
+    def __init__(self, options: BaseModel | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def levels(self, epsilons: list[float]) -> list[float]:
+        """The keys this perturbation's ``sweep`` returns for the recipe's ε list (by default the ε list)."""
+        return list(epsilons)
+
+    def sweep(self, ctx: AttackContext, x: torch.Tensor, y: torch.Tensor | None,
+              epsilons: list[float]) -> dict[float, torch.Tensor]:
+        raise NotImplementedError
