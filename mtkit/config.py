@@ -11,9 +11,18 @@ import json
 import math
 import os
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 PAPER_EPSILONS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
 
@@ -29,6 +38,9 @@ def plain_name(value: str) -> str:
         raise ValueError(f"'{value}' is not a plain name: use letters, digits and - _ . without path separators "
                          "or '..' (it names a folder)")
     return value
+
+
+PlainName = Annotated[str, AfterValidator(plain_name)]
 
 
 class DatasetConfig(Strict):
@@ -124,17 +136,12 @@ class TrainConfig(Strict):
 class ModelSpec(Strict):
     """One model of the experiment: single-task (segmentation) or multi-task (segmentation + depth)."""
 
-    name: str = Field(description="a plain name (it names the model's folders)")
+    name: PlainName = Field(description="a plain name (it names the model's folders)")
     tasks: list[str] = Field(default_factory=lambda: ["segmentation"])
     lam: float = Field(None, alias="lambda", ge=0, le=1, validate_default=False,
                        description="eq. 5 gradient scale; required for a multi-task model (the paper's: 0.1)")
     task_scales: dict[str, float] = Field(default_factory=dict,
                                           description="plugin task -> encoder gradient scale (default 1-λ)")
-
-    @field_validator("name")
-    @classmethod
-    def _plain_name(cls, v: str) -> str:
-        return plain_name(v)
 
     @field_validator("tasks")
     @classmethod
@@ -223,8 +230,8 @@ class DepthEvaluationConfig(Strict):
 
 
 class Recipe(Strict):
-    name: str = Field(description="the run folder's name under output_dir: a plain name, no path separators and "
-                                  "no '..' (output_dir and --out may be any folder)")
+    name: PlainName = Field(description="the run folder's name under output_dir: a plain name, no path separators "
+                                        "and no '..' (output_dir and --out may be any folder)")
     description: str = ""
     seed: int = 0
     seeds: list[int] | None = Field(None, min_length=1, description="null: [seed]")
@@ -238,11 +245,6 @@ class Recipe(Strict):
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     depth_evaluation: DepthEvaluationConfig = Field(default_factory=DepthEvaluationConfig)
     source: str | None = Field(None, description="set by the loader: the recipe file")
-
-    @field_validator("name")
-    @classmethod
-    def _plain_name(cls, v: str) -> str:
-        return plain_name(v)
 
     @field_validator("device")
     @classmethod

@@ -70,3 +70,43 @@ def with_plugins_on_path(site: Path, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setattr(plugins, "_PLUGINS", None)
     monkeypatch.setattr(cli.console, "width", 200)
+
+
+class OnePixelSegmenter:
+    """A segmenter with a 1x1 output on gray values (a small conv net with global pooling), so that its
+    segmentation loss is a classification loss and classification attacks (AutoAttack, torchattacks) are
+    independent references for mtkit's; ``dtype`` float64 for trajectory comparisons."""
+
+    def __new__(cls, classes: int = 4, hidden: int = 8, seed: int = 2, dtype=None):
+        import torch
+
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, hidden, 3), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1),
+                                  torch.nn.Conv2d(hidden, classes, 1))
+
+        class Segmenter(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = net
+
+            def forward(self, x):
+                return self.net(x.to(next(self.net.parameters()).dtype) / 255.0)
+
+        model = Segmenter().eval()
+        return model.to(dtype) if dtype is not None else model
+
+
+def poison_segmentation_loss(monkeypatch, at_call: int) -> dict[str, int]:
+    """Make the weighted cross-entropy NaN at its ``at_call``-th call (1-based); returns the call counter."""
+    from mtkit.losses import WeightedCrossEntropy
+
+    real = WeightedCrossEntropy.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kw):
+        calls["n"] += 1
+        loss = real(self, *args, **kw)
+        return loss * float("nan") if calls["n"] == at_call else loss
+
+    monkeypatch.setattr(WeightedCrossEntropy, "forward", poisoned)
+    return calls

@@ -7,7 +7,7 @@ from importlib import metadata
 
 import pytest
 import torch
-from support import tiny_recipe
+from support import OnePixelSegmenter, tiny_recipe
 
 from mtkit.build import build_perturbation
 from mtkit.errors import MtkitError
@@ -225,20 +225,6 @@ def test_plugin_task_gradient_is_scaled_where_it_meets_the_encoder():
         assert torch.allclose(g, expected, atol=1e-6, rtol=1e-6), name
 
 
-class _OnePixelNet(torch.nn.Module):
-    """A segmenter with a 1x1 output (gray values in): its segmentation loss is a classification loss, so
-    classification attacks are independent references."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(2)
-        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1),
-                                       torch.nn.Conv2d(8, 4, 1))
-
-    def forward(self, x):
-        return self.net(x / 255.0)
-
-
 def test_mifgsm_equals_torchattacks_momentum_normalisation_and_step():
     """MI-FGSM against torchattacks' MIFGSM (the same model on [0, 1] images, ε/255, α = ε/T/255): momentum μ,
     the per-image L1 normalisation of the gradient and the step α·sign(g) give the same images."""
@@ -247,7 +233,7 @@ def test_mifgsm_equals_torchattacks_momentum_normalisation_and_step():
 
     from mtkit.plugin_api import AttackContext
 
-    model = _OnePixelNet().eval()
+    model = OnePixelSegmenter()
     torch.manual_seed(3)
     x = (torch.rand(5, 3, 8, 8) * 255).round()
     y = torch.randint(0, 4, (5,))
@@ -268,7 +254,7 @@ def test_segpgd_schedule_is_lambda_t_equal_to_t_minus_1_over_2t():
 
     from mtkit.plugin_api import AttackContext, project
 
-    model = _OnePixelNet().eval()
+    model = OnePixelSegmenter()
     torch.manual_seed(4)
     x = (torch.rand(3, 3, 8, 8) * 255).round()
     y = torch.randint(0, 4, (3, 1, 1))

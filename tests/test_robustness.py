@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from support import tiny_recipe
+from support import OnePixelSegmenter, tiny_recipe
 
 from mtkit.build import build_perturbation, build_perturbations
 from mtkit.errors import MtkitError, RecipeError
@@ -345,19 +345,6 @@ def test_per_image_losses_are_batched_and_equal_each_image_alone(trained):
         assert got.shape == (8,) and torch.allclose(got, ref, rtol=1e-5), loss
 
 
-class _OnePixel(torch.nn.Module):
-    """A segmenter whose output is 1x1: its segmentation loss is a classification loss (AutoAttack's setting)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(3)
-        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1),
-                                       torch.nn.Conv2d(16, 5, 1))
-
-    def forward(self, x):
-        return self.net(x.double() / 255.0)
-
-
 def _apgd_reference(model, x, y, eps, n, rho=0.75, alpha=0.75, eta_saved_after_halving=False):
     """APGD-CE on one image, from Croce and Hein 2020, Algorithm 1, with AutoAttack's restart bookkeeping (the
     momentum after a restart runs from the best point; η counts as unchanged when it was not halved at the last
@@ -400,7 +387,7 @@ def test_apgd_follows_algorithm_1_step_for_step_on_a_one_pixel_segmenter():
     """APGD's best points equal the reference loop's at 100 iterations (AutoAttack's budget) for 6 images and two
     ε, to 1e-9 gray values (batched, per-image step sizes and restarts against one image at a time). On this smooth
     model the checkpoint rule the former code misread never decides; the scripted test below makes it decide."""
-    model = _OnePixel().double()
+    model = OnePixelSegmenter(classes=5, hidden=16, seed=3, dtype=torch.float64)
     torch.manual_seed(4)
     x = (torch.rand(6, 3, 8, 8, dtype=torch.float64) * 255)
     y = torch.randint(0, 5, (6, 1, 1))

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import tiny_recipe
+from support import poison_segmentation_loss, tiny_recipe
 
 from mtkit import geometry
 from mtkit.bench import count_ops
 from mtkit.config import AugmentConfig
 from mtkit.data.augment import draw_params
 from mtkit.errors import TrainingDiverged
-from mtkit.losses import MonodepthLoss, WeightedCrossEntropy, min_reprojection, photometric_error, smoothness
+from mtkit.losses import MonodepthLoss, min_reprojection, photometric_error, smoothness
 from mtkit.models.pose import transformation_from_parameters
 from mtkit.recipe import validate
 from mtkit.train import Trainer, train
@@ -114,15 +114,7 @@ def test_a_nan_between_log_steps_stops_at_its_step_before_any_checkpoint(tmp_pat
     """Read back every 4 steps: the NaN of step 3 is found at step 4 and reported as step 3; no checkpoint holds
     the diverged weights."""
     recipe = validate(tiny_recipe(**{"train.steps_per_epoch": 6, "train.log_every": 4}))
-    real = WeightedCrossEntropy.forward
-    calls = {"n": 0}
-
-    def poisoned(self, *args, **kw):
-        calls["n"] += 1
-        loss = real(self, *args, **kw)
-        return loss * float("nan") if calls["n"] == 3 else loss
-
-    monkeypatch.setattr(WeightedCrossEntropy, "forward", poisoned)
+    calls = poison_segmentation_loss(monkeypatch, at_call=3)
     with pytest.raises(TrainingDiverged, match=r"loss term 'seg' is nan at step 3 \(epoch 1\).*none written yet"):
         train(recipe, "multi", tmp_path / "run", progress=False)
     assert calls["n"] == 4 and not (tmp_path / "run" / "last.pt").exists()

@@ -10,11 +10,10 @@ import time
 import pytest
 import torch
 import yaml
-from support import tiny_recipe
+from support import poison_segmentation_loss, tiny_recipe
 
 from mtkit.checkpoint import load_checkpoint
 from mtkit.errors import CheckpointError, TrainingDiverged
-from mtkit.losses import WeightedCrossEntropy
 from mtkit.recipe import validate
 from mtkit.train import Trainer, train
 
@@ -62,15 +61,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
 def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, monkeypatch):
     recipe = validate(tiny_recipe(**{"train.steps_per_epoch": 5, "train.checkpoint_every": 1}))
-    real = WeightedCrossEntropy.forward
-    calls = {"n": 0}
-
-    def poisoned(self, *args, **kw):
-        calls["n"] += 1
-        loss = real(self, *args, **kw)
-        return loss * float("nan") if calls["n"] == 3 else loss
-
-    monkeypatch.setattr(WeightedCrossEntropy, "forward", poisoned)
+    poison_segmentation_loss(monkeypatch, at_call=3)
     with pytest.raises(TrainingDiverged, match=r"loss term 'seg' is nan at step 3 .*last good checkpoint is kept"):
         train(recipe, "multi", tmp_path / "run", progress=False)
     kept = load_checkpoint(tmp_path / "run" / "last.pt")
