@@ -236,7 +236,10 @@ class Trainer:
             total = total + d.total
         if not self.scaler.is_enabled():  # a non-finite loss must not reach the weights: fused Adam skips such a
             # step on the device (GradScaler's found_inf protocol), and the loop reports it at the next read-back
-            self.optimizer.found_inf = (~torch.isfinite(total.detach())).float()
+            found_inf = (~torch.isfinite(total.detach())).float()
+            if self.dist.enabled:  # every rank skips alike (the gradients are all-reduced: a NaN reaches all)
+                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+            self.optimizer.found_inf = found_inf
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if self.recipe.train.grad_clip:
