@@ -27,9 +27,10 @@ import torch
 
 from .build import build_dataset, build_perturbations, build_segmentation_loss
 from .errors import MtkitError
-from .evaluate import evaluation_sets, robustness_sweep
+from .evaluate import evaluation_sets
 from .io import atomic_write_text
 from .runtime import resolve_device, resolve_precision
+from .sweep import robustness_sweep
 from .train import Trainer
 
 REGRESSED = "Performance has regressed"

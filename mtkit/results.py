@@ -86,7 +86,7 @@ class ResultRow(Record):
         return self.level_kind == "epsilon"
 
 
-#: the gradient-masking checks (``mtkit.evaluate.masking_checks``) in report order: id → what passing means
+#: the gradient-masking checks (``mtkit.masking.masking_checks``) in report order: id → what passing means
 SANITY_CHECKS = {
     "monotone": "mIoU does not rise with ε",
     "iterative_vs_fgsm": "iterative attacks ≥ FGSM",
@@ -96,7 +96,7 @@ SANITY_CHECKS = {
 
 
 class SanityRow(Record):
-    """One gradient-masking sanity check of one (model, seed, dataset) (see ``mtkit.evaluate.masking_checks``)."""
+    """One gradient-masking sanity check of one (model, seed, dataset) (see ``mtkit.masking.masking_checks``)."""
 
     model: str
     seed: int

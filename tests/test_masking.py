@@ -1,4 +1,4 @@
-"""Gradient-masking sanity checks (``mtkit.evaluate.masking_checks``): each check passes on a normal model and fails
+"""Gradient-masking sanity checks (``mtkit.masking.masking_checks``): each check passes on a normal model and fails
 on models built to mask their gradient, and a failure reaches the report's verdict and its table."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from torch import nn
 
 from mtkit.build import build_perturbations
 from mtkit.config import SanityConfig
-from mtkit.evaluate import masking_checks, robustness_sweep
+from mtkit.masking import masking_checks
 from mtkit.report import write_report
 from mtkit.results import ModelInfo, RunResults
+from mtkit.sweep import robustness_sweep
 
 EPS = [1.0, 4.0, 16.0]
 CHECKS = {"monotone", "iterative_vs_fgsm", "unbounded", "attack_vs_noise"}

@@ -11,10 +11,10 @@ from support import OnePixelSegmenter, tiny_recipe
 
 from mtkit.build import build_perturbation
 from mtkit.errors import MtkitError
-from mtkit.evaluate import CountingContext, robustness_sweep
 from mtkit.perturbations import FGSM, Gaussian, measured_epsilon
 from mtkit.plugins import get_registry, load_plugins
 from mtkit.recipe import validate
+from mtkit.sweep import CountingContext, robustness_sweep
 
 PACKAGES = {"mtkit-attacks": "attacks", "mtkit-corruptions": "corruptions", "mtkit-edges": "edges"}
 

@@ -143,7 +143,7 @@ def _depth_eval(r: Recipe, monkeypatch) -> Any:
 def _robustness_rows(r: Recipe, trained, monkeypatch) -> Any:
     from mtkit.evaluate import evaluate_checkpoint
 
-    sizes = _batch_sizes("mtkit.evaluate", monkeypatch)
+    sizes = _batch_sizes("mtkit.sweep", monkeypatch)
     loaded = trained[0]
     out = evaluate_checkpoint(loaded, r, ["CS"], 0)
     return [(x.perturbation, x.level, round(x.miou, 6)) for x in out.robustness], sizes
@@ -152,8 +152,9 @@ def _robustness_rows(r: Recipe, trained, monkeypatch) -> Any:
 def _masking(r: Recipe) -> list:
     """The gradient-masking checks of a made-up sweep whose FGSM mIoU rises by 5 points from ε 1 to 2 and whose
     unbounded attack leaves 50 %, under the recipe's thresholds."""
-    from mtkit.evaluate import Sweep, masking_checks
+    from mtkit.masking import masking_checks
     from mtkit.results import CleanRow, ResultRow
+    from mtkit.sweep import Sweep
 
     def row(name: str, eps: float, value: float) -> ResultRow:
         return ResultRow(model="m", seed=0, dataset="CS", perturbation=name, level=eps, epsilon=eps,

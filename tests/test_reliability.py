@@ -19,12 +19,13 @@ from support import run_cli, tiny_recipe, with_plugins_on_path
 
 from mtkit.checkpoint import atomic_torch_save, load_checkpoint
 from mtkit.errors import CheckpointError, MtkitError, RecipeError
-from mtkit.evaluate import evaluate_checkpoint, robustness_sweep
+from mtkit.evaluate import evaluate_checkpoint
 from mtkit.io import atomic_write_text, clean_stale_temporaries
 from mtkit.recipe import apply_overrides, load_recipe, parse_override, validate
 from mtkit.report import save_report
 from mtkit.results import RunResults
 from mtkit.runtime import resolve_device
+from mtkit.sweep import robustness_sweep
 from mtkit.train import train
 
 

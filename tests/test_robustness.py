@@ -8,7 +8,6 @@ from support import OnePixelSegmenter, tiny_recipe
 
 from mtkit.build import build_perturbation, build_perturbations
 from mtkit.errors import MtkitError, RecipeError
-from mtkit.evaluate import WORST_CASE, CountingContext, robustness_sweep
 from mtkit.metrics import confusion_matrix, iou_per_class, miou, q_ratio
 from mtkit.perturbations import (
     APGD,
@@ -29,6 +28,7 @@ from mtkit.perturbations import (
     salt_and_pepper_per_image,
 )
 from mtkit.recipe import validate
+from mtkit.sweep import WORST_CASE, CountingContext, robustness_sweep
 
 
 def _ctx(loaded, seed=0):

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from support import tiny_recipe
 
 from mtkit.build import build_perturbation
-from mtkit.evaluate import activation_bytes, evaluate_checkpoint, load_model, pass_size, robustness_sweep
+from mtkit.evaluate import evaluate_checkpoint, load_model
 from mtkit.perturbations import (
     AttackContext,
     clip_image,
@@ -24,6 +24,7 @@ from mtkit.perturbations import (
 )
 from mtkit.recipe import validate
 from mtkit.runtime import Precision
+from mtkit.sweep import activation_bytes, pass_size, robustness_sweep
 from mtkit.train import Trainer
 
 # Tolerances, relative to fp32 eager on the CPU: loss |Δ|/loss, gradient ‖Δ‖/‖g‖ over all parameters.
@@ -188,12 +189,12 @@ def test_automatic_sizes_fit_the_memory_and_change_no_number(sweep_setup, monkey
     cpu = torch.device("cpu")
     per_image = activation_bytes(loaded.segmenter, (3, 32, 64), cpu)
     assert per_image > 3 * 32 * 64 * 4
-    monkeypatch.setattr("mtkit.evaluate.available_memory", lambda device: 20 * per_image)
+    monkeypatch.setattr("mtkit.sweep.available_memory", lambda device: 20 * per_image)
     assert pass_size(loaded.segmenter, (3, 32, 64), cpu) == 10
     attacks = {k: perts[k] for k in ("fgsm", "pgd")}
     sizes = []
     real = torch.utils.data.DataLoader
-    monkeypatch.setattr("mtkit.evaluate.DataLoader", lambda *a, **k: sizes.append(len(k["batch_sampler"][0]))
+    monkeypatch.setattr("mtkit.sweep.DataLoader", lambda *a, **k: sizes.append(len(k["batch_sampler"][0]))
                         or real(*a, **k))
     auto = robustness_sweep(loaded.segmenter, ds, attacks, [1.0, 4.0], 19, loaded.class_weights,
                             batch_size="auto", pass_images="auto")
