@@ -25,10 +25,10 @@ from .data.cache import (
     CachedVideo,
     Manifest,
     open_prepared,
-    prepare_folder,
     read_manifest,
     source_key,
 )
+from .data.cache_writer import prepare_folder
 from .data.common import cache_dir
 from .errors import DatasetError
 from .runtime import local_world

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from mtkit.config import DatasetConfig
-from mtkit.data import cache, layouts, synthetic
+from mtkit.data import cache, cache_writer, layouts, synthetic
 from mtkit.errors import DatasetError
 from mtkit.prepare import dataset_folder, prepare_dataset
 
@@ -64,8 +64,8 @@ def test_a_killed_prepare_is_never_complete_and_resumes_where_it_stopped(tmp_pat
     layouts.write_cityscapes(tmp_path, city, "val")
     cfg = _cityscapes(tmp_path, "val", height=64, width=128)
     folder = dataset_folder(cfg, False)
-    monkeypatch.setattr(cache, "SAVE_EVERY_S", 0.0)
-    real = cache.ArrayFile.write
+    monkeypatch.setattr(cache_writer, "SAVE_EVERY_S", 0.0)
+    real = cache_writer.ArrayFile.write
     calls = []
 
     def dies_after_five(self, i, array):
@@ -74,7 +74,7 @@ def test_a_killed_prepare_is_never_complete_and_resumes_where_it_stopped(tmp_pat
             raise KeyboardInterrupt
         real(self, i, array)
 
-    monkeypatch.setattr(cache.ArrayFile, "write", dies_after_five)
+    monkeypatch.setattr(cache_writer.ArrayFile, "write", dies_after_five)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(cfg, False, "data.eval.CS", **QUIET)
     assert not folder.exists() and json.loads((folder.parent / (folder.name + ".partial") / "manifest.json")
@@ -82,7 +82,7 @@ def test_a_killed_prepare_is_never_complete_and_resumes_where_it_stopped(tmp_pat
     with pytest.raises(DatasetError, match="not a complete prepared dataset"):
         cache.open_prepared(folder)
     calls.clear()
-    monkeypatch.setattr(cache.ArrayFile, "write", lambda self, i, a: calls.append(i) or real(self, i, a))
+    monkeypatch.setattr(cache_writer.ArrayFile, "write", lambda self, i, a: calls.append(i) or real(self, i, a))
     done = prepare_dataset(cfg, False, "data.eval.CS", **QUIET)
     assert done.reason == "resumed" and sorted(set(calls)) == [5, 6, 7]  # only the items not yet written
     ds = cache.open_prepared(folder)
@@ -92,7 +92,7 @@ def test_a_killed_prepare_is_never_complete_and_resumes_where_it_stopped(tmp_pat
     def disk_full(self, i, array):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cache.ArrayFile, "write", disk_full)
+    monkeypatch.setattr(cache_writer.ArrayFile, "write", disk_full)
     small = _cityscapes(tmp_path, "val", height=32, width=64)
     with pytest.raises(DatasetError, match="No space left on device.*run prepare again: it resumes"):
         prepare_dataset(small, False, "data.eval.CS", **QUIET)
