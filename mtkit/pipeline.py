@@ -301,7 +301,10 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
         return RunResult(run_dir, results, {}, ran, cached)
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     atomic_write_text(run_dir / "environment.json", json.dumps(strict(results.environment), indent=2, allow_nan=False))
+    log(f"[stage] report → {run_dir / 'report.md'}")
+    t0 = time.perf_counter()
     paths = save_report(results, run_dir)
+    log(f"[stage] report written in {time.perf_counter() - t0:.1f} s")
     get_plugins().hook.mtkit_after_evaluation(run_dir=str(run_dir),
                                              results=[r.model_dump() for r in results.robustness])
     return RunResult(run_dir, results, paths, ran, cached)

@@ -305,6 +305,9 @@ class Trainer:
             truncate_log(self.metrics_path, self.step)
         t = self.recipe.train
         log = MetricsLog(self.metrics_path, self.dist.main, t.tensorboard)
+        if self.precision.compile and self.dist.main and self.show_progress:
+            print(f"[compile] torch.compile ({self.precision.compile}): the first step compiles the model, which takes "
+                  "a minute or more; the steps after it reuse the compiled graphs")
         hooks = get_plugins().hook
         total_steps = t.epochs * self.steps_per_epoch
         images_per_step = self.seg_batch + self.depth_batch
