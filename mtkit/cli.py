@@ -78,13 +78,14 @@ def _unit(text: str) -> tuple[str, int]:
         raise MtkitError(f"--unit expects MODEL:SEED, e.g. multi-0.1:0, got '{text}'") from None
 
 
-def _floats(text: str | None, option: str = "--eps") -> list[float] | None:
+def _floats(text: str | None, option: str = "--eps", example: str = "0.25,1,4", kind=float) -> list | None:
     if text is None:
         return None
     try:
-        return [float(s) for s in text.split(",") if s.strip()]
+        return [kind(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise MtkitError(f"{option} expects comma-separated numbers like 0.25,1,4, got '{text}'") from None
+        what = "integers" if kind is int else "numbers"
+        raise MtkitError(f"{option} expects comma-separated {what} like {example}, got '{text}'") from None
 
 
 override_opt = click.option("-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -261,8 +262,8 @@ def eval_cmd(recipe: str, overrides: tuple[str, ...], checkpoints: tuple[str, ..
         except ValueError as exc:
             msg = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
             raise MtkitError(f"--mean/--std: three numbers each, e.g. --mean 0.485,0.456,0.406 ({msg})") from None
-        outputs = api.OutputSpec(key=output_key,
-                                 class_map=[int(v) for v in _floats(class_map, "--class-map") or []] or None)
+        channels = _floats(class_map, "--class-map", "0,1,2,5 (the model channel of each dataset class)", int)
+        outputs = api.OutputSpec(key=output_key, class_map=channels or None)
         name = model_name or model_factory.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
         ext = api.evaluate_model(model, r, name, inputs=inputs, outputs=outputs, factory=model_factory,
                                  on_no_gradient=no_gradient.replace("-", "_"), log=console.print, **common)

@@ -149,7 +149,8 @@ def build_external(factory: str, kwargs: dict[str, Any] | str | None = None, wei
     except Exception as exc:
         raise MtkitError(f"model factory '{factory}' failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
-        raise MtkitError(f"model factory '{factory}' returned a {type(model).__name__}, not a torch.nn.Module")
+        raise MtkitError(f"model factory '{factory}' returned an object of type {type(model).__name__}, not a "
+                         "torch.nn.Module")
     if weights is not None:
         load_weights(model, weights)
     return model.eval()

@@ -94,6 +94,7 @@ def load_plugins(entry_points: bool = True) -> Plugins:
                 raise
     view.origin, view.provider = None, ""
     _add_decorated(registry)
+    registry.failed_plugins = [str(f) for f in plugins.failures]
     return plugins
 
 

@@ -56,6 +56,8 @@ class Registry:
     entries: dict[str, dict[str, Entry]] = field(default_factory=lambda: {k: {} for k in KINDS})
     # names that a known but uninstalled plugin would provide: (kind, name pattern) -> distribution
     known_providers: dict[tuple[str, str], str] = field(default_factory=dict)
+    # plugins that failed to import or to register (one line each): their entries are missing
+    failed_plugins: list[str] = field(default_factory=list)
 
     def add(self, kind: str, name: str, obj: Any, origin: str = BUILTIN, provider: str = "",
             options: Any = None) -> Any:
@@ -110,9 +112,11 @@ class Registry:
         provider = next((dist for (k, pattern), dist in self.known_providers.items()
                          if k == kind and fnmatch.fnmatchcase(name, pattern)), None)
         if provider:
-            msg += f" It is provided by the plugin package '{provider}': pip install {provider}"
+            msg += f". It is provided by the plugin package '{provider}': pip install {provider}"
         else:
-            msg += f" Installed {kind}s: {', '.join(known) if known else '(none)'}"
+            msg += f". Installed {kind}s: {', '.join(known) if known else '(none)'}"
+        if self.failed_plugins:  # the entry may be one of theirs
+            msg += ". Not loaded, so their entries are missing: " + "; ".join(self.failed_plugins)
         return msg
 
 

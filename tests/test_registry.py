@@ -64,6 +64,10 @@ def test_broken_plugin_is_reported_and_others_work(tmp_path, monkeypatch):
     assert "broken on purpose" in str(plugins.failures[0]) and "mtkit-broken 0.1" in str(plugins.failures[0])
     assert ("perturbation", "uniform_noise") in plugins.registry
     assert ("perturbation", "fgsm") in plugins.registry
+    # an entry the broken plugin would have provided: the message names the plugin that failed
+    with pytest.raises(MtkitError, match=r"unknown perturbation 'brokens_attack'\. Installed perturbations: .*\. "
+                                         r"Not loaded, so their entries are missing: plugin 'mtkit_broken'"):
+        plugins.registry.get("perturbation", "brokens_attack")
 
 
 def test_cli_list_shows_plugin_origin_and_survives_broken_plugin(tmp_path, capsys, monkeypatch):
