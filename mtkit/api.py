@@ -37,9 +37,10 @@ __all__ = ["InputSpec", "OutputSpec", "Prepared", "Recipe", "RunResult", "RunRes
 
 
 def prepare(recipe: Recipe, workers: int | None = None, skip_bad: bool = False, force: bool = False,
-            progress: bool = True, log=print) -> list[Prepared]:
-    """Decode the recipe's datasets into the prepared cache (reused while sources and sizes are unchanged)."""
-    return prepare_recipe(recipe, workers, skip_bad, force, progress, log)
+            progress: bool = True, log=print, verify: bool = False) -> list[Prepared]:
+    """Decode the recipe's datasets into the prepared cache (reused while sources and sizes are unchanged and the
+    folder is intact; ``verify`` checks every item's checksum)."""
+    return prepare_recipe(recipe, workers, skip_bad, force, progress, log, verify)
 
 
 def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:

@@ -165,9 +165,11 @@ def run(recipe: str, overrides: tuple[str, ...], force: bool, seeds: str | None,
 @click.option("--skip-bad", is_flag=True, help="leave out unreadable source files (counted in the manifest) "
               "instead of stopping")
 @click.option("--force", is_flag=True, help="prepare again even where the cache is up to date")
+@click.option("--verify", is_flag=True, help="check every cached item against its checksum (opening a folder "
+                                            "checks shapes and a sample); a damaged folder is prepared again")
 @click.option("--no-progress", is_flag=True)
 def prepare(recipe: str, overrides: tuple[str, ...], workers: int | None, skip_bad: bool, force: bool,
-            no_progress: bool) -> None:
+            verify: bool, no_progress: bool) -> None:
     """Decode RECIPE's datasets once into the prepared cache (the first stage of run; train and eval read it)."""
     from . import api
 
@@ -176,10 +178,12 @@ def prepare(recipe: str, overrides: tuple[str, ...], workers: int | None, skip_b
     for col in ("dataset", "samples", "size", "skipped", "images/s", "state", "folder"):
         table.add_column(col)
     for p in api.prepare(r, workers=workers, skip_bad=skip_bad, force=force, progress=not no_progress,
-                         log=lambda m: console.print(m, markup=False)):
+                         log=lambda m: console.print(m, markup=False), verify=verify):
         m = p.manifest
         table.add_row(p.key, str(m.count), f"{m.size[1]}x{m.size[0]}", str(len(m.skipped)),
-                      "" if p.cached else f"{m.images_per_s:.0f}", "cached" if p.cached else f"prepared ({p.reason})",
+                      "" if p.cached else f"{m.images_per_s:.0f}",
+                      (f"cached ({p.reason})" if p.reason == "verified" else "cached") if p.cached
+                      else f"prepared ({p.reason})",
                       escape(str(p.folder)))
     console.print(table)
 

@@ -24,6 +24,7 @@ from .data.cache import (
     CachedSegmentation,
     CachedVideo,
     Manifest,
+    check_prepared,
     open_prepared,
     read_manifest,
     source_key,
@@ -70,8 +71,11 @@ def recipe_datasets(recipe: Recipe) -> dict[str, tuple[DatasetConfig, bool]]:
 
 
 def prepare_dataset(cfg: DatasetConfig, train: bool, where: str, workers: int = 0, skip_bad: bool = False,
-                    force: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> Prepared:
-    """Decode one dataset into the cache, or reuse it when its sources and config are unchanged."""
+                    force: bool = False, progress: bool = True, log: Callable[[str], None] = print,
+                    verify: bool = False) -> Prepared:
+    """Decode one dataset into the cache, or reuse it when its sources and config are unchanged and it is intact
+    (``check_prepared``: shapes, readability and checksums; every item's with ``verify``); a damaged one is
+    prepared again."""
     source = build_dataset(cfg, train=train, where=where)
     if not isinstance(source, SegmentationDataset | VideoDataset):
         raise DatasetError(f"{where} ({cfg.name}): the loader returns a {type(source).__name__}; the prepared cache "
@@ -85,9 +89,18 @@ def prepare_dataset(cfg: DatasetConfig, train: bool, where: str, workers: int = 
     except DatasetError as exc:
         manifest, reason = None, "another cache format"
         log(f"{where}: {str(exc).split(': run')[0]}; preparing it again")
+    except ValueError:
+        manifest, reason = None, "damaged"
+        log(f"{where}: {folder.name}/manifest.json is damaged; preparing it again")
     if manifest is not None and manifest.complete and not force:
-        if sources[1] == manifest.source_key:
-            return Prepared(where, folder, manifest, True, "unchanged")
+        problem = check_prepared(folder, manifest, full=verify) if sources[1] == manifest.source_key else None
+        if sources[1] == manifest.source_key and problem is None:
+            return Prepared(where, folder, manifest, True, "verified" if verify else "unchanged")
+        if problem is not None:
+            log(f"{where}: {folder.name} is damaged ({problem}); preparing it again")
+            return Prepared(where, folder, prepare_folder(source, folder, dataset, train, sources, workers, skip_bad,
+                                                          progress, label=f"prepare {where}", log=log), False,
+                            "damaged")
         reason = "sources changed"
         log(f"{where}: the source files changed since {folder.name} was prepared; preparing it again")
     elif force and manifest is not None:
@@ -100,10 +113,12 @@ def prepare_dataset(cfg: DatasetConfig, train: bool, where: str, workers: int = 
 
 
 def prepare_recipe(recipe: Recipe, workers: int | None = None, skip_bad: bool = False, force: bool = False,
-                   progress: bool = True, log: Callable[[str], None] = print) -> list[Prepared]:
-    """Prepare every dataset of ``recipe`` (the first stage of ``mtkit run``)."""
+                   progress: bool = True, log: Callable[[str], None] = print, verify: bool = False
+                   ) -> list[Prepared]:
+    """Prepare every dataset of ``recipe`` (the first stage of ``mtkit run``); ``verify`` checks every item of
+    the cached ones against its checksum."""
     n = default_workers(recipe.data.num_workers if workers is None else workers)
-    return [prepare_dataset(cfg, train, key, n, skip_bad, force, progress, log)
+    return [prepare_dataset(cfg, train, key, n, skip_bad, force, progress, log, verify)
             for key, (cfg, train) in recipe_datasets(recipe).items()]
 
 

@@ -132,6 +132,35 @@ def test_another_cache_format_is_a_clear_message_and_prepare_rebuilds_it(tmp_pat
     assert cache.open_prepared(prepare_dataset(small, False, "data.eval.CS", **QUIET).folder).manifest.count == 8
 
 
+def test_a_damaged_cache_is_found_on_open_and_prepared_again(tmp_path, city):
+    """A truncated array, an image changed in place, a corrupt manifest: opening the folder says what is wrong and
+    how to fix it (one line); prepare rebuilds it instead of calling it cached; ``verify`` (mtkit prepare --verify)
+    checks every item (on open, sets above ``FULL_CHECK_BYTES`` are checked by a sample)."""
+    layouts.write_cityscapes(tmp_path, city, "val")
+    cfg = _cityscapes(tmp_path, "val", height=32, width=64)
+    p = prepare_dataset(cfg, False, "data.eval.CS", **QUIET)
+    images = p.folder / "images.npy"
+    intact = images.read_bytes()
+    images.write_bytes(intact[:-1000])  # truncated
+    with pytest.raises(DatasetError, match=r"is damaged: images.npy is unreadable or truncated.*mtkit prepare"):
+        cache.open_prepared(p.folder)
+    again = prepare_dataset(cfg, False, "data.eval.CS", **QUIET)
+    assert not again.cached and again.reason == "damaged" and len(cache.open_prepared(p.folder)) == 8
+    arr = np.load(images, mmap_mode="r+")  # one pixel of image 1 changed in place
+    arr[1, 0, 0, 0] ^= 1
+    arr.flush()
+    del arr
+    with pytest.raises(DatasetError, match="item 1 does not match its checksum"):
+        cache.open_prepared(p.folder)
+    fixed = prepare_dataset(cfg, False, "data.eval.CS", verify=True, **QUIET)
+    assert fixed.reason == "damaged" and cache.open_prepared(p.folder)
+    assert prepare_dataset(cfg, False, "data.eval.CS", verify=True, **QUIET).reason == "verified"
+    (p.folder / "manifest.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="manifest.json is damaged"):
+        cache.open_prepared(p.folder)
+    assert prepare_dataset(cfg, False, "data.eval.CS", **QUIET).reason == "damaged"
+
+
 def test_kitti_video_stores_each_frame_once_with_its_intrinsics(tmp_path):
     drive = synthetic.generate(synthetic.SyntheticSpec("drive", sequences=2, frames=5, height=48, width=160, seed=6))
     layouts.write_kitti_raw(tmp_path, drive)

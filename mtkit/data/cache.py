@@ -185,11 +185,65 @@ def training_keys(dataset: CachedSegmentation | CachedVideo, batches: list[list[
     return [[(i, *next(offsets)) for i in batch] for batch in batches]
 
 
+def item_crc(*arrays: np.ndarray) -> int:
+    """The CRC-32 of one stored item (an image with its label, or a frame), as ``crc.npy`` holds it."""
+    h = 0
+    for a in arrays:
+        h = zlib.crc32(np.ascontiguousarray(a).tobytes(), h)
+    return h
+
+
+#: arrays up to this many bytes are checked whole whenever a prepared folder is opened; larger ones by a sample
+FULL_CHECK_BYTES = 256 << 20
+
+
+def check_prepared(folder: Path, manifest: Manifest, full: bool = False) -> str | None:
+    """What is wrong with a complete prepared folder, or None: every array is there, readable (not truncated) and
+    of the manifest's shape, and its items match their CRC-32 (``crc.npy``). The checksums are checked for every
+    item when ``full`` or when the arrays are small (``FULL_CHECK_BYTES``), else for the first, middle and last
+    item and 16 more drawn with a fixed seed."""
+    h, w = manifest.size
+    n = manifest.count
+    if manifest.kind == "segmentation":
+        shapes = {"images.npy": (n, h, w, 3), "labels.npy": (n, h, w)}
+    else:
+        shapes = {"frames.npy": (manifest.frames, h, w, 3), "triplets.npy": (n, 3), "K.npy": (n, 4, 4)}
+    arrays = {}
+    for name, shape in {**shapes, "crc.npy": (n if manifest.kind == "segmentation" else manifest.frames,)}.items():
+        try:
+            arrays[name] = np.load(folder / name, mmap_mode="r")
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except (ValueError, OSError) as exc:
+            return f"{name} is unreadable or truncated ({exc})"
+        if arrays[name].shape != shape:
+            return f"{name} holds {arrays[name].shape}, the manifest says {shape}"
+    stored = [arrays["images.npy"], arrays["labels.npy"]] if manifest.kind == "segmentation" else [arrays["frames.npy"]]
+    items = len(arrays["crc.npy"])
+    if full or sum(a.nbytes for a in stored) <= FULL_CHECK_BYTES:
+        sample = range(items)
+    else:
+        rng = np.random.default_rng(0)
+        sample = sorted({0, items // 2, items - 1, *rng.integers(0, items, 16).tolist()})
+    for i in sample:
+        if item_crc(*(a[i] for a in stored)) != int(arrays["crc.npy"][i]):
+            return f"item {i} does not match its checksum (changed or damaged after it was prepared)"
+    return None
+
+
 def open_prepared(folder: Path) -> CachedSegmentation | CachedVideo:
-    """A complete prepared folder as a dataset; an incomplete or missing one is an error."""
-    manifest = read_manifest(folder)
+    """A complete prepared folder as a dataset, checked (``check_prepared``); an incomplete, missing or damaged
+    one is a one-line error that names the fix."""
+    try:
+        manifest = read_manifest(folder)
+    except ValueError as exc:  # a manifest that is not JSON, or not a manifest
+        raise DatasetError(f"{folder}/manifest.json is damaged ({str(exc).splitlines()[0]}): run `mtkit prepare "
+                           "RECIPE` to prepare the dataset again") from None
     if manifest is None or not manifest.complete:
         raise DatasetError(f"{folder} is not a complete prepared dataset: run `mtkit prepare RECIPE`")
+    problem = check_prepared(folder, manifest)
+    if problem:
+        raise DatasetError(f"{folder} is damaged: {problem}: run `mtkit prepare RECIPE` to prepare it again")
     return (CachedSegmentation if manifest.kind == "segmentation" else CachedVideo)(folder, manifest)
 
 

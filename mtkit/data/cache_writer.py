@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import zlib
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from ..io import atomic_path, atomic_write, atomic_write_text, run_lock
 from ..progress import progress_bar
 from ..sampling import unwrap_worker_errors
 from .base import SegmentationDataset, VideoDataset
-from .cache import FORMAT, Manifest, mtkit_version, read_manifest
+from .cache import FORMAT, Manifest, item_crc, mtkit_version, read_manifest
 
 SAVE_EVERY_S = 1.0
 
@@ -60,13 +59,6 @@ class ArrayFile:
         self.fh.close()
 
 
-def _crc(*arrays: np.ndarray) -> int:
-    h = 0
-    for a in arrays:
-        h = zlib.crc32(np.ascontiguousarray(a).tobytes(), h)
-    return h
-
-
 class _Decode(Dataset):
     """The work of one prepare item, run in loader workers: decode, resize, convert to uint8, checksum."""
 
@@ -84,7 +76,7 @@ class _Decode(Dataset):
                 raise DatasetError(f"{exc} (prepare stops; --skip-bad leaves such items out and counts them)"
                                    ) from None
             return j, None, str(exc).splitlines()[0]
-        return j, arrays, _crc(*arrays)
+        return j, arrays, item_crc(*arrays)
 
 
 def _unbatched(x: Any) -> Any:
@@ -182,7 +174,7 @@ def _finish(partial: Path, folder: Path, manifest: Manifest, arrays: list[np.nda
     """Verify each of ``items`` (its rows of ``arrays``) against its checksum, write the complete manifest and
     rename the folder into place."""
     for i in items:
-        if _crc(*(a[i] for a in arrays)) != int(crc[i]):
+        if item_crc(*(a[i] for a in arrays)) != int(crc[i]):
             raise DatasetError(f"{partial}: item {i} does not match its checksum after writing (disk error?); "
                                "delete the folder and run prepare again")
     manifest.complete = True
