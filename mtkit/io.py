@@ -75,28 +75,35 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 @contextlib.contextmanager
-def run_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
+def run_lock(folder: Path, enabled: bool = True, wait: Callable[[str], None] | None = None) -> Iterator[bool]:
     """Hold ``folder/.lock`` while writing a run there: a second mtkit process writing to the same folder stops at
-    once with a message instead of interleaving checkpoints and logs."""
+    once with a message instead of interleaving checkpoints and logs; with ``wait`` (a log function) it says so
+    once and waits for the first to finish (what a second ``prepare`` of the same dataset does). Yields whether it
+    waited."""
     if not enabled:
-        yield
+        yield False
         return
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ".lock"
+    waited = False
     with open(path, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
-            raise MtkitError(f"{folder} is being written by {holder}: wait for it to finish, or write to another "
-                             "folder") from None
+            if wait is None:
+                raise MtkitError(f"{folder} is being written by {holder}: wait for it to finish, or write to another "
+                                 "folder") from None
+            wait(f"{folder} is being written by {holder}: waiting for it to finish")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            waited = True
         fh.seek(0)
         fh.truncate()
         fh.write(f"mtkit pid {os.getpid()}")
         fh.flush()
         try:
-            yield
+            yield waited
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 

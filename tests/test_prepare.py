@@ -180,3 +180,62 @@ def test_kitti_video_stores_each_frame_once_with_its_intrinsics(tmp_path):
     Image.fromarray(drive["images"][3]).save(frame)  # rewritten: the cache is stale
     assert not prepare_dataset(DatasetConfig(name="kitti_raw", root=str(tmp_path), split="train", height=24,
                                              width=80), True, "data.depth", **QUIET).cached
+
+
+def test_a_second_prepare_of_the_same_dataset_waits_for_the_first(tmp_path, city):
+    """Another process is preparing the same dataset (here: a thread holding the lock of its .partial folder for
+    half a second): prepare says so once and waits for it instead of stopping, then goes on."""
+    import threading
+    import time
+
+    from mtkit.io import run_lock
+
+    layouts.write_cityscapes(tmp_path, city, "val")
+    cfg = _cityscapes(tmp_path, "val", height=32, width=64)
+    folder = dataset_folder(cfg, False)
+    held = threading.Event()
+
+    def other():
+        with run_lock(folder.with_name(folder.name + ".partial")):
+            held.set()
+            time.sleep(0.5)
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    held.wait(10)
+    lines: list[str] = []
+    t0 = time.perf_counter()
+    p = prepare_dataset(cfg, False, "data.eval.CS", progress=False, log=lines.append)
+    worker.join(10)
+    assert time.perf_counter() - t0 >= 0.4 and sum("waiting for it to finish" in ln for ln in lines) == 1
+    assert p.manifest.complete and len(cache.open_prepared(folder)) == 8
+
+
+def test_a_prepare_that_waited_finds_the_dataset_the_other_process_completed(tmp_path, city, monkeypatch):
+    import shutil
+    import threading
+    import time
+
+    from mtkit.data import cache_writer as writer
+    from mtkit.io import run_lock
+
+    layouts.write_cityscapes(tmp_path, city, "val")
+    cfg = _cityscapes(tmp_path, "val", height=32, width=64)
+    folder = prepare_dataset(cfg, False, "data.eval.CS", **QUIET).folder
+    aside = tmp_path / "aside"
+    shutil.move(folder, aside)  # the other process's result, put in place while it holds the lock
+    held = threading.Event()
+
+    def other():
+        with run_lock(folder.with_name(folder.name + ".partial")):
+            held.set()
+            time.sleep(0.3)
+            shutil.move(aside, folder)
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    held.wait(10)
+    monkeypatch.setattr(writer, "_prepare_segmentation", lambda *a, **k: pytest.fail("decoded again"))
+    p = prepare_dataset(cfg, False, "data.eval.CS", progress=False, log=lambda m: None)
+    worker.join(10)
+    assert p.manifest.complete and len(cache.open_prepared(folder)) == 8

@@ -104,7 +104,11 @@ def prepare_folder(source: SegmentationDataset | VideoDataset, folder: Path, dat
     stats, skey = sources
     partial = folder.with_name(folder.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
-    with run_lock(partial):
+    with run_lock(partial, wait=log) as waited:  # a second prepare of the same dataset waits for the first
+        done = _prepared_meanwhile(folder, skey) if waited else None
+        if done is not None:
+            return done
+        partial.mkdir(parents=True, exist_ok=True)  # (the other process may have renamed it into place)
         try:
             stale = (old := read_manifest(partial)) is not None and old.source_key != skey
         except DatasetError:  # an interrupted prepare of another cache format
@@ -118,6 +122,15 @@ def prepare_folder(source: SegmentationDataset | VideoDataset, folder: Path, dat
         if isinstance(source, VideoDataset):
             return _prepare_video(source, *args)
         return _prepare_segmentation(source, *args)
+
+
+def _prepared_meanwhile(folder: Path, skey: str) -> Manifest | None:
+    """The manifest of ``folder`` when another process completed it from the same sources while this one waited."""
+    try:
+        manifest = read_manifest(folder)
+    except (DatasetError, ValueError):
+        return None
+    return manifest if manifest is not None and manifest.complete and manifest.source_key == skey else None
 
 
 def _run(work: _Decode, todo: list[int], workers: int, write: Callable[[int, tuple[np.ndarray, ...]], None],
