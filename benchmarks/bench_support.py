@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
+from mtkit.bench import bench_device
+
 SIZES = {"quick": (64, 192), "paper": (192, 640)}
 
 
-def bench_device() -> torch.device:
-    """The device the benchmarks run on: ``MTKIT_BENCH_DEVICE`` (cpu, cuda, cuda:N), else a GPU when present."""
-    name = os.environ.get("MTKIT_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-DEVICE = bench_device()
+DEVICE = bench_device()  # MTKIT_BENCH_DEVICE, else a GPU when present
 
 
 def sync() -> None:

@@ -75,12 +75,15 @@ def _check_baseline(path: Path) -> None:
         raise MtkitError(f"{path} is not a pytest-benchmark JSON file: {exc}") from None
 
 
+def bench_device() -> torch.device:
+    """The device the benchmarks run on: ``MTKIT_BENCH_DEVICE`` (cpu, cuda, cuda:N), else a GPU when present."""
+    return torch.device(os.environ.get("MTKIT_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def device_slug() -> str:
-    """The benchmarked device as a folder name: ``MTKIT_BENCH_DEVICE`` or the GPU when present, e.g. ``cpu``,
-    ``nvidia-h100-80gb-hbm3``."""
-    name = os.environ.get("MTKIT_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(name).type == "cuda":
-        name = torch.cuda.get_device_name(torch.device(name))
+    """The benchmarked device (``bench_device``) as a folder name, e.g. ``cpu``, ``nvidia-h100-80gb-hbm3``."""
+    device = bench_device()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -97,20 +100,19 @@ def run_bench(save: str | None = None, compare_with: str | None = None, fail_ove
     is also appended to the history (``--benchmark-autosave`` into ``history_folder()/<device>``, where
     pytest-benchmark names each run by its counter, commit and date) that ``trend`` plots."""
     bench_dir = find_benchmarks(path)
-    if save:
-        store = (history_folder(bench_dir, history) / device_slug()).resolve()
-        store.mkdir(parents=True, exist_ok=True)
-        extra = [*(extra or []), "--benchmark-autosave", f"--benchmark-storage=file://{store}"]
+    history_store = (history_folder(bench_dir, history) / device_slug()).resolve() if save else None
+    if history_store is not None:
+        history_store.mkdir(parents=True, exist_ok=True)
     baseline = baseline_path(bench_dir, compare_with) if compare_with else None
     if baseline is not None:
         _check_baseline(baseline)
     # pytest-benchmark wants its storage below the working folder (it prints it relative to it)
     with tempfile.TemporaryDirectory(prefix=".mtkit-bench-", dir=bench_dir.parent) as tmp:
         json_path = Path(tmp) / "benchmark.json"
-        storage = [] if any(e.startswith("--benchmark-storage") for e in extra or []) else [
-            f"--benchmark-storage=file://{tmp}"]
+        store = history_store or Path(tmp)
         cmd = [sys.executable, "-m", "pytest", str(bench_dir), "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-               "--benchmark-enable", f"--benchmark-json={json_path}", *storage,
+               "--benchmark-enable", f"--benchmark-json={json_path}", f"--benchmark-storage=file://{store}",
+               *(["--benchmark-autosave"] if history_store is not None else []),
                "--benchmark-columns=min,median,mean,rounds", "--benchmark-sort=fullname",
                *([f"--benchmark-max-time={os.environ['MTKIT_BENCH_MAX_TIME']}"]
                  if os.environ.get("MTKIT_BENCH_MAX_TIME") else []),
@@ -118,8 +120,7 @@ def run_bench(save: str | None = None, compare_with: str | None = None, fail_ove
         if baseline is not None:
             cmd += [f"--benchmark-compare={baseline.resolve()}", f"--benchmark-compare-fail=median:{fail_over:g}%"]
         # pytest-benchmark wants its storage below the working folder: the history may be elsewhere
-        stores = [e.split("file://", 1)[1] for e in cmd if e.startswith("--benchmark-storage=file://")]
-        cwd = os.path.commonpath([str(bench_dir.parent.resolve()), *stores])
+        cwd = os.path.commonpath([str(bench_dir.parent.resolve()), str(store)])
         proc = subprocess.run(cmd, cwd=cwd, env={**os.environ}, capture_output=True, text=True)
         sys.stdout.write(proc.stdout)
         sys.stderr.write(proc.stderr)
@@ -257,9 +258,10 @@ def count_ops(fn, *args, **kwargs) -> tuple[Any, OpCount]:
 # ------------------------------------------------------------------------------------------ projection of a run
 @dataclass
 class PlanRow:
-    """One stage of a run: what was measured (seconds per unit: a step, a batch, an image), how many units the
-    recipe asks for, and the projected seconds."""
+    """One stage of a run, of one model: what was measured (seconds per unit: a step, a batch, an image), how many
+    units the recipe asks for, and the projected seconds."""
 
+    model: str
     stage: str
     unit: str
     seconds_per_unit: float
@@ -323,14 +325,15 @@ def plan(recipe, steps: int = 3, log=print) -> list[PlanRow]:
             dep = {"frames": frames.to(device), "frames_raw": frames.to(device), "K": k.to(device)}
         per_epoch = t.steps_per_epoch or max(1, seg_len // tr.seg_batch)
         step = _timed(lambda tr=tr, seg=seg, dep=dep: tr.train_step(seg, dep), steps, device)
-        rows.append(PlanRow(f"train {spec.name}", f"step ({tr.seg_batch} + {tr.depth_batch} images)", step,
+        rows.append(PlanRow(spec.name, f"train {spec.name}", f"step ({tr.seg_batch} + {tr.depth_batch} images)", step,
                             per_epoch * t.epochs * seeds))
         segmenter = tr.model.segmenter().eval()
         vb = rob.batch_size if isinstance(rob.batch_size, int) else tr.seg_batch
         val = images(vb, d.segmentation_val).to(device)
         with torch.no_grad():
             v = _timed(lambda s=segmenter, x=val: s(x), steps, device)
-        rows.append(PlanRow(f"validate {spec.name}", f"batch of {vb}", v, math.ceil(val_len / vb) * t.epochs * seeds))
+        rows.append(PlanRow(spec.name, f"validate {spec.name}", f"batch of {vb}", v,
+                            math.ceil(val_len / vb) * t.epochs * seeds))
         perts = build_perturbations(rob.perturbations, rob.options)
         loss = build_segmentation_loss(recipe.loss.segmentation, torch.ones(n))
         precision = resolve_precision(rob.amp, rob.channels_last, rob.compile, device, "robustness", rob.tf32)
@@ -342,7 +345,7 @@ def plan(recipe, steps: int = 3, log=print) -> list[PlanRow]:
             sweep = _timed(partial(robustness_sweep, segmenter, batch, perts, rob.epsilons, n, torch.ones(n), b, 0,
                                    device, loss=loss, precision=precision, pass_images=rob.pass_images,
                                    sanity=rob.sanity), 1, device)
-            rows.append(PlanRow(f"evaluate {spec.name} on {key}",
+            rows.append(PlanRow(spec.name, f"evaluate {spec.name} on {key}",
                                 f"batch of {b}: clean, {len(perts)} perturbations × {len(rob.epsilons)} ε", sweep,
                                 math.ceil(size_of(f"data.eval.{key}", cfg) / b) * seeds))
         if tr.multitask:
@@ -350,7 +353,7 @@ def plan(recipe, steps: int = 3, log=print) -> list[PlanRow]:
                 x = images(recipe.depth_evaluation.batch_size, cfg).to(device)
                 with torch.no_grad():
                     dt = _timed(lambda m=tr.model, x=x: m.predict_depth(x), steps, device)
-                rows.append(PlanRow(f"evaluate depth {spec.name} on {key}",
+                rows.append(PlanRow(spec.name, f"evaluate depth {spec.name} on {key}",
                                     f"batch of {recipe.depth_evaluation.batch_size}", dt,
                                     math.ceil(size_of(f"data.depth_eval.{key}", cfg)
                                               / recipe.depth_evaluation.batch_size) * seeds))

@@ -62,10 +62,9 @@ def _print_plan(rows, recipe, jobs: int) -> None:
     console.print(table)
     console.print(f"total: {_hms(total)} in one process")
     if jobs > 1:  # the longest (model, seed) chain bounds what N processes can overlap
-        chains = {}
+        chains: dict[str, float] = {}
         for row in rows:
-            model = row.stage.split(" on ")[0].split()[-1]
-            chains[model] = chains.get(model, 0.0) + row.seconds / max(len(recipe.run_seeds()), 1)
+            chains[row.model] = chains.get(row.model, 0.0) + row.seconds / max(len(recipe.run_seeds()), 1)
         console.print(f"with --jobs {jobs}: about {_hms(max(total / jobs, max(chains.values())))} if {jobs} "
                       "processes share the device without slowing each other (an upper bound of the gain)")
 

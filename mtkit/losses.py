@@ -83,9 +83,10 @@ def photometric_error(target: torch.Tensor, pred: torch.Tensor, alpha: float = 0
     return alpha * dssim(target, pred).mean(-3, keepdim=True) + (1 - alpha) * l1
 
 
-def min_reprojection(errors: list[torch.Tensor]) -> torch.Tensor:
-    """Per-pixel minimum over the source frames t' (eq. 2), (B, 1, H, W)."""
-    return torch.cat(errors, 1).min(1, keepdim=True).values
+def min_reprojection(errors: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """Per-pixel minimum over the source frames t' (eq. 2): ``errors`` holds each source's photometric error along
+    its first dimension (a list of (…, 1, H, W) maps is stacked); the result drops that dimension."""
+    return (torch.stack(errors) if isinstance(errors, list) else errors).min(0).values
 
 
 def smoothness(disp: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -165,11 +166,11 @@ class MonodepthLoss(nn.Module):
         errors = torch.cat([self._reprojection(depth[s0:s0 + chunk], rays_p, p, sources, cur)
                             for s0 in range(0, n, chunk)])  # (S, O, B, 1, H, W): eq. 2 inside the min
         if self.automask:
-            identity = photometric_error(cur, sources, self.alpha).min(0, keepdim=True).values
+            identity = min_reprojection(photometric_error(cur, sources, self.alpha))
             identity = identity + torch.randn_like(identity) * 1e-5  # break ties as monodepth2
             errors = torch.cat([errors, identity.expand(n, 1, b, 1, h, w)], 1)
         # per-pixel minimum over the sources (eq. 2), each scale's mean, averaged over scales (equal sizes)
-        ph = errors.min(1).values.mean()
+        ph = min_reprojection(errors.movedim(1, 0)).mean()
         pyramid = image_pyramid(cur, [tuple(disps[s].shape[-2:]) for s in range(n)])
         sm = sum(smoothness(disps[s], pyramid[s]) / (2**s) for s in range(n)) / n
         return DepthLossOutput(ph + self.beta * sm, ph, sm)

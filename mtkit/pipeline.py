@@ -227,14 +227,12 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                                     skipped_items=m.skipped[:20], folder=str(p.folder)))
     by_jobs: set[Path] = set()
     if jobs > 1 and units is None and not d.enabled:
-        todo = [(spec.name, seed) for seed in seeds for spec in recipe.models
-                if force or not all(f.is_file() for f in stage_files(recipe, run_dir, spec, seed))]
-        before = {f for seed in seeds for spec in recipe.models for f in stage_files(recipe, run_dir, spec, seed)
-                  if f.is_file() and not force}
-        if todo:
+        files = {(spec.name, seed): stage_files(recipe, run_dir, spec, seed)
+                 for seed in seeds for spec in recipe.models}
+        todo = [unit for unit, fs in files.items() if force or not all(f.is_file() for f in fs)]
+        if todo:  # the stages these jobs are to run count as run, not cached
+            by_jobs = {f for unit in todo for f in files[unit] if force or not f.is_file()}
             run_jobs(recipe, run_dir, todo, jobs, force, log)
-            by_jobs = {f for seed in seeds for spec in recipe.models
-                       for f in stage_files(recipe, run_dir, spec, seed)} - before
         force = False  # what force asked for has just run
     for seed in seeds:
         for spec in recipe.models:

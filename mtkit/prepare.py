@@ -93,16 +93,14 @@ def prepare_dataset(cfg: DatasetConfig, train: bool, where: str, workers: int = 
         manifest, reason = None, "damaged"
         log(f"{where}: {folder.name}/manifest.json is damaged; preparing it again")
     if manifest is not None and manifest.complete and not force:
-        problem = check_prepared(folder, manifest, full=verify) if sources[1] == manifest.source_key else None
-        if sources[1] == manifest.source_key and problem is None:
+        if sources[1] != manifest.source_key:
+            reason = "sources changed"
+            log(f"{where}: the source files changed since {folder.name} was prepared; preparing it again")
+        elif (problem := check_prepared(folder, manifest, full=verify)) is None:
             return Prepared(where, folder, manifest, True, "verified" if verify else "unchanged")
-        if problem is not None:
+        else:
+            reason = "damaged"
             log(f"{where}: {folder.name} is damaged ({problem}); preparing it again")
-            return Prepared(where, folder, prepare_folder(source, folder, dataset, train, sources, workers, skip_bad,
-                                                          progress, label=f"prepare {where}", log=log), False,
-                            "damaged")
-        reason = "sources changed"
-        log(f"{where}: the source files changed since {folder.name} was prepared; preparing it again")
     elif force and manifest is not None:
         reason = "forced"
     if folder.with_name(folder.name + ".partial").is_dir() and reason == "new":

@@ -156,27 +156,22 @@ def resolve_precision(amp: str, channels_last: bool | str, compile: bool | str, 
 
 
 # ------------------------------------------------------------------------------------------ the CUDA math policy
-def _fp32_precision(tf32: bool | None = None) -> dict[str, str] | None:
-    """Read (and with ``tf32`` set) the fp32 precision of CUDA matmuls and cuDNN convolutions. torch ≥ 2.9 has
-    ``fp32_precision`` ("ieee" | "tf32"); older versions the ``allow_tf32`` flags."""
+def _fp32_precision(new: dict[str, str] | None = None) -> dict[str, str]:
+    """The fp32 precision ("ieee" | "tf32") of CUDA matmuls and cuDNN convolutions, {"matmul": …, "conv": …};
+    with ``new``, set to it (the previous one is returned). torch ≥ 2.9 has ``fp32_precision``, older versions
+    the ``allow_tf32`` flags."""
     b = torch.backends
-    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):
+    modern = hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv")
+    if modern:
         old = {"matmul": b.cuda.matmul.fp32_precision, "conv": b.cudnn.conv.fp32_precision}
-        if tf32 is not None:
-            b.cuda.matmul.fp32_precision = b.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
-        return old
-    old = {"matmul": "tf32" if b.cuda.matmul.allow_tf32 else "ieee", "conv": "tf32" if b.cudnn.allow_tf32 else "ieee"}
-    if tf32 is not None:
-        b.cuda.matmul.allow_tf32 = b.cudnn.allow_tf32 = bool(tf32)
-    return old
-
-
-def _restore_fp32_precision(old: dict[str, str]) -> None:
-    b = torch.backends
-    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):
-        b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision = old["matmul"], old["conv"]
     else:
-        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = old["matmul"] == "tf32", old["conv"] == "tf32"
+        old = {"matmul": "tf32" if b.cuda.matmul.allow_tf32 else "ieee",
+               "conv": "tf32" if b.cudnn.allow_tf32 else "ieee"}
+    if new is not None and modern:
+        b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision = new["matmul"], new["conv"]
+    elif new is not None:
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = new["matmul"] == "tf32", new["conv"] == "tf32"
+    return old
 
 
 @contextlib.contextmanager
@@ -193,8 +188,10 @@ def math_mode(tf32: bool, deterministic: bool = False) -> Iterator[dict[str, obj
       padding accumulate with atomics). Otherwise cudnn.benchmark is on: the fastest algorithm per input shape.
     """
     b = torch.backends.cudnn
-    old = (_fp32_precision(tf32), b.benchmark, b.deterministic, torch.are_deterministic_algorithms_enabled(),
-           torch.is_deterministic_algorithms_warn_only_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    mode = "tf32" if tf32 else "ieee"
+    old = (_fp32_precision({"matmul": mode, "conv": mode}), b.benchmark, b.deterministic,
+           torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
     b.benchmark, b.deterministic = not deterministic, deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -204,12 +201,11 @@ def math_mode(tf32: bool, deterministic: bool = False) -> Iterator[dict[str, obj
     try:
         yield {"tf32": bool(tf32), "cudnn_benchmark": not deterministic, "deterministic": deterministic}
     finally:
-        _restore_fp32_precision(old[0])  # type: ignore[arg-type]
+        _fp32_precision(old[0])
         b.benchmark, b.deterministic = old[1], old[2]
         torch.use_deterministic_algorithms(old[3], warn_only=old[4])
         if old[5] is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-
 
 
 def resolve_pin_memory(setting: bool | str, device: torch.device) -> bool:

@@ -190,7 +190,7 @@ TILE = 32  # pixels per side of the tiles the renderer culls boxes for
 PARALLEL_PIXELS = 4_000_000  # rendered pixels from which ``generate`` spreads the clips over processes
 
 
-def _screen_rects(boxes: np.ndarray, pose: np.ndarray, k: np.ndarray, height: int, width: int) -> np.ndarray:
+def _screen_rects(boxes: np.ndarray, pose: np.ndarray, k: np.ndarray) -> np.ndarray:
     """For each box (M, 6), the pixel rectangle (M, 4: u0, u1, v0, v1) that holds the projection of its 8
     corners, widened by a pixel; the whole image for a box with a corner less than 0.1 m in front of the camera
     (its projection is unbounded). A ray through a pixel outside it cannot meet the box."""
@@ -261,7 +261,7 @@ def render(scene: Scene, pose: np.ndarray, k: np.ndarray, height: int, width: in
     if idx.size:
         with np.errstate(divide="ignore", invalid="ignore"):
             inv = (1.0 / np.where(np.abs(dirs) < 1e-9, 1e-9, dirs)).astype(np.float32)
-        rects = _screen_rects(boxes[idx], pose, k, height, width)
+        rects = _screen_rects(boxes[idx], pose, k)
         pixel = np.arange(n).reshape(height, width)
         for r0 in range(0, height, TILE):
             for c0 in range(0, width, TILE):
