@@ -1,4 +1,5 @@
-"""Training engine: single-task (segmentation) and multi-task (segmentation + self-supervised depth) models.
+"""Training engine: single-task (segmentation) and multi-task (segmentation + self-supervised depth) models; the
+step itself is ``mtkit.step``, this module adds the data, the checkpoints and the loop.
 
 Epochs: one epoch is one pass over the segmentation training set (``len(seg_set) // global seg batch`` steps,
 or ``train.steps_per_epoch``); the depth set is drawn alongside from its own shuffled stream, reshuffled
@@ -20,31 +21,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from .build import build_depth_loss, build_model, build_segmentation_loss
 from .config import ModelSpec, Recipe, config_hash
-from .data.augment import AugmentParams, augment_segmentation, augment_video, draw_params
+from .data.augment import AugmentParams, draw_params
 from .data.cache import CachedSegmentation, CachedVideo, training_keys
 from .data.stats import build_class_weights
-from .errors import CheckpointError, MtkitError, TrainingDiverged
+from .errors import CheckpointError, MtkitError
 from .io import run_lock
 from .metrics import confusion_on, miou
 from .metrics_log import MetricsLog, truncate_log
-from .models import MultiTaskNet
 from .plugins import get_plugins
 from .prepare import default_workers, prepared_dataset
 from .progress import progress_bar
-from .runtime import (
-    init_distributed,
-    math_mode,
-    resolve_device,
-    resolve_pin_memory,
-    resolve_precision,
-    seed_everything,
-)
+from .runtime import math_mode, resolve_pin_memory, seed_everything
 from .sampling import EpochLoader, epoch_batches
+from .step import StepEngine
 
 
 @dataclass
@@ -62,28 +54,16 @@ class TrainResult:
     class_weights_key: str | None = None
 
 
-class Trainer:
+class Trainer(StepEngine):
     """Trains one model spec of a recipe into ``run_dir`` (best.pt, last.pt, metrics.jsonl)."""
 
     def __init__(self, recipe: Recipe, spec: ModelSpec, run_dir: str | Path, seed: int | None = None,
                  progress: bool = True, force_statistics: bool = False) -> None:
-        self.recipe = recipe
+        super().__init__(recipe, spec, seed)
         self.force_statistics = force_statistics
         self.weights_key: str | None = None
-        self.spec = spec
         self.run_dir = Path(run_dir)
-        self.seed = recipe.seed if seed is None else seed
         self.show_progress = progress
-        self.device = resolve_device(recipe.device)
-        self.dist = init_distributed(self.device)
-        self.multitask = "depth" in spec.tasks
-        t = recipe.train
-        self.seg_batch = t.seg_batch_size if self.multitask else t.batch_size
-        self.depth_batch = t.depth_batch_size if self.multitask else 0
-        for name, b in (("segmentation", self.seg_batch), ("depth", self.depth_batch)):
-            if b % self.dist.world:
-                raise MtkitError(f"the {name} batch ({b}) must divide evenly over {self.dist.world} processes")
-        self.precision = resolve_precision(t.amp, t.channels_last, t.compile, self.device, tf32=t.tf32)
 
     # ------------------------------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -102,36 +82,6 @@ class Trainer:
         self.steps_per_epoch = r.train.steps_per_epoch or max(1, len(self.seg_train) // self.seg_batch)
         weights, self.weights_key = build_class_weights(r, self.seg_train, self.force_statistics)
         self.build(weights)
-
-    def build(self, class_weights: torch.Tensor | None) -> None:
-        """Model, losses, optimizer and schedule (no data: benchmarks drive ``train_step`` with their own batches)."""
-        r = self.recipe
-        self.weights = class_weights
-        torch.manual_seed(self.seed)  # identical initial weights on every rank and for every data set-up
-        self.model: MultiTaskNet = build_model(r.model, self.spec.tasks, self.spec.lam, r.loss.num_scales,
-                                              self.spec.task_scales)
-        self.model.to(self.device)
-        if self.precision.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.depth_loss = build_depth_loss(r) if self.multitask else None
-        self.seg_loss = build_segmentation_loss(r.loss.segmentation, self.weights).to(self.device)
-        # fused Adam: one kernel for all parameters, its step counts on the device (no read-back in a step)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=r.train.lr, fused=True)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, r.train.lr_drop_epochs,
-                                                              r.train.lr_drop_factor)
-        # fp16 needs loss scaling (bf16 has fp32's range); the scaler's state is part of last.pt
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.dtype == torch.float16)
-        self.net: torch.nn.Module = self.model
-        if self.dist.enabled:
-            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if
-                                               self.device.type == "cuda" else None)
-        if self.precision.compile:
-            self.net = torch.compile(self.net, backend=self.precision.compile)
-        self.epoch = 0
-        self.step = 0
-        self.step_in_epoch = 0
-        self.best = -math.inf
-        self.history: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------------------------------- checkpoints
     @property
@@ -197,79 +147,9 @@ class Trainer:
         params = draw_params(self.recipe.data.augment, sum(map(len, batches)), g)
         return training_keys(dataset, batches, g), params
 
-    def augment(self, seg: dict[str, torch.Tensor], dep: dict[str, torch.Tensor] | None, seg_p: AugmentParams,
-                dep_p: AugmentParams | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """A loaded uint8 batch moved to the device and augmented there (flip and colour jitter per sample)."""
-        dev = self.device
-        out = augment_segmentation(seg["image"].to(dev, non_blocking=True), seg["label"].to(dev, non_blocking=True),
-                                   seg_p)
-        if dep is None or dep_p is None:
-            return out, None
-        return out, augment_video(dep["frames"].to(dev, non_blocking=True), dep["K"].to(dev, non_blocking=True),
-                                  dep_p)
-
-    # ----------------------------------------------------------------------------------------- one step
-    def train_step(self, seg: dict[str, torch.Tensor], dep: dict[str, torch.Tensor] | None
-                   ) -> dict[str, torch.Tensor]:
-        """One optimisation step on a segmentation batch and (multi-task) a video batch. Returns the loss terms as
-        detached fp32 scalars on the device: nothing in a step reads a value back to the host (the labels are
-        checked once at set-up, ``data.stats.check_labels``; the loop reads the terms and checks them for NaN at
-        log steps, ``read_back``), so a GPU never waits for the host between steps."""
-        dev = self.device
-        x = seg["image"].to(dev, non_blocking=True)
-        y = seg["label"].to(dev, non_blocking=True)
-        frames = None if dep is None else dep["frames"].to(dev, non_blocking=True)
-        with self.precision.autocast():
-            out = self.net(self.precision.input(x), frames)
-        terms: dict[str, torch.Tensor] = {"seg": self.seg_loss(out["seg_logits"].float(), y)}
-        total = terms["seg"]
-        for name, task in self.model.aux_tasks.items():  # plugin tasks, on the segmentation batch's images
-            terms[name] = task.loss(out["aux"][name].float(), x)
-            total = total + terms[name]
-        if dep is not None:
-            raw = dep["frames_raw"].to(dev, non_blocking=True)
-            disp = {s: v.float() for s, v in out["disp"].items()}
-            poses = {k: v.float() for k, v in out["poses"].items()}
-            d = self.depth_loss(disp, [raw[:, 0], raw[:, 1], raw[:, 2]], dep["K"].to(dev, non_blocking=True), poses)
-            terms.update(depth=d.total, photometric=d.photometric, smoothness=d.smoothness)
-            # eq. 5: each decoder sees its own unscaled loss, the encoder (1-λ)·g_depth + λ·g_seg
-            total = total + d.total
-        if not self.scaler.is_enabled():  # a non-finite loss must not reach the weights: fused Adam skips such a
-            # step on the device (GradScaler's found_inf protocol), and the loop reports it at the next read-back
-            found_inf = (~torch.isfinite(total.detach())).float()
-            if self.dist.enabled:  # every rank skips alike (the gradients are all-reduced: a NaN reaches all)
-                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-            self.optimizer.found_inf = found_inf
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        if self.recipe.train.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip)
-        self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
-        self.scaler.update()
-        return {k: v.detach().float() for k, v in terms.items()}
-
-    def read_back(self, window: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
-        """The loss terms of the steps since the last read-back (``window``, oldest first) as floats, in one
-        device-to-host transfer; under DDP their mean over the ranks (every rank reads back at the same steps).
-        A non-finite term stops training on every rank with the first step it appeared at."""
-        if not window:
-            return []
-        names = list(window[0])
-        values = torch.stack([torch.stack([w[n] for n in names]) for w in window])  # (steps, terms)
-        if self.dist.enabled:  # the mean over ranks (the global batch); a NaN on any rank reaches every rank
-            dist.all_reduce(values, op=dist.ReduceOp.SUM)
-            values /= self.dist.world
-        rows = values.cpu().tolist()
-        first = self.step - len(window) + 1
-        for i, row in enumerate(rows):
-            for name, value in zip(names, row):
-                if not math.isfinite(value):
-                    raise TrainingDiverged(
-                        f"loss term '{name}' is {value} at step {first + i} (epoch {self.epoch + 1}); training "
-                        f"stopped, the last good checkpoint is kept at {self.last_path}"
-                        + ("" if self.last_path.is_file() else " (none written yet)"))
-        return [dict(zip(names, row)) for row in rows]
+    def diverged_hint(self) -> str:
+        return f", the last good checkpoint is kept at {self.last_path}" + (
+            "" if self.last_path.is_file() else " (none written yet)")
 
     def validate(self) -> float:
         bs = self.recipe.robustness.batch_size

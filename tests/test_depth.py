@@ -72,14 +72,14 @@ def test_warp_with_true_depth_and_pose_reproduces_target(static_pair, device):
 
 def test_loss_is_differentiable_wrt_depth_and_pose(static_pair, device):
     """On every device: the depth loss has finite, non-zero gradients for depth and pose, equal to the CPU's."""
-    from mtkit.models.pose import translation_matrix
+    from mtkit.models.pose import transformation_from_parameters
 
     def loss_and_grads(dev):
         cur, src, depth, k, rel, _ = (t.to(dev) for t in static_pair)
         disp = (1.0 / torch.where(depth > 0, depth, torch.full_like(depth, 100.0))).clamp(0.01, 10)
         disp.requires_grad_(True)
         trans = torch.zeros(1, 3, dtype=torch.float64, device=dev, requires_grad=True)
-        t = rel @ translation_matrix(trans)
+        t = rel @ transformation_from_parameters(torch.zeros_like(trans), trans)
         loss = MonodepthLoss(num_scales=1)({0: disp}, [src * 255, cur * 255, src * 255], k, {-1: t, 1: t}).total
         loss.backward()
         return loss.detach().cpu(), disp.grad.cpu(), trans.grad.cpu()

@@ -111,6 +111,50 @@ def test_pose_transforms():
     assert pose.shape == (2, 4, 4)
 
 
+def _monodepth2_transform(vec: torch.Tensor, t: torch.Tensor, invert: bool) -> torch.Tensor:
+    """monodepth2's rot_from_axisangle (the nine entries written out) and transformation_from_parameters."""
+    angle = vec.norm(dim=-1, keepdim=True)
+    x, y, z = (vec / (angle + 1e-7)).unbind(-1)
+    ca, sa = torch.cos(angle[:, 0]), torch.sin(angle[:, 0])
+    c = 1 - ca
+    rot = torch.zeros(vec.shape[0], 4, 4, dtype=vec.dtype)
+    rot[:, 0, 0], rot[:, 0, 1], rot[:, 0, 2] = x * x * c + ca, x * y * c - z * sa, z * x * c + y * sa
+    rot[:, 1, 0], rot[:, 1, 1], rot[:, 1, 2] = x * y * c + z * sa, y * y * c + ca, y * z * c - x * sa
+    rot[:, 2, 0], rot[:, 2, 1], rot[:, 2, 2] = z * x * c - y * sa, y * z * c + x * sa, z * z * c + ca
+    rot[:, 3, 3] = 1
+    if invert:
+        rot, t = rot.transpose(1, 2), -t
+    tm = torch.eye(4, dtype=vec.dtype).repeat(vec.shape[0], 1, 1)
+    tm[:, :3, 3] = t
+    return rot @ tm if invert else tm @ rot
+
+
+def test_pose_transforms_equal_monodepth2_entry_by_entry():
+    """The whole-tensor Rodrigues formula and the inverse [[Rᵀ, -Rᵀt], [0, 1]] equal monodepth2's nine written-out
+    entries and its matrix products (fp64), for every row alike or chosen per row by a mask."""
+    g = torch.Generator().manual_seed(3)
+    aa, t = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    for invert in (False, True):
+        assert torch.allclose(transformation_from_parameters(aa, t, invert), _monodepth2_transform(aa, t, invert),
+                              atol=1e-12)
+    mask = torch.tensor([True, False, False, True, False])
+    mixed = transformation_from_parameters(aa, t, mask)
+    assert torch.allclose(mixed[mask], _monodepth2_transform(aa[mask], t[mask], True), atol=1e-12)
+    assert torch.allclose(mixed[~mask], _monodepth2_transform(aa[~mask], t[~mask], False), atol=1e-12)
+
+
+def test_both_poses_in_one_pass_equal_one_pass_per_pair():
+    """``PoseNet.around`` (both frame pairs in one batch) equals the pose net run on each pair (eval mode, where
+    BatchNorm uses its running statistics), and the model's forward uses it."""
+    net = build_pose_net(ModelConfig()).eval()
+    g = torch.Generator().manual_seed(0)
+    prev, cur, nxt = (torch.rand(2, 3, 32, 64, generator=g) * 255 for _ in range(3))
+    with torch.no_grad():
+        both = net.around(prev, cur, nxt)
+        assert torch.allclose(both[-1], net(cur, prev, other_is_past=True), atol=1e-6)
+        assert torch.allclose(both[1], net(cur, nxt, other_is_past=False), atol=1e-6)
+
+
 def test_local_weights(tmp_path):
     ref = timm.create_model("resnet18", pretrained=False)
     from safetensors.torch import save_file

@@ -42,18 +42,20 @@ def _step_setup(tmp_path):
     return tr, step
 
 
-def test_a_step_reads_nothing_back_and_dispatches_under_half_the_operators(tmp_path):
-    """Measured: 3,006 operators (2,163 kernels) against 6,113 (4,878) before; host synchronisations 516 → 0
-    (Adam's step counts, the label and NaN checks, the loss read-back, linalg.inv's check, the jitter's boolean
-    masks); small-matrix products over the pixels 24 → 0."""
+def test_a_step_reads_nothing_back_and_dispatches_a_third_of_the_operators(tmp_path):
+    """The issue's proxy goals: ≤ 1/3 of the operators, no host synchronisation, no small-matrix product over the
+    pixels. Measured: 2,027 operators (1,356 kernels) against 6,113 (4,878) before (the pose net once on both
+    frame pairs, Rodrigues' formula on whole tensors); host synchronisations 516 → 0 (Adam's step counts, the
+    label and NaN checks, the loss read-back, linalg.inv's check, the jitter's boolean masks); small-matrix
+    products over the pixels 24 → 0."""
     tr, step = _step_setup(tmp_path)
     step()
     terms, count = count_ops(step)
     assert count.syncs == {}, count.syncs
     assert count.small_matmuls == []
     assert all(t.dim() == 0 and t.dtype == torch.float32 for t in terms.values())
-    assert count.total <= 0.5 * BEFORE["ops"], count.total
-    assert count.kernels <= 0.45 * BEFORE["kernels"], count.kernels
+    assert count.total <= BEFORE["ops"] / 3, count.total
+    assert count.kernels <= 0.3 * BEFORE["kernels"], count.kernels
 
 
 def test_the_op_counter_sees_synchronisations_and_small_matrix_products():

@@ -129,11 +129,11 @@ class MultiTaskNet(nn.Module):
             return disp_to_depth(at_least_fp32(sigma), self.cfg.min_depth, self.cfg.max_depth)[1]
 
     def predict_poses(self, frames: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-        """T_{t→t'} for frames [x_{t-1}, x_t, x_{t+1}] (gray values): {-1: ..., +1: ...}."""
+        """T_{t→t'} for frames [x_{t-1}, x_t, x_{t+1}] (gray values): {-1: ..., +1: ...}, both pairs in one pass
+        of the pose net (``PoseNet.around``)."""
         if self.pose_net is None:
             raise MtkitError("this model has no pose network")
-        prev, cur, nxt = frames
-        return {-1: self.pose_net(cur, prev, other_is_past=True), 1: self.pose_net(cur, nxt, other_is_past=False)}
+        return self.pose_net.around(*frames)
 
     def segmenter(self) -> Segmenter:
         """The segmentation-only network (depth head and pose net dropped), sharing these parameters."""

@@ -8,39 +8,39 @@ from torch import nn
 
 from .decoders import at_least_fp32
 
+# skew(a) = a @ _CROSS viewed (3, 3): the cross-product matrix [[0, -z, y], [z, 0, -x], [-y, x, 0]]
+_CROSS = torch.tensor([[0, 0, 0, 0, 0, -1, 0, 1, 0],
+                       [0, 0, 1, 0, 0, 0, -1, 0, 0],
+                       [0, -1, 0, 1, 0, 0, 0, 0, 0]], dtype=torch.float32)
 
-def rot_from_axisangle(vec: torch.Tensor) -> torch.Tensor:
-    """Axis-angle (B, 3) → rotation matrices (B, 4, 4) (Rodrigues' formula), assembled with one ``stack`` (no
-    slice assignments: each would be a copy in the forward and in the backward pass)."""
+
+def rotation_from_axisangle(vec: torch.Tensor) -> torch.Tensor:
+    """Axis-angle (B, 3) → rotation matrices (B, 3, 3) by Rodrigues' formula R = cos θ·I + sin θ·[a]ₓ +
+    (1 - cos θ)·a·aᵀ (θ = ‖vec‖, a = vec/θ), in a handful of whole-tensor operations (monodepth2's
+    ``rot_from_axisangle`` writes out the nine entries: each a separate operation forward and backward)."""
     angle = vec.norm(dim=-1, keepdim=True).clamp_min(1e-7)
     axis = vec / angle
-    ca, sa = torch.cos(angle), torch.sin(angle)
-    c1 = 1 - ca
-    x, y, z = axis[..., 0:1], axis[..., 1:2], axis[..., 2:3]
-    zero, one = torch.zeros_like(x), torch.ones_like(x)
-    return torch.stack([ca + x * x * c1, x * y * c1 - z * sa, x * z * c1 + y * sa, zero,
-                        y * x * c1 + z * sa, ca + y * y * c1, y * z * c1 - x * sa, zero,
-                        z * x * c1 - y * sa, z * y * c1 + x * sa, ca + z * z * c1, zero,
-                        zero, zero, zero, one], -1).view(-1, 4, 4)
-
-
-def translation_matrix(t: torch.Tensor) -> torch.Tensor:
-    """Translation vectors (B, 3) → (B, 4, 4)."""
-    eye = torch.eye(4, 3, dtype=t.dtype, device=t.device).expand(t.shape[0], 4, 3)
-    column = torch.cat([t, torch.ones_like(t[:, :1])], 1).unsqueeze(-1)
-    return torch.cat([eye, column], -1)
+    ca, sa = torch.cos(angle).unsqueeze(-1), torch.sin(angle).unsqueeze(-1)
+    skew = (axis @ _CROSS.to(axis.device, axis.dtype)).view(-1, 3, 3)
+    outer = axis.unsqueeze(-1) * axis.unsqueeze(-2)
+    return ca * torch.eye(3, dtype=vec.dtype, device=vec.device) + sa * skew + (1 - ca) * outer
 
 
 def transformation_from_parameters(axisangle: torch.Tensor, translation: torch.Tensor,
-                                   invert: bool = False) -> torch.Tensor:
-    """4x4 transform from axis-angle and translation; ``invert`` gives the inverse motion (monodepth2)."""
-    r = rot_from_axisangle(axisangle)
-    t = translation
-    if invert:
+                                   invert: bool | torch.Tensor = False) -> torch.Tensor:
+    """4x4 transform (B, 4, 4) from axis-angle and translation (B, 3): T = [[R, t], [0, 1]] (monodepth2's
+    translation·rotation); ``invert`` gives the inverse motion Rᵀ·translation(-t) = [[Rᵀ, -Rᵀt], [0, 1]], for all
+    rows (a bool) or for the rows a (B,) bool tensor marks."""
+    r = rotation_from_axisangle(axisangle)
+    t = translation.unsqueeze(-1)
+    if isinstance(invert, torch.Tensor):
+        rt, mask = r.transpose(1, 2), invert.view(-1, 1, 1)
+        r, t = torch.where(mask, rt, r), torch.where(mask, -(rt @ t), t)
+    elif invert:
         r = r.transpose(1, 2)
-        t = -t
-    tm = translation_matrix(t)
-    return r @ tm if invert else tm @ r
+        t = -(r @ t)
+    last_row = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=r.dtype, device=r.device).expand(r.shape[0], 1, 4)
+    return torch.cat([torch.cat([r, t], -1), last_row], 1)
 
 
 class PoseDecoder(nn.Module):
@@ -74,11 +74,24 @@ class PoseNet(nn.Module):
 
     def forward(self, frame_t: torch.Tensor, frame_other: torch.Tensor, other_is_past: bool) -> torch.Tensor:
         """T_{t→t'} (B, 4, 4): maps points in camera t to camera t'. Frames are fed in temporal order and the
-        motion inverted for a past frame, as in monodepth2. The transforms are fp32 even under autocast: a bf16
-        rotation (8-bit mantissa) would shift far points by pixels."""
-        pair = torch.cat([frame_other, frame_t] if other_is_past else [frame_t, frame_other], 1)
-        feature = self.encoder((pair - self.mean) / self.std)[-1]
+        motion inverted for a past frame, as in monodepth2."""
+        return self.transforms(torch.cat([frame_other, frame_t] if other_is_past else [frame_t, frame_other], 1),
+                               other_is_past)
+
+    def around(self, prev: torch.Tensor, cur: torch.Tensor, nxt: torch.Tensor) -> dict[int, torch.Tensor]:
+        """{-1: T_{t→t-1}, 1: T_{t→t+1}} in one pass over the 2B frame pairs (one encoder call instead of one per
+        pair: half the launches). monodepth2 runs the pose net once per pair; in training mode BatchNorm's batch
+        statistics here cover both pairs' 2B samples, which is the only difference (equal in eval mode)."""
+        b = cur.shape[0]
+        pairs = torch.cat([torch.cat([prev, cur], 1), torch.cat([cur, nxt], 1)])
+        t = self.transforms(pairs, torch.arange(2 * b, device=cur.device) < b)
+        return {-1: t[:b], 1: t[b:]}
+
+    def transforms(self, pairs: torch.Tensor, invert: bool | torch.Tensor) -> torch.Tensor:
+        """Transforms (N, 4, 4) of frame pairs stacked along channels (N, 6, H, W), inverted where ``invert``
+        says (``transformation_from_parameters``). They are fp32 even under autocast: a bf16 rotation (8-bit
+        mantissa) would shift far points by pixels."""
+        feature = self.encoder((pairs - self.mean) / self.std)[-1]
         axisangle, translation = self.decoder(feature)
-        with torch.autocast(pair.device.type, enabled=False):
-            return transformation_from_parameters(at_least_fp32(axisangle), at_least_fp32(translation),
-                                                  invert=other_is_past)
+        with torch.autocast(pairs.device.type, enabled=False):
+            return transformation_from_parameters(at_least_fp32(axisangle), at_least_fp32(translation), invert)

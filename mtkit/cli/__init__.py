@@ -1,0 +1,85 @@
+"""The ``mtkit`` command line: a thin layer over ``mtkit.api``.
+
+User mistakes (bad recipe, missing dataset, unknown name) print one line and exit with code 2; ``--debug``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+import click
+
+from .. import __version__
+from ..errors import MtkitError
+from .benchmarks import bench
+from .common import Context, console, err_console
+from .evaluation import eval_cmd, eval_depth_cmd, export
+from .protocol import list_cmd, prepare, run, show, train
+
+__all__ = ["cli", "console", "main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mtkit")
+@click.option("--debug", is_flag=True, help="show tracebacks for errors")
+def cli(debug: bool) -> None:
+    """mtkit: robust semantic segmentation by multi-task training with self-supervised depth."""
+    Context.debug = debug
+
+
+for command in (list_cmd, show, run, prepare, train, eval_cmd, eval_depth_cmd, export, bench):
+    cli.add_command(command)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or torchrun's stop), handled like Ctrl-C: one line, the finished work kept."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+RESUME_HINT = "finished stages and the last checkpoint are kept: the same command continues where it stopped"
+
+
+def main(argv: list[str] | None = None) -> None:
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        _main(argv)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> None:
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort as exc:  # click turns Ctrl-C (and our SIGTERM) into Abort
+        if isinstance(exc.__cause__, Terminated):
+            err_console.print(f"terminated (SIGTERM): {RESUME_HINT}")
+            sys.exit(143)
+        err_console.print(f"interrupted: {RESUME_HINT}")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except MtkitError as exc:
+        if Context.debug:
+            raise
+        msg = str(exc)
+        err_console.print(f"error: {msg}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except Terminated:
+        err_console.print(f"terminated (SIGTERM): {RESUME_HINT}")
+        sys.exit(143)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: {RESUME_HINT}")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
