@@ -133,6 +133,13 @@ def build_perturbation(name: str, options: dict[str, Any] | None = None,
     return entry.obj(opts) if opts is not None else entry.obj()
 
 
+def build_detector(name: str, options: dict[str, Any] | None = None) -> Any:
+    """An attack detector by name (registry kind ``detector``) with its options validated."""
+    entry = get_registry().entry("detector", name)
+    opts = options_for(entry, options, "detection.options")
+    return entry.obj(opts) if opts is not None else entry.obj()
+
+
 def build_perturbations(names: list[str], options: dict[str, dict[str, Any]]) -> dict[str, Perturbation]:
     """The recipe's perturbations with their options. Options of a registered perturbation that the list leaves
     out are validated and kept for later (a recipe that extends another may shorten the list); options under a

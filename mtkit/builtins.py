@@ -6,7 +6,7 @@ declared in mtkit's own modules.
 
 from __future__ import annotations
 
-from . import losses, perturbations  # noqa: F401  (their @register declarations)
+from . import detection, losses, perturbations  # noqa: F401  (their @register declarations)
 from .data import cityscapes, depth_gt, kitti, synthetic_sets  # noqa: F401
 from .hookspecs import hookimpl
 from .models import backbones, decoders  # noqa: F401

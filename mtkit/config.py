@@ -108,6 +108,10 @@ class LossConfig(Strict):
     smoothness: float = Field(1e-3, ge=0)
     num_scales: int = Field(4, ge=1, le=4)
     automask: bool = False
+    edge_consistency: float = Field(0.0, ge=0, description="weight of the edge consistency loss of multi-task "
+                                                           "models (Klingner et al., IROS 2022): the segmentation's "
+                                                           "and the disparity's edges against the image's; 0: off "
+                                                           "(the paper's training)")
 
 
 class TrainConfig(Strict):
@@ -179,6 +183,21 @@ class SanityConfig(Strict):
     near_zero: float = Field(5.0, ge=0, le=100, description="the most mIoU [%] the unbounded attack may leave")
 
 
+def check_epsilons(v: list[float]) -> list[float]:
+    """An ε list: non-empty, positive, finite, each strength once; sorted."""
+    if not v:
+        raise ValueError("the ε list is empty: give at least one strength, e.g. [0.25, 0.5, 1, 2, 4, 8, 16]")
+    bad = [e for e in v if not e > 0]
+    if bad:
+        raise ValueError(f"ε must be positive gray values, got {bad}")
+    if not all(math.isfinite(e) for e in v):
+        raise ValueError(f"ε must be finite gray values (the RMS of a perturbation of 0..255 images), got {v}")
+    twice = sorted({e for e in v if v.count(e) > 1})
+    if twice:
+        raise ValueError(f"ε {twice} listed more than once: give each strength once, e.g. {sorted(set(v))}")
+    return sorted(v)
+
+
 class RobustnessConfig(Strict):
     perturbations: list[str] = Field(default_factory=lambda: ["gaussian", "salt_pepper", "fgsm", "pgd"])
     epsilons: list[float] = Field(default_factory=lambda: list(PAPER_EPSILONS))
@@ -200,17 +219,28 @@ class RobustnessConfig(Strict):
     @field_validator("epsilons")
     @classmethod
     def _eps(cls, v: list[float]) -> list[float]:
-        if not v:
-            raise ValueError("the ε list is empty: give at least one strength, e.g. [0.25, 0.5, 1, 2, 4, 8, 16]")
-        bad = [e for e in v if not e > 0]
-        if bad:
-            raise ValueError(f"ε must be positive gray values, got {bad}")
-        if not all(math.isfinite(e) for e in v):
-            raise ValueError(f"ε must be finite gray values (the RMS of a perturbation of 0..255 images), got {v}")
-        twice = sorted({e for e in v if v.count(e) > 1})
-        if twice:
-            raise ValueError(f"ε {twice} listed more than once: give each strength once, e.g. {sorted(set(v))}")
-        return sorted(v)
+        return check_epsilons(v)
+
+
+class DetectionConfig(Strict):
+    """Attack detection (``mtkit.detection``) for every multi-task model: the detector's threshold is fitted on
+    the clean images of each evaluation set with an even index (0, 2, 4, …) for the target false-positive rate;
+    the detection rate, the measured false-positive rate and the ROC curve come from the odd-indexed images,
+    clean and perturbed."""
+
+    enabled: bool = False
+    detector: PlainName = "edge_consistency"
+    options: dict[str, Any] = Field(default_factory=dict, description="the detector's options")
+    fpr: float = Field(0.05, gt=0, lt=1, description="target false-positive rate on clean images")
+    perturbations: list[str] | None = Field(None, description="null: robustness.perturbations")
+    epsilons: list[float] | None = Field(None, description="null: robustness.epsilons")
+    datasets: list[str] | None = Field(None, description="keys of data.eval; null: robustness.datasets")
+    batch_size: PositiveInt = 8
+
+    @field_validator("epsilons")
+    @classmethod
+    def _eps(cls, v: list[float] | None) -> list[float] | None:
+        return None if v is None else check_epsilons(v)
 
 
 class DepthEvaluationConfig(Strict):
@@ -244,6 +274,7 @@ class Recipe(Strict):
     models: list[ModelSpec] = Field(min_length=1)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     depth_evaluation: DepthEvaluationConfig = Field(default_factory=DepthEvaluationConfig)
+    detection: DetectionConfig = Field(default_factory=DetectionConfig)
     source: str | None = Field(None, description="set by the loader: the recipe file")
 
     @field_validator("device")
@@ -264,6 +295,9 @@ class Recipe(Strict):
             missing = [k for k in self.robustness.datasets if k not in self.data.eval]
             if missing:
                 raise ValueError(f"robustness.datasets names {missing}, not keys of data.eval {list(self.data.eval)}")
+        missing = [k for k in self.detection.datasets or () if k not in self.data.eval]
+        if missing:
+            raise ValueError(f"detection.datasets names {missing}, not keys of data.eval {list(self.data.eval)}")
         return self
 
     def run_seeds(self) -> list[int]:

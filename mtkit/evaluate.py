@@ -71,13 +71,14 @@ def evaluate_checkpoint(loaded: LoadedModel, recipe: Recipe, datasets: list[str]
                          f"{trained}, or a checkpoint of {recipe.model.num_classes} classes")
     info = ModelInfo(tasks=loaded.spec.tasks, lam=loaded.spec.lam, checkpoint=checkpoint)
     return evaluate_segmenter(loaded.segmenter, loaded.spec.name, info, recipe, datasets, seed, device, progress,
-                              loaded.class_weights)
+                              loaded.class_weights,
+                              multitask=loaded.model if getattr(loaded.model, "depth_head", None) else None)
 
 
 def evaluate_segmenter(segmenter: nn.Module, name: str, info: ModelInfo, recipe: Recipe, datasets: list[str],
                        seed: int, device: torch.device | str = "cpu", progress: bool = False,
                        class_weights: torch.Tensor | None = None, on_no_gradient: str = "error",
-                       log=print) -> RunResults:
+                       log=print, multitask: nn.Module | None = None) -> RunResults:
     """The one evaluation path (``mtkit eval``, the Python API, ``mtkit run``): a segmenter (gray values in,
     logits out: an mtkit model, or an external one behind ``ExternalSegmenter``) on the recipe's evaluation sets
     with its perturbations, ε and options, and its segmentation loss (with ``class_weights``) for the attacks.
@@ -110,7 +111,7 @@ def evaluate_segmenter(segmenter: nn.Module, name: str, info: ModelInfo, recipe:
                                      class_weights, rob.batch_size, seed, device, progress,
                                      label=f"{name}/{key}", loss=loss, model_name=name, dataset_name=key,
                                      precision=precision, pass_images=rob.pass_images, workers=workers, pin_memory=pin,
-                                     sanity=rob.sanity)
+                                     sanity=rob.sanity, multitask=multitask)
             out.clean.append(sweep.clean)
             out.robustness += sweep.rows
             if rob.sanity.enabled and any(r.attack for r in sweep.rows):

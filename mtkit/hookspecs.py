@@ -25,7 +25,7 @@ def mtkit_register(registry: RegistryView) -> None:
     """Add entries to the registry: ``registry.add(kind, name, obj, options=Model)``, or the decorator
     ``@registry.register(kind, name)``.
 
-    :param registry: the registry being built; ``kind`` is one of backbone, head, loss, perturbation, dataset,
+    :param registry: the registry being built; ``kind`` is one of backbone, head, loss, perturbation, dataset, detector,
         task. Each entry records the plugin's distribution and version as its origin. ``options`` (or an
         ``Options`` attribute of a class) is a pydantic model of the entry's options, validated at recipe load.
 

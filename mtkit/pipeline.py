@@ -27,13 +27,14 @@ import yaml
 from .build import build_dataset
 from .config import ModelSpec, Recipe, config_hash
 from .depth_eval import evaluate_depth_model
+from .detection_eval import detection_datasets, evaluate_detection
 from .errors import DatasetError, MtkitError
 from .evaluate import evaluate_checkpoint, evaluation_sets, load_model
 from .io import atomic_write_text
 from .plugins import get_plugins
 from .prepare import prepare_recipe
 from .report import save_report
-from .results import DataRow, DepthRow, ModelInfo, RunResults, strict
+from .results import DataRow, DepthRow, DetectionRow, ModelInfo, RunResults, strict
 from .runtime import barrier, init_distributed, resolve_device, resolve_precision
 from .train import train
 
@@ -55,8 +56,8 @@ def train_hash(recipe: Recipe, spec: ModelSpec, seed: int) -> str:
             "depth": d.depth.model_dump() if d.depth and "depth" in spec.tasks else None,
             "augment": d.augment.model_dump()}
     train = recipe.train.model_dump(exclude={"log_every", "tensorboard", "checkpoint_every"})
-    return config_hash(recipe.model.model_dump(), data, recipe.loss.model_dump(), train,
-                       spec.model_dump(by_alias=True), seed)
+    loss = recipe.loss.model_dump(exclude={"edge_consistency"} if not recipe.loss.edge_consistency else set())
+    return config_hash(recipe.model.model_dump(), data, loss, train, spec.model_dump(by_alias=True), seed)
 
 
 def eval_hash(t_hash: str, recipe: Recipe, key: str) -> str:
@@ -65,6 +66,17 @@ def eval_hash(t_hash: str, recipe: Recipe, key: str) -> str:
 
 def depth_hash(t_hash: str, recipe: Recipe, key: str) -> str:
     return config_hash(t_hash, recipe.data.depth_eval[key].model_dump(), recipe.depth_evaluation.model_dump())
+
+
+def detection_hash(t_hash: str, recipe: Recipe, key: str) -> str:
+    rob = recipe.robustness
+    return config_hash(t_hash, recipe.data.eval[key].model_dump(), recipe.detection.model_dump(exclude={"datasets"}),
+                       rob.options, rob.perturbations, rob.epsilons, recipe.loss.segmentation)
+
+
+def detection_units(recipe: Recipe, spec: ModelSpec) -> list[str]:
+    """The evaluation sets the detection stage of ``spec`` covers (none: detection off, or no depth task)."""
+    return detection_datasets(recipe) if recipe.detection.enabled and "depth" in spec.tasks else []
 
 
 def check_datasets(recipe: Recipe) -> None:
@@ -144,7 +156,37 @@ def stage_files(recipe: Recipe, run_dir: Path, spec: ModelSpec, seed: int) -> li
               for key in evaluation_sets(recipe)]
     files += [run_dir / "depth" / f"{spec.name}-s{seed}-{key}-{depth_hash(th, recipe, key)}.json"
               for key in (recipe.data.depth_eval if "depth" in spec.tasks else ())]
+    files += [run_dir / "detection" / f"{spec.name}-s{seed}-{key}-{detection_hash(th, recipe, key)}.json"
+              for key in detection_units(recipe, spec)]
     return files
+
+
+def read_stage(path: Path, read, stage: str, log=print):
+    """A finished stage's result read from ``path``, or None when the stage is to run: the file is absent, or it
+    cannot be read (truncated, not JSON, another schema version, missing fields). A damaged file is said in one
+    line and the stage runs again (a training stage resumes from its last.pt), so the same command repairs it."""
+    if not path.is_file():
+        return None
+    try:
+        return read(path)
+    except (OSError, ValueError, KeyError, TypeError, MtkitError) as exc:  # JSON and pydantic errors: ValueError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log(f"[stage] {stage}: {path} cannot be read ({reason}); running the stage again")
+        return None
+
+
+def read_detection(path: Path) -> list[DetectionRow]:
+    """A detection stage's rows."""
+    return [DetectionRow.model_validate(r) for r in json.loads(path.read_text())["rows"]]
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A training stage's done.json (what ``run`` reports of the training), checked for its fields."""
+    data = json.loads(path.read_text())
+    missing = {"model", "seed", "steps", "val_miou", "history"} - set(data if isinstance(data, dict) else ())
+    if missing:
+        raise ValueError(f"not a training summary: no {', '.join(sorted(missing))}")
+    return data
 
 
 def run_jobs(recipe: Recipe, run_dir: Path, units: list[tuple[str, int]], jobs: int, force: bool, log=print
@@ -244,9 +286,9 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
             stage = f"train {spec.name} seed {seed}"
             if force and tdir.exists():
                 shutil.rmtree(tdir)
-            if done.is_file():
+            summary = read_stage(done, read_summary, stage, log)
+            if summary is not None:
                 (ran if done in by_jobs else cached).append(stage)
-                summary = json.loads(done.read_text())
             else:
                 log(f"[stage] {stage}" + (" (resuming)" if (tdir / "last.pt").is_file() else ""))
                 t0 = time.perf_counter()
@@ -264,9 +306,9 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
             for key in eval_keys:
                 epath = run_dir / "eval" / f"{spec.name}-s{seed}-{key}-{eval_hash(th, recipe, key)}.json"
                 stage = f"evaluate {spec.name} seed {seed} on {key}"
-                if epath.is_file() and not force:
+                ev = None if force else read_stage(epath, RunResults.read, stage, log)
+                if ev is not None:
                     (ran if epath in by_jobs else cached).append(stage)
-                    ev = RunResults.read(epath)
                 else:
                     log(f"[stage] {stage}")
                     loaded = loaded or load_model(tdir / "last.pt", device)
@@ -279,9 +321,10 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
             for key in recipe.data.depth_eval if "depth" in spec.tasks else ():
                 dpath = run_dir / "depth" / f"{spec.name}-s{seed}-{key}-{depth_hash(th, recipe, key)}.json"
                 stage = f"evaluate depth {spec.name} seed {seed} on {key}"
-                if dpath.is_file() and not force:
+                row = None if force else read_stage(dpath, lambda f: DepthRow.model_validate_json(f.read_text()),
+                                                    stage, log)
+                if row is not None:
                     (ran if dpath in by_jobs else cached).append(stage)
-                    row = DepthRow.model_validate_json(dpath.read_text())
                 else:
                     log(f"[stage] {stage}")
                     loaded = loaded or load_model(tdir / "last.pt", device)
@@ -294,6 +337,22 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                     barrier(d)
                     ran.append(stage)
                 results.depth.append(row)
+            for key in detection_units(recipe, spec):
+                xpath = run_dir / "detection" / f"{spec.name}-s{seed}-{key}-{detection_hash(th, recipe, key)}.json"
+                stage = f"detect attacks {spec.name} seed {seed} on {key}"
+                rows = None if force else read_stage(xpath, read_detection, stage, log)
+                if rows is not None:
+                    (ran if xpath in by_jobs else cached).append(stage)
+                else:
+                    log(f"[stage] {stage}")
+                    loaded = loaded or load_model(tdir / "last.pt", device)
+                    rows = evaluate_detection(loaded, recipe, [key], seed, device, progress)
+                    if d.main:
+                        atomic_write_text(xpath, json.dumps({"rows": [r.model_dump(mode="json") for r in rows]},
+                                                            allow_nan=False))
+                    barrier(d)
+                    ran.append(stage)
+                results.detection += rows
     results.seconds = time.perf_counter() - started
     if not d.main or units is not None:
         return RunResult(run_dir, results, {}, ran, cached)

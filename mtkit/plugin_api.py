@@ -15,6 +15,7 @@ from .checkpoint import atomic_torch_save, load_checkpoint
 from .config import DatasetConfig, ModelConfig, config_hash
 from .data.base import DatasetOptions, SegmentationDataset, VideoDataset
 from .data.common import cache_dir
+from .detection import Detector, DetectorOptions, consistency_measures, edge_consistency_loss
 from .errors import MtkitError
 from .hookspecs import hookimpl
 from .losses import IGNORE_INDEX, weighted_cross_entropy
@@ -34,9 +35,11 @@ from .registry import RegistryView
 from .tasks import AuxiliaryTask
 
 __all__ = [
-    "IGNORE_INDEX", "AttackContext", "AuxiliaryTask", "DatasetConfig", "DatasetOptions", "Field", "ModelConfig",
+    "IGNORE_INDEX", "AttackContext", "AuxiliaryTask", "DatasetConfig", "DatasetOptions", "Detector", "DetectorOptions",
+    "Field", "ModelConfig",
     "MtkitError", "Perturbation", "PerturbationOptions", "RegistryView", "SegmentationDataset", "SegmentationDecoder",
     "VideoDataset", "atomic_torch_save",
-    "build_dataset", "cache_dir", "clip_image", "config_hash", "draw", "fgsm_direction", "hookimpl", "load_checkpoint",
+    "build_dataset", "cache_dir", "clip_image", "config_hash", "consistency_measures", "draw", "edge_consistency_loss",
+    "fgsm_direction", "hookimpl", "load_checkpoint",
     "measured_epsilon", "pgd_iterations", "project", "weighted_cross_entropy",
 ]

@@ -205,6 +205,10 @@ def check_entries(recipe: Recipe) -> None:
     for name, opts in rob.options.items():
         options_for(_entry(registry, "perturbation", name, f"robustness.options.{name}"), opts,
                     f"robustness.options.{name}")
+    det = recipe.detection
+    options_for(_entry(registry, "detector", det.detector, "detection.detector"), det.options, "detection.options")
+    for name in det.perturbations or ():
+        _entry(registry, "perturbation", name, "detection.perturbations")
     for key in ("segmentation", "depth"):
         _entry(registry, "loss", getattr(recipe.loss, key), f"loss.{key}")
     for key in ("head", "depth_head"):

@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import MtkitError, did_you_mean
 
-KINDS = ("backbone", "head", "loss", "perturbation", "dataset", "task", "model")
+KINDS = ("backbone", "head", "loss", "perturbation", "dataset", "task", "model", "detector")
 
 BUILTIN = "builtin"
 

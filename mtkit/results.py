@@ -120,6 +120,31 @@ class DepthRow(Record):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
+class DetectionRow(Record):
+    """The attack detector of one multi-task model on one evaluation set under one perturbation at one ε
+    (``mtkit.detection``): threshold fitted on the set's even-indexed clean images for ``fpr_target``; the rates,
+    AUC and ROC curve from its odd-indexed images, clean and perturbed."""
+
+    model: str
+    seed: int
+    dataset: str
+    detector: str
+    perturbation: str
+    epsilon: float
+    epsilon_measured: float = Field(description="RMS of the perturbations of the evaluated images (eq. 7)")
+    fpr_target: float
+    threshold: float
+    fpr: float = Field(description="share of the held-out clean images flagged")
+    detection_rate: float = Field(description="share of the perturbed images flagged")
+    auc: float = Field(description="area under the ROC curve (clean vs perturbed scores)")
+    images: int = Field(description="held-out images scored, clean and perturbed each")
+    fit_images: int = Field(description="clean images the threshold was fitted on")
+    miou_attacked: float | None = Field(None, description="mIoU of the perturbed held-out images")
+    roc: list[tuple[float, float]] = Field(default_factory=list, description="(false-positive, true-positive) rate "
+                                                                             "points of the ROC curve")
+    seconds: float = 0.0
+
+
 class DataRow(Record):
     """One prepared dataset a run read: how many samples, at which size, and the source items left out."""
 
@@ -154,6 +179,7 @@ class RunResults(Record):
     clean: list[CleanRow] = Field(default_factory=list)
     robustness: list[ResultRow] = Field(default_factory=list)
     depth: list[DepthRow] = Field(default_factory=list)
+    detection: list[DetectionRow] = Field(default_factory=list, description="attack detection (detection section)")
     sanity: list[SanityRow] = Field(default_factory=list, description="gradient-masking sanity checks")
     data: list[DataRow] = Field(default_factory=list)
     training: list[dict[str, Any]] = Field(default_factory=list)
@@ -165,6 +191,7 @@ class RunResults(Record):
         self.clean += other.clean
         self.robustness += other.robustness
         self.depth += other.depth
+        self.detection += other.detection
         self.sanity += other.sanity
         return self
 

@@ -1,5 +1,6 @@
-"""Statistics behind the report's claims: mean, standard deviation and a 95 % t-interval over seeds, and the
-paired difference of two models over the seeds they share (multi-task minus single-task, seed by seed)."""
+"""Statistics behind the report's claims: mean, standard deviation and a 95 % t-interval over seeds, the paired
+difference of two models over the seeds they share (multi-task minus single-task, seed by seed) with its t-test
+p-value, and Holm's step-down adjustment, which keeps the family-wise error of many such tests at the level."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ class Interval:
     low: float
     high: float
     n: int
+    #: two-sided p-value of the one-sample t-test of mean = 0 (NaN for n < 2); it is below 1 - level exactly
+    #: when the interval excludes zero
+    p: float = math.nan
 
     @property
     def resolved(self) -> bool:
@@ -43,11 +47,27 @@ def t_interval(values: list[float], level: float = LEVEL) -> Interval:
     sd = statistics.stdev(v)
     from scipy.stats import t as student_t  # scipy.stats is slow to import: only for several seeds
 
-    half = float(student_t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
-    return Interval(mean, sd, mean - half, mean + half, n)
+    se = sd / math.sqrt(n)
+    half = float(student_t.ppf((1 + level) / 2, n - 1)) * se
+    p = 1.0 if se == 0 and mean == 0 else 0.0 if se == 0 else float(2 * student_t.sf(abs(mean) / se, n - 1))
+    return Interval(mean, sd, mean - half, mean + half, n, p)
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float], level: float = LEVEL) -> Interval:
     """The t-interval of a - b over the seeds both have (paired: each seed's two models share data and
     evaluation noise, so the seed-to-seed spread common to both cancels)."""
     return t_interval([a[s] - b[s] for s in sorted(set(a) & set(b))], level)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979), in the order given: sorted ascending, the i-th smallest
+    (from 0) becomes max over j ≤ i of min(1, (m - j) · p_(j)); NaN values (no test) are left out of the family
+    and stay NaN. Rejecting where the adjusted p < α keeps the family-wise error rate at α for any dependence."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if p == p)
+    m = len(tested)
+    out = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .build import build_depth_loss, build_model, build_segmentation_loss
 from .config import ModelSpec, Recipe
 from .data.augment import AugmentParams, augment_segmentation, augment_video
+from .detection import edge_consistency_loss
 from .errors import MtkitError, TrainingDiverged
 from .models import MultiTaskNet
 from .runtime import init_distributed, resolve_device, resolve_precision
@@ -105,6 +106,11 @@ class StepEngine:
             terms.update(depth=d.total, photometric=d.photometric, smoothness=d.smoothness)
             # eq. 5: each decoder sees its own unscaled loss, the encoder (1-λ)·g_depth + λ·g_seg
             total = total + d.total
+            if self.recipe.loss.edge_consistency:  # Klingner et al. (IROS 2022): predictions' edges where the image's
+                seg_probs = torch.softmax(out["seg_logits"].float(), 1)
+                terms["edge"] = (edge_consistency_loss(x, seg_probs).mean()
+                                 + edge_consistency_loss(frames[:, 1], disp[0]).mean())
+                total = total + self.recipe.loss.edge_consistency * terms["edge"]
         if not self.scaler.is_enabled():  # a non-finite loss must not reach the weights: fused Adam skips such a
             # step on the device (GradScaler's found_inf protocol), and the loop reports it at the next read-back
             found_inf = (~torch.isfinite(total.detach())).float()

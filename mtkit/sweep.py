@@ -67,12 +67,21 @@ def activation_bytes(segmenter: nn.Module, shape: tuple[int, ...], device: torch
     return total + 3 * out.numel() * out.element_size()
 
 
+#: on a CPU, the activations of one pass at most (bytes): larger passes run slower there, each fresh multi-GB
+#: allocation paying its page faults (measured: the quickstart's PGD sweep on 2 cores in 26.5 s at 112 images
+#: per pass of 79 MB each, 19.8-22 s at 8-32); a GPU takes what its memory allows
+CPU_PASS_BYTES = 2 * 1024**3
+
+
 def pass_size(segmenter: nn.Module, shape: tuple[int, ...], device: torch.device, fraction: float = 0.5,
               limit: int = 512) -> int:
     """The most images one forward/backward pass may hold: ``fraction`` of the device's free memory over
-    ``activation_bytes`` per image (between 1 and ``limit``)."""
+    ``activation_bytes`` per image (between 1 and ``limit``), and on a CPU no more than ``CPU_PASS_BYTES``."""
     per_image = max(activation_bytes(segmenter, shape, device), 1)
-    return int(max(1, min(limit, fraction * available_memory(device) // per_image)))
+    budget = fraction * available_memory(device)
+    if device.type == "cpu":
+        budget = min(budget, CPU_PASS_BYTES)
+    return int(max(1, min(limit, budget // per_image)))
 
 
 def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Perturbation],
@@ -81,7 +90,8 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
                      progress: bool = False, label: str = "", loss: nn.Module | None = None,
                      model_name: str = "", dataset_name: str = "", precision: Precision | None = None,
                      pass_images: int | str = "auto", workers: int = 0, pin_memory: bool = False,
-                     dist: Dist | None = None, sanity: SanityConfig | None = None) -> Sweep:
+                     dist: Dist | None = None, sanity: SanityConfig | None = None,
+                     multitask: nn.Module | None = None) -> Sweep:
     """Evaluate one model on one dataset: the clean pass and every (perturbation, ε) (ε validated at recipe load).
 
     Each row holds the requested ε (or, for a perturbation with another ``level_kind`` such as a corruption's
@@ -92,7 +102,9 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
 
     Batched: the images of every level of a perturbation are predicted together, in passes of at most
     ``pass_images`` images ("auto": what fits the device's memory, ``pass_size``), and attacks may stack their ε
-    copies likewise (``pgd_sweep``). ``precision`` runs the predictions under autocast, channels_last and
+    copies likewise (``pgd_sweep``). ``multitask`` (the multi-task network of the segmenter, if it has a depth
+    head) is what attacks on the attack detector see beside the segmenter (``AttackContext.multitask``).
+    ``precision`` runs the predictions under autocast, channels_last and
     torch.compile; attack gradients stay fp32. Under torchrun (``dist``, default the current process group) each
     rank takes every world-th batch; counts and ε sums are combined over the ranks, in image order, so the rows
     equal a single process's.
@@ -161,7 +173,7 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
             numel.update(dict.fromkeys(indices, x[0].numel()))
             strongest: dict[float, tuple[torch.Tensor, torch.Tensor, list[float]]] = {}  # ε → loss, pred, Σ r²
             for name, pert in perturbations.items():
-                ctx = CountingContext(model, cw, gen, seed, indices, loss_fn, int(pass_images))
+                ctx = CountingContext(model, cw, gen, seed, indices, loss_fn, int(pass_images), multitask)
                 t0 = time.perf_counter()
                 with contextlib.nullcontext() if pert.needs_gradient else torch.no_grad():
                     advs = pert.sweep(ctx, x, y, list(epsilons))

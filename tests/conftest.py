@@ -4,9 +4,14 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 from support import tiny_recipe
 
 torch.set_num_threads(2)
+# the fuzzing draws the same examples on every run (seeded by each test's name) and keeps no example database:
+# a failure is reproducible from the suite alone
+settings.register_profile("mtkit", derandomize=True, database=None)
+settings.load_profile("mtkit")
 
 DEVICES = ("cpu", "cuda")
 
@@ -38,6 +43,29 @@ def device(request) -> torch.device:
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA GPU on this machine (run the GPU subset on one: pytest -m gpu --device cuda)")
     return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _registry_isolation():
+    """Plugin isolation: a test leaves the process-wide registry as it found it. Entries a test adds (a plugin
+    registered on the shared manager, a ``@register`` outside mtkit) or a registry it swaps in without restoring
+    it fail the test; building the registry for the first time, or importing mtkit's own modules, does not."""
+    from mtkit import plugins, registry
+
+    start = len(registry.DECORATED)
+    before = plugins._PLUGINS
+    entries = None if before is None else {(e.kind, e.name) for e in before.registry}
+    yield
+    new = registry.DECORATED[start:]
+    own = [d for d in new if registry.origin_of_module(getattr(d[2], "__module__", "")) == registry.BUILTIN]
+    added = [(kind, name) for kind, name, *_ in new if (kind, name) not in {(d[0], d[1]) for d in own}]
+    registry.DECORATED[start:] = own
+    now = plugins._PLUGINS
+    swapped = before is not None and now is not before
+    leaked = set() if before is None or swapped else {(e.kind, e.name) for e in before.registry} - entries
+    plugins._PLUGINS = before if swapped else now
+    assert not added and not swapped and not leaked, \
+        f"the test changed the global registry: declared {added}, swapped {swapped}, added {sorted(leaked)}"
 
 
 @pytest.fixture(scope="session", autouse=True)

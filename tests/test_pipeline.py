@@ -111,6 +111,32 @@ def test_rerun_is_cached_and_a_changed_key_reruns_only_what_depends_on_it(first_
     assert any(s.startswith("prepare ") for s in forced.stages_run)  # the data prepared again too
 
 
+def test_a_damaged_stage_file_runs_its_stage_again_with_one_line(first_run, tmp_path):
+    """A truncated done.json, a result file of another schema version and a depth row that is not JSON: each is
+    said in one line and its stage runs again (the training resumes from its finished last.pt: no step runs), with
+    the results of the first run; before, the first stopped the run with a JSONDecodeError and the second advised
+    re-running ``mtkit run``, which failed the same way."""
+    import shutil
+
+    _, recipe, res = first_run
+    folder = tmp_path / "run"
+    shutil.copytree(res.run_dir, folder)
+    done = next((folder / "train").glob("single-s0-*/done.json"))
+    done.write_text(done.read_text()[:40])
+    ev = next((folder / "eval").glob("multi-s0-K-*.json"))
+    ev.write_text(ev.read_text().replace('"schema_version": 2', '"schema_version": 1'))
+    depth = next((folder / "depth").glob("*.json"))
+    depth.write_bytes(b"\x00" * 10)
+    lines: list[str] = []
+    again = run(recipe, progress=False, run_dir=folder, log=lines.append)
+    assert sorted(again.stages_run) == ["evaluate depth multi seed 0 on Eigen", "evaluate multi seed 0 on K",
+                                        "train single seed 0"]
+    damaged = [line for line in lines if "cannot be read" in line]
+    assert len(damaged) == 3 and any("schema version 1" in line for line in damaged), lines
+    assert _comparable(again.results) == _comparable(res.results)
+    assert json.loads(done.read_text())["steps"] == res.results.training[0]["steps"]
+
+
 def _comparable(results: RunResults) -> tuple:
     """Everything of a run's results but the timings."""
     training = [{k: v for k, v in t.items() if k != "seconds"} for t in results.training]

@@ -22,13 +22,15 @@ from mtkit.data.augment import draw_params
 from mtkit.data.stats import build_class_weights
 from mtkit.depth_eval import evaluate_depth_model
 from mtkit.evaluate import evaluation_sets
-from mtkit.pipeline import new_results, run_folder
+from mtkit.detection_eval import detection_datasets
+from mtkit.pipeline import detection_units, new_results, run_folder
 from mtkit.recipe import model_in, validate
 from mtkit.report import write_report
 from mtkit.runtime import resolve_device
 from mtkit.train import Trainer, train
 
 X = torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(0)) * 255
+PROBE_PROVIDER = "recipe-key-probes"
 
 
 def _recipe(**over: Any) -> Recipe:
@@ -281,7 +283,47 @@ PROBES: dict[str, tuple[Any, Any, Callable[..., Any]]] = {
     "depth_evaluation.garg_crop": (True, False, lambda r, c: _depth_eval(r, c.mp)[0]),
     "depth_evaluation.median_scaling": (True, False, lambda r, c: _depth_eval(r, c.mp)[1]),
     "depth_evaluation.batch_size": (8, 2, lambda r, c: _depth_eval(r, c.mp)[2]),
+    "loss.edge_consistency": (0.0, 1.0, lambda r, c: _multitask_step_terms(r, c)),
+    "detection.enabled": (False, True, lambda r, c: detection_units(r, r.models[1])),
+    "detection.detector": ("edge_consistency", "probe_detector", lambda r, c: _detection(r, c)[0]),
+    "detection.options": ({}, {"measures": ["image-depth"]}, lambda r, c: _detection(r, c)[0]),
+    "detection.fpr": (0.05, 0.5, lambda r, c: _detection(r, c)[0]),
+    "detection.perturbations": (["fgsm"], ["gaussian"], lambda r, c: _detection(r, c)[1]),
+    "detection.epsilons": ([1.0], [2.0], lambda r, c: _detection(r, c)[1]),
+    "detection.datasets": (None, ["K"], lambda r, c: detection_datasets(r)),
+    "detection.batch_size": (8, 2, lambda r, c: _detection(r, c)[2]),
 }
+
+
+def _multitask_step_terms(r: Recipe, c) -> dict[str, float]:
+    """The loss terms of one multi-task step on a fixed random batch."""
+    tr = _trainer(r, c.tmp)
+    g = torch.Generator().manual_seed(0)
+    seg = {"image": torch.rand(2, 3, 32, 64, generator=g) * 255,
+           "label": torch.randint(0, 19, (2, 32, 64), generator=g)}
+    frames = torch.rand(2, 3, 3, 32, 64, generator=g) * 255
+    k = torch.eye(4).repeat(2, 1, 1)
+    k[:, 0, 0], k[:, 1, 1], k[:, 0, 2], k[:, 1, 2] = 37.0, 61.0, 32.0, 16.0
+    terms = tr.train_step(seg, {"frames": frames, "frames_raw": frames, "K": k})
+    return {name: round(float(v), 6) for name, v in terms.items()}
+
+
+def _detection(r: Recipe, c) -> tuple[list, list, list]:
+    """The detection rows of an untrained multi-task model on the test's sets: (threshold, target rate) of the
+    first, (perturbation, ε) of each, and the batch sizes the detector measured."""
+    from mtkit.detection import EdgeConsistency
+    from mtkit.detection_eval import evaluate_detection
+    from mtkit.evaluate import LoadedModel
+
+    model = _model(r)
+    loaded = LoadedModel(model.segmenter().eval(), None, r.models[1], r, {}, model)
+    sizes = []
+    real = EdgeConsistency.measures
+    c.mp.setattr(EdgeConsistency, "measures", lambda self, m, x: sizes.append(x.shape[0]) or real(self, m, x))
+    rows = evaluate_detection(loaded, r, ["CS"], 0)
+    return ([round(rows[0].threshold, 6), rows[0].fpr_target], [(row.perturbation, row.epsilon) for row in rows],
+            sizes)
+
 
 
 def _outcome(fn: Callable[[], Any]) -> str:
@@ -361,7 +403,7 @@ def test_every_schema_key_has_a_probe():
     keys += [f"DatasetConfig.{k}" for k in DatasetConfig.model_fields]
     keys += [f"ModelSpec.{f.alias or n}" for n, f in __import__("mtkit.config").config.ModelSpec.model_fields.items()]
     containers = {"model", "data", "loss", "train", "robustness", "depth_evaluation", "data.augment",
-                  "robustness.sanity"}
+                  "robustness.sanity", "detection"}
     missing = [k for k in keys if k not in PROBES and k not in containers]
     assert not missing, f"recipe keys without a probe: {missing}"
 
@@ -408,19 +450,20 @@ def _apply(data: dict, key: str, value: Any, tmp: Path) -> dict:
 
 
 @pytest.mark.parametrize("key", sorted(PROBES))
-def test_recipe_key_changes_behaviour(key, tmp_path, monkeypatch, trained):
+def test_recipe_key_changes_behaviour(key, tmp_path, monkeypatch, trained, request):
     from types import SimpleNamespace
 
     from mtkit.plugins import get_registry
 
     reg = get_registry()
+    request.addfinalizer(lambda: reg.remove_provider(PROBE_PROVIDER))  # the probe entries leave with the test
     if ("head", "probe_depth_head") not in reg:
         from mtkit.models.decoders import DepthDecoder
 
         class ProbeDepthHead(DepthDecoder):
             """A depth head registered by this test (another class than the built-in)."""
 
-        reg.add("head", "probe_depth_head", ProbeDepthHead)
+        reg.add("head", "probe_depth_head", ProbeDepthHead, provider=PROBE_PROVIDER)
     if ("loss", "probe_depth_loss") not in reg:
         from mtkit.losses import MonodepthLoss
 
@@ -431,7 +474,17 @@ def test_recipe_key_changes_behaviour(key, tmp_path, monkeypatch, trained):
                 out = super().forward(*args, **kwargs)
                 return type(out)(2 * out.total, out.photometric, out.smoothness)
 
-        reg.add("loss", "probe_depth_loss", ProbeDepthLoss)
+        reg.add("loss", "probe_depth_loss", ProbeDepthLoss, provider=PROBE_PROVIDER)
+    if ("detector", "probe_detector") not in reg:
+        from mtkit.detection import EdgeConsistency
+
+        class ProbeDetector(EdgeConsistency):
+            """The edge-consistency detector with its score negated (a registered alternative)."""
+
+            def score(self, measures):
+                return -super().score(measures)
+
+        reg.add("detector", "probe_detector", ProbeDetector, provider=PROBE_PROVIDER)
     a, b, probe = PROBES[key]
     base = tiny_recipe(**{"train.amp": "off", "train.channels_last": False, "robustness.epsilons": [1.0],
                           "robustness.perturbations": ["fgsm"], "robustness.options": {},

@@ -80,7 +80,7 @@ def test_resume_truncates_the_log_and_a_second_writer_is_refused(tmp_path):
         train(recipe, "single", tmp_path, resume=True, progress=False)
 
 
-def test_outputs_are_checked_before_the_work(tmp_path, capsys, trained):
+def test_outputs_are_checked_before_the_work(tmp_path, capsys, trained, monkeypatch):
     recipe_file = _recipe_file(tmp_path)
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
@@ -96,10 +96,17 @@ def test_outputs_are_checked_before_the_work(tmp_path, capsys, trained):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
-    if os.access(locked, os.W_OK):  # root ignores permissions: nothing to prove here
-        return
+    if os.access(locked, os.W_OK):  # root (as in CI) ignores permissions: the folder refuses writes as a read-only
+        # mount would, through the same OSError the probe meets without root
+        real = Path.write_bytes
+
+        def refuse(self, data):
+            if self.parent == locked:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self, data)
+        monkeypatch.setattr(Path, "write_bytes", refuse)
     code, _, err = run_cli(["eval", str(recipe_file), "--checkpoint", str(checkpoint), "--out", str(locked)], capsys)
-    assert code == 2 and "not writable" in err
+    assert code == 2 and f"{locked} is not writable" in err and "Permission denied" in err, err
 
 
 def test_results_are_rescued_when_the_final_write_fails(tmp_path, monkeypatch):

@@ -191,6 +191,13 @@ def test_automatic_sizes_fit_the_memory_and_change_no_number(sweep_setup, monkey
     assert per_image > 3 * 32 * 64 * 4
     monkeypatch.setattr("mtkit.sweep.available_memory", lambda device: 20 * per_image)
     assert pass_size(loaded.segmenter, (3, 32, 64), cpu) == 10
+    # on a CPU no pass holds more than CPU_PASS_BYTES of activations, however much memory is free
+    import mtkit.sweep
+
+    cap = mtkit.sweep.CPU_PASS_BYTES
+    monkeypatch.setattr("mtkit.sweep.CPU_PASS_BYTES", 4 * per_image)
+    assert pass_size(loaded.segmenter, (3, 32, 64), cpu) == 4
+    monkeypatch.setattr("mtkit.sweep.CPU_PASS_BYTES", cap)
     attacks = {k: perts[k] for k in ("fgsm", "pgd")}
     sizes = []
     real = torch.utils.data.DataLoader

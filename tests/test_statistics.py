@@ -15,7 +15,7 @@ from mtkit.perturbations import AttackContext, strongest
 from mtkit.recipe import validate
 from mtkit.report import markdown_tables, verdict
 from mtkit.results import CleanRow, ModelInfo, ResultRow, RunResults, Spread
-from mtkit.statistics import paired_difference, t_interval
+from mtkit.statistics import holm, paired_difference, t_interval
 
 
 def test_t_interval_equals_a_hand_computation():
@@ -25,6 +25,18 @@ def test_t_interval_equals_a_hand_computation():
     assert (iv.low, iv.high) == pytest.approx((2.5 - 2.054260, 2.5 + 2.054260), abs=1e-5)
     one = t_interval([7.0])
     assert one.n == 1 and math.isnan(one.low) and not one.resolved
+    # the t-test of mean = 0: t = 2.5 / (1.290994 / 2) = 3.872983 on 3 degrees of freedom
+    assert iv.p == pytest.approx(0.030466, abs=1e-6) and math.isnan(one.p)
+    for values in ([1.0, 2.0, 3.0, 4.0], [-1.0, -1.2, -0.5], [0.3, -0.2, 0.5], [1.0, 1.1, 0.9, 1.0]):
+        test = t_interval(values)
+        assert (test.p < 0.05) == test.resolved, values  # the p-value and the 95 % interval agree
+
+
+def test_holm_equals_a_hand_computation():
+    # sorted 0.01, 0.03, 0.04 (m = 3): 3 · 0.01 = 0.03, 2 · 0.03 = 0.06, max(0.06, 1 · 0.04) = 0.06; NaN untested
+    assert holm([0.01, 0.04, 0.03, math.nan])[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert math.isnan(holm([0.01, 0.04, 0.03, math.nan])[3])
+    assert holm([0.5, 0.9]) == [pytest.approx(1.0), pytest.approx(1.0)] and holm([]) == []
 
 
 def test_the_paired_difference_pairs_by_seed():
@@ -61,6 +73,48 @@ def test_the_verdict_follows_the_interval():
     assert "over 3 seeds" in clear and ": more robust.**" in clear and "higher in 1, lower in 0" in clear
     noisy = "\n".join(verdict(_results({0: 0.30, 1: 0.45, 2: 0.29}, {0: 0.40, 1: 0.31, 2: 0.41})))
     assert ": not resolved.**" in noisy and "not resolved at 3 seeds" in noisy
+
+
+def _sweep(clean: dict[str, dict[int, float]], attacked: dict[str, dict[int, dict[float, float]]]) -> RunResults:
+    """Clean mIoU per (model, seed) and the mIoU under FGSM per (model, seed, ε)."""
+    seeds = sorted(clean["single"])
+    res = RunResults(seeds=seeds, models={"single": ModelInfo(tasks=["segmentation"], lam=1.0),
+                                          "multi": ModelInfo(tasks=["segmentation", "depth"], lam=0.1)})
+    for model in ("single", "multi"):
+        for seed in seeds:
+            c = clean[model][seed]
+            res.clean.append(CleanRow(model=model, seed=seed, dataset="CS", miou=c, images=32))
+            for eps, m in attacked[model][seed].items():
+                res.robustness.append(ResultRow(
+                    model=model, seed=seed, dataset="CS", perturbation="fgsm", level_kind="epsilon", level=eps,
+                    epsilon=eps, epsilon_measured=eps, epsilon_measured_per_image=Spread(min=eps, max=eps, mean=eps,
+                                                                                          sd=0),
+                    miou=m, miou_clean=c, q=m / c, per_class_iou=[], seconds_sweep=0.0, backward_passes_per_batch=1.0))
+    return res
+
+
+def test_the_verdict_controls_the_error_over_the_family_of_cells():
+    """Ten ε cells, each lower by -1.0, -1.2, -0.5 pt over 3 seeds (p = 0.0496 each: every 95 % interval excludes
+    zero): one test per cell called all ten "lower" and the model "less robust"; Holm over the cells and the
+    declared primary endpoint resolve none of them."""
+    eps = [float(e) for e in range(1, 11)]
+    single = {seed: {e: 0.30 for e in eps} for seed in range(3)}
+    multi = {seed: {e: 0.30 + d / 100 for e in eps} for seed, d in enumerate([-1.0, -1.2, -0.5])}
+    clean = {"single": {0: 0.6, 1: 0.6, 2: 0.6}, "multi": {0: 0.6, 1: 0.6, 2: 0.6}}
+    text = "\n".join(verdict(_sweep(clean, {"single": single, "multi": multi})))
+    assert ": not resolved.**" in text and "less robust" not in text
+    assert "lower in 0, not resolved in 10" in text and "Holm-adjusted over the 2 primary tests" in text
+    assert "mIoU under attack averaged over the 10 (perturbation, ε) cells" in text
+
+
+def test_the_verdict_tells_lower_accuracy_from_lower_robustness():
+    """The multi-task model loses clean mIoU and, in proportion, mIoU under attack: Q is unchanged, so the verdict
+    says the loss follows the clean accuracy instead of "less robust"."""
+    clean = {"single": {0: 0.60, 1: 0.62, 2: 0.58}, "multi": {0: 0.50, 1: 0.52, 2: 0.48}}
+    attacked = {model: {seed: {4.0: c / 2 + (0.001 * seed if model == "multi" else 0)} for seed, c in cs.items()}
+                for model, cs in clean.items()}
+    text = "\n".join(verdict(_sweep(clean, attacked)))
+    assert "lower mIoU under attack, but not resolved as less robust" in text and "follows the clean accuracy" in text
 
 
 def test_tables_show_absolute_miou_beside_q_with_intervals():

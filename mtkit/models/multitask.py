@@ -128,6 +128,18 @@ class MultiTaskNet(nn.Module):
         with torch.autocast(images.device.type, enabled=False):
             return disp_to_depth(at_least_fp32(sigma), self.cfg.min_depth, self.cfg.max_depth)[1]
 
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segmentation logits and depth (B, 1, H, W) of images in gray values, from one encoder pass (what the
+        attack detector compares)."""
+        if self.depth_head is None:
+            raise MtkitError("this model has no depth head")
+        feats = self.encoder(self.normalize(images))
+        size = tuple(images.shape[-2:])
+        sigma = self.depth_head(feats, size)[0]
+        with torch.autocast(images.device.type, enabled=False):
+            depth = disp_to_depth(at_least_fp32(sigma), self.cfg.min_depth, self.cfg.max_depth)[1]
+        return self.seg_head(feats, size), depth
+
     def predict_poses(self, frames: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         """T_{t→t'} for frames [x_{t-1}, x_t, x_{t+1}] (gray values): {-1: ..., +1: ...}, both pairs in one pass
         of the pose net (``PoseNet.around``)."""

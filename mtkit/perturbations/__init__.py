@@ -11,11 +11,13 @@ whole sweep).
 
 The package, one concern per module: ``context`` (the attack context, per-image random draws, the measured ε),
 ``base`` (the perturbation base class), ``noise`` (Gaussian, salt and pepper), ``gradient`` (FGSM, PGD, restarts)
-and ``apgd`` (APGD-CE and the unbounded attack of the masking checks). Everything is re-exported here.
+``apgd`` (APGD-CE and the unbounded attack of the masking checks) and ``adaptive`` (O-PGD against the
+edge-consistency attack detector). Everything is re-exported here.
 """
 
 from __future__ import annotations
 
+from .adaptive import OPGD, OPGDOptions, opgd
 from .apgd import APGD, APGDOptions, Unbounded, apgd_checkpoints, apgd_sweep, wrong_class_probability
 from .base import Perturbation, PerturbationOptions
 from .context import AttackContext, clip_image, draw, image_generator, measured_epsilon
@@ -34,8 +36,8 @@ from .gradient import (
 )
 from .noise import Gaussian, SaltPepper, gaussian_noise, salt_and_pepper, salt_and_pepper_per_image
 
-__all__ = ["APGD", "FGSM", "PGD", "APGDOptions", "AttackContext", "Gaussian", "PGDOptions", "Perturbation",
-           "PerturbationOptions", "SaltPepper", "Unbounded", "apgd_checkpoints", "apgd_sweep", "clip_image", "draw",
-           "fgsm", "fgsm_direction", "gaussian_noise", "image_generator", "measured_epsilon", "pgd", "pgd_iterations",
-           "pgd_sweep", "project", "random_start_point", "salt_and_pepper", "salt_and_pepper_per_image", "strongest",
-           "wrong_class_probability"]
+__all__ = ["APGD", "FGSM", "OPGD", "PGD", "APGDOptions", "AttackContext", "Gaussian", "OPGDOptions", "PGDOptions",
+           "Perturbation", "PerturbationOptions", "SaltPepper", "Unbounded", "apgd_checkpoints", "apgd_sweep",
+           "clip_image", "draw", "fgsm", "fgsm_direction", "gaussian_noise", "image_generator", "measured_epsilon",
+           "opgd", "pgd", "pgd_iterations", "pgd_sweep", "project", "random_start_point", "salt_and_pepper",
+           "salt_and_pepper_per_image", "strongest", "wrong_class_probability"]

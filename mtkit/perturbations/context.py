@@ -58,6 +58,9 @@ class AttackContext:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     #: the most images in one forward/backward pass (a batched sweep chunks its ε copies by it); None: no limit
     pass_images: int | None = None
+    #: the multi-task network ``model`` belongs to, when it has a depth head (``MultiTaskNet.predict`` gives the
+    #: logits and the depth): attacks on the attack detector use it; None for single-task and external models
+    multitask: nn.Module | None = None
 
     def objective(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.loss_fn is not None:

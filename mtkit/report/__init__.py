@@ -13,6 +13,7 @@ from ..errors import MtkitError
 from ..io import atomic_write_text
 from ..results import RunResults
 from .aggregate import aggregate, verdict
+from .detection import detection_markdown, plot_detection, plot_roc
 from .plots import plot_figure5, plot_figure6, plot_other_levels
 from .tables import depth_table, markdown_tables, rich_tables, write_csv
 
@@ -60,6 +61,13 @@ def write_report(results: RunResults, run_dir: Path) -> dict[str, Path]:
     if figc:
         paths["figure_corruptions"] = figc
         md += ["## Corruptions on the same SNR axis", "", f"![Corruptions]({figc.name})", ""]
+    md += detection_markdown(results)
+    for key, plot, title in (("figure_detection", plot_detection, "Detection rate over ε"),
+                             ("figure_roc", plot_roc, "ROC curves at the largest ε")):
+        png = plot(results, run_dir / f"{key}.png")
+        if png:
+            paths[key] = png
+            md += [f"### {title}", "", f"![{title}]({png.name})", ""]
     if results.data:
         md += ["## Data", "", "| dataset | name | split | samples | size | skipped |", "|---|---|---|---|---|---|",
                *(f"| {d.key} | {d.name} | {d.split} | {d.samples} | {d.width}x{d.height} | {d.skipped}"
