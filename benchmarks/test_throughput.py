@@ -240,7 +240,9 @@ def test_pgd_iteration(benchmark, trained_segmenter, peak):
         torchattacks = None
     if torchattacks is not None:
         # torchattacks works on images in [0, 1] with nn.CrossEntropyLoss (no void label): same model, same step
-        attack = torchattacks.PGD(UnitRange(seg), eps=eps / 255, alpha=1 / 255, steps=1, random_start=False)
+        # the wrapper in eval mode: torchattacks restores the mode it found after each call, and a fresh module is in
+        # training mode, which would switch the segmenter's BatchNorm to batch statistics from then on
+        attack = torchattacks.PGD(UnitRange(seg).eval(), eps=eps / 255, alpha=1 / 255, steps=1, random_start=False)
         y_valid = y.clamp_max(18)
         ours, theirs = _interleaved(lambda: pgd(ctx, x, y_valid, eps, iterations=1),
                                     lambda: attack(x / 255.0, y_valid), rounds(benchmark, 5))
@@ -249,6 +251,7 @@ def test_pgd_iteration(benchmark, trained_segmenter, peak):
         # only, so their gradients' signs agree but where a gradient is ~0 and rounding decides)
         same = ((pgd(ctx, x, y_valid, eps, iterations=1) - attack(x / 255.0, y_valid) * 255).abs() < 1e-3)
         assert same.float().mean() > 0.999, float(same.float().mean())
+    assert not seg.training
     out = benchmark(synced(pgd), ctx, x, y, eps, 1.0, 1)
     assert (out - x).abs().max() <= eps + 1e-4
     record_flops(benchmark, input_gradient_flops(seg, x, y), peak)

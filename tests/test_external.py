@@ -154,12 +154,13 @@ def test_bad_models_get_one_line_errors(recipe, capsys):
     assert "leaving out fgsm" in capsys.readouterr().out
 
 
-def test_a_plugin_registers_a_model_factory(recipe):
+def test_a_plugin_registers_a_model_factory(recipe, request):
     from mtkit.plugins import get_registry
 
     reg = get_registry()
-    if ("model", "tiny_conv") not in reg:
-        reg.add("model", "tiny_conv", lambda num_classes=19: nn.Conv2d(3, num_classes, 3, padding=1))
+    request.addfinalizer(lambda: reg.remove_provider("test-model-factory"))  # the entry leaves with the test
+    reg.add("model", "tiny_conv", lambda num_classes=19: nn.Conv2d(3, num_classes, 3, padding=1),
+            provider="test-model-factory")
     model = build_external("tiny_conv", {"num_classes": 19})
     res = api.evaluate_model(model, recipe, "tiny_conv", perturbations=["fgsm"], factory="tiny_conv", progress=False)
     assert res.models["tiny_conv"].factory == "tiny_conv" and len(res.robustness) == 1

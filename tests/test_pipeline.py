@@ -230,3 +230,41 @@ def test_sigterm_stops_with_one_line_like_ctrl_c(first_run, device, capsys, monk
     code, _, err = run_cli(["run", str(recipe_file), "--out", str(res.run_dir)], capsys)
     assert code == 143 and "terminated (SIGTERM)" in err and "Traceback" not in err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after main
+
+
+def test_several_seeds_end_to_end_with_the_phase_hooks(tmp_path, monkeypatch):
+    """``run(seeds=[0, 1])``, as ``--seeds 0,1``: every stage per seed, results for both, the verdict over 2 seeds
+    with its rule; the ``mtkit_after_epoch`` hook sees every epoch of every model and seed, and
+    ``mtkit_after_evaluation`` the final rows once."""
+    from mtkit.hookspecs import hookimpl
+    from mtkit.plugins import get_plugins
+
+    calls: dict[str, list] = {"epoch": [], "evaluation": []}
+
+    class Recorder:
+        @hookimpl
+        def mtkit_after_epoch(self, run_dir, model_name, epoch, metrics):
+            calls["epoch"].append((model_name, epoch, "val_miou" in metrics))
+
+        @hookimpl
+        def mtkit_after_evaluation(self, run_dir, results):
+            calls["evaluation"].append(len(results))
+
+    manager = get_plugins().manager
+    recorder = Recorder()
+    manager.register(recorder, name="test-recorder")
+    try:
+        data = tiny_recipe(**{"train.epochs": 2, "robustness.datasets": ["CS"], "robustness.sanity.enabled": False})
+        data["data"]["depth_eval"] = {}
+        res = run(validate(data), seeds=[0, 1], progress=False, run_dir=tmp_path / "run", log=lambda m: None)
+    finally:
+        manager.unregister(recorder)
+    assert res.results.seeds == [0, 1]
+    assert sorted((t["model"], t["seed"]) for t in res.results.training) == [
+        ("multi", 0), ("multi", 1), ("single", 0), ("single", 1)]
+    assert {(r.model, r.seed) for r in res.results.robustness} == {(m, s) for m in ("single", "multi") for s in (0, 1)}
+    assert sorted(calls["epoch"]) == sorted((m, e, True) for m in ("single", "multi") for _ in (0, 1) for e in (1, 2))
+    assert calls["evaluation"] == [len(res.results.robustness)]
+    report = (res.run_dir / "report.md").read_text()
+    assert "over 2 seeds" in report and "Holm-adjusted over the 2 primary tests" in report
+    assert len(list((res.run_dir / "train").glob("*/done.json"))) == 4

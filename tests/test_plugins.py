@@ -42,7 +42,7 @@ def test_plugin_distributions_are_installed_and_found_through_entry_points():
         bare.get("perturbation", "mifgsm")
     with pytest.raises(MtkitError, match="pip install mtkit-corruptions"):
         bare.get("perturbation", "corrupt_snow")
-    with pytest.raises(MtkitError, match="Installed perturbations: apgd, fgsm, gaussian, pgd, salt_pepper"):
+    with pytest.raises(MtkitError, match="Installed perturbations: apgd, fgsm, gaussian, opgd, pgd, salt_pepper"):
         bare.get("perturbation", "my_own_attack")
 
 

@@ -21,8 +21,8 @@ from mtkit.config import DatasetConfig, Recipe
 from mtkit.data.augment import draw_params
 from mtkit.data.stats import build_class_weights
 from mtkit.depth_eval import evaluate_depth_model
-from mtkit.evaluate import evaluation_sets
 from mtkit.detection_eval import detection_datasets
+from mtkit.evaluate import evaluation_sets
 from mtkit.pipeline import detection_units, new_results, run_folder
 from mtkit.recipe import model_in, validate
 from mtkit.report import write_report

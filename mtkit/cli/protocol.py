@@ -46,7 +46,7 @@ def show(recipe: str, overrides: tuple[str, ...]) -> None:
 
 def print_plan(rows, recipe, jobs: int) -> None:
     """The projection of ``mtkit run --plan``: a row per stage, the total, and with --jobs the ideal overlap."""
-    from ...runtime import resolve_device
+    from ..runtime import resolve_device
 
     table = Table(title=f"projected run of {recipe.name} on {resolve_device(recipe.device)}")
     for col in ("stage", "measured unit", "seconds per unit", "units", "projected"):
@@ -59,7 +59,7 @@ def print_plan(rows, recipe, jobs: int) -> None:
     if jobs > 1:  # the longest (model, seed) chain bounds what N processes can overlap
         chains: dict[str, float] = {}
         for row in rows:
-            chains[row.model] = chains.get(row.model, 0.0) + row.seconds / max(len(recipe.runparseparse_seeds()), 1)
+            chains[row.model] = chains.get(row.model, 0.0) + row.seconds / max(len(recipe.run_seeds()), 1)
         console.print(f"with --jobs {jobs}: about {hms(max(total / jobs, max(chains.values())))} if {jobs} "
                       "processes share the device without slowing each other (an upper bound of the gain)")
 

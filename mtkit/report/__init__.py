@@ -63,7 +63,7 @@ def write_report(results: RunResults, run_dir: Path) -> dict[str, Path]:
         md += ["## Corruptions on the same SNR axis", "", f"![Corruptions]({figc.name})", ""]
     md += detection_markdown(results)
     for key, plot, title in (("figure_detection", plot_detection, "Detection rate over ε"),
-                             ("figure_roc", plot_roc, "ROC curves at the largest ε")):
+                             ("figure_roc", plot_roc, "ROC curves at the smallest ε")):
         png = plot(results, run_dir / f"{key}.png")
         if png:
             paths[key] = png

@@ -124,13 +124,14 @@ def plot_detection(results: RunResults, path: Path) -> Path | None:
         ax.set_title(f"{m} on {d}")
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="upper left")
-    fig.suptitle("Attack detection by edge consistency: detection rate over ε")
+    fig.suptitle("Detection rate over ε (edge consistency)")
     fig.tight_layout()
     return _save(fig, path)
 
 
 def plot_roc(results: RunResults, path: Path) -> Path | None:
-    """ROC curves at the largest ε, one per perturbation (first seed), one panel per (model, dataset)."""
+    """ROC curves at the smallest ε (where the detector has the hardest task), one per perturbation (first
+    seed), one panel per (model, dataset)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,7 +140,7 @@ def plot_roc(results: RunResults, path: Path) -> Path | None:
     rows = results.detection
     if not rows:
         return None
-    top = max(r.epsilon for r in rows)
+    top = min(r.epsilon for r in rows)
     seed = min(r.seed for r in rows)
     panels = list(dict.fromkeys((r.model, r.dataset) for r in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
