@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,25 @@ def read_summary(path: Path) -> dict[str, Any]:
     return data
 
 
+class LazyModel:
+    """A (model, seed)'s checkpoint, loaded once by the first stage that needs it."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        self.path, self.device, self.loaded = path, device, None
+
+    def then(self, fn, *args):
+        """``fn(loaded model, *args)``."""
+        if self.loaded is None:
+            self.loaded = load_model(self.path, self.device)
+        return fn(self.loaded, *args)
+
+
+def _depth_stage(loaded, recipe: Recipe, key: str, seed: int, name: str, device: str, progress: bool) -> DepthRow:
+    ds = build_dataset(recipe.data.depth_eval[key], where=f"data.depth_eval.{key}")
+    return evaluate_depth_model(loaded.model, ds, recipe.depth_evaluation, device=device, progress=progress,
+                                label=f"{name}/{key} depth", model_name=name, seed=seed, dataset_name=key)
+
+
 def run_jobs(recipe: Recipe, run_dir: Path, units: list[tuple[str, int]], jobs: int, force: bool, log=print
              ) -> None:
     """Run the stages of independent (model, seed) units in up to ``jobs`` processes at once (``mtkit run --unit``
@@ -276,6 +296,21 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
             by_jobs = {f for unit in todo for f in files[unit] if force or not f.is_file()}
             run_jobs(recipe, run_dir, todo, jobs, force, log)
         force = False  # what force asked for has just run
+    def stage_result(path: Path, stage: str, read, compute, write):
+        """A stage's result: read from its file when finished (cached), else computed, written by rank 0 and
+        recorded as run; a damaged file runs the stage again (``read_stage``)."""
+        value = None if force else read_stage(path, read, stage, log)
+        if value is not None:
+            (ran if path in by_jobs else cached).append(stage)
+            return value
+        log(f"[stage] {stage}")
+        value = compute()
+        if d.main:
+            write(path, value)
+        barrier(d)
+        ran.append(stage)
+        return value
+
     for seed in seeds:
         for spec in recipe.models:
             if units is not None and (spec.name, seed) not in units:
@@ -302,57 +337,27 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                 barrier(d)
                 ran.append(stage)
             results.training.append(summary)
-            loaded = None
+            loaded = LazyModel(tdir / "last.pt", device)  # loaded by the first stage that needs it
             for key in eval_keys:
-                epath = run_dir / "eval" / f"{spec.name}-s{seed}-{key}-{eval_hash(th, recipe, key)}.json"
-                stage = f"evaluate {spec.name} seed {seed} on {key}"
-                ev = None if force else read_stage(epath, RunResults.read, stage, log)
-                if ev is not None:
-                    (ran if epath in by_jobs else cached).append(stage)
-                else:
-                    log(f"[stage] {stage}")
-                    loaded = loaded or load_model(tdir / "last.pt", device)
-                    ev = evaluate_checkpoint(loaded, recipe, [key], seed, device, progress)
-                    if d.main:
-                        ev.write(epath)
-                    barrier(d)
-                    ran.append(stage)
-                results.extend(ev)
+                results.extend(stage_result(
+                    run_dir / "eval" / f"{spec.name}-s{seed}-{key}-{eval_hash(th, recipe, key)}.json",
+                    f"evaluate {spec.name} seed {seed} on {key}", RunResults.read,
+                    partial(loaded.then, evaluate_checkpoint, recipe, [key], seed, device, progress),
+                    lambda path, ev: ev.write(path)))
             for key in recipe.data.depth_eval if "depth" in spec.tasks else ():
-                dpath = run_dir / "depth" / f"{spec.name}-s{seed}-{key}-{depth_hash(th, recipe, key)}.json"
-                stage = f"evaluate depth {spec.name} seed {seed} on {key}"
-                row = None if force else read_stage(dpath, lambda f: DepthRow.model_validate_json(f.read_text()),
-                                                    stage, log)
-                if row is not None:
-                    (ran if dpath in by_jobs else cached).append(stage)
-                else:
-                    log(f"[stage] {stage}")
-                    loaded = loaded or load_model(tdir / "last.pt", device)
-                    ds = build_dataset(recipe.data.depth_eval[key], where=f"data.depth_eval.{key}")
-                    row = evaluate_depth_model(loaded.model, ds, recipe.depth_evaluation, device=device,
-                                               progress=progress, label=f"{spec.name}/{key} depth",
-                                               model_name=spec.name, seed=seed, dataset_name=key)
-                    if d.main:
-                        atomic_write_text(dpath, row.model_dump_json())
-                    barrier(d)
-                    ran.append(stage)
-                results.depth.append(row)
+                results.depth.append(stage_result(
+                    run_dir / "depth" / f"{spec.name}-s{seed}-{key}-{depth_hash(th, recipe, key)}.json",
+                    f"evaluate depth {spec.name} seed {seed} on {key}",
+                    lambda f: DepthRow.model_validate_json(f.read_text()),
+                    partial(loaded.then, _depth_stage, recipe, key, seed, spec.name, device, progress),
+                    lambda path, row: atomic_write_text(path, row.model_dump_json())))
             for key in detection_units(recipe, spec):
-                xpath = run_dir / "detection" / f"{spec.name}-s{seed}-{key}-{detection_hash(th, recipe, key)}.json"
-                stage = f"detect attacks {spec.name} seed {seed} on {key}"
-                rows = None if force else read_stage(xpath, read_detection, stage, log)
-                if rows is not None:
-                    (ran if xpath in by_jobs else cached).append(stage)
-                else:
-                    log(f"[stage] {stage}")
-                    loaded = loaded or load_model(tdir / "last.pt", device)
-                    rows = evaluate_detection(loaded, recipe, [key], seed, device, progress)
-                    if d.main:
-                        atomic_write_text(xpath, json.dumps({"rows": [r.model_dump(mode="json") for r in rows]},
-                                                            allow_nan=False))
-                    barrier(d)
-                    ran.append(stage)
-                results.detection += rows
+                results.detection += stage_result(
+                    run_dir / "detection" / f"{spec.name}-s{seed}-{key}-{detection_hash(th, recipe, key)}.json",
+                    f"detect attacks {spec.name} seed {seed} on {key}", read_detection,
+                    partial(loaded.then, evaluate_detection, recipe, [key], seed, device, progress),
+                    lambda path, rows: atomic_write_text(path, json.dumps(
+                        {"rows": [r.model_dump(mode="json") for r in rows]}, allow_nan=False)))
     results.seconds = time.perf_counter() - started
     if not d.main or units is not None:
         return RunResult(run_dir, results, {}, ran, cached)

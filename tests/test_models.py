@@ -89,6 +89,8 @@ def test_shapes_at_any_size(size):
 def test_depth_range():
     disp, depth = disp_to_depth(torch.tensor([0.0, 0.5, 1.0]), 0.1, 100.0)
     assert depth[0].item() == pytest.approx(100.0) and depth[2].item() == pytest.approx(0.1)
+    # inside the range: disp = 1/100 + (1/0.1 - 1/100) · σ, 0.01 + 9.99 · 0.5 = 5.005 at σ = 0.5
+    assert disp[1].item() == pytest.approx(5.005) and depth[1].item() == pytest.approx(1 / 5.005)
     assert torch.allclose(disp * depth, torch.ones(3))
     model = build_model(ModelConfig(), ["segmentation", "depth"]).eval()
     with torch.no_grad():

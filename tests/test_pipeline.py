@@ -42,7 +42,9 @@ def test_every_artefact_exists_and_parses(first_run):
     assert results == res.results  # the typed results round-trip through strict JSON
     depth = results.depth
     assert [(r.model, r.dataset) for r in depth] == [("multi", "Eigen")]
-    assert 0 < depth[0].metrics["abs_rel"] < 5 and depth[0].images == 4 and depth[0].scale_median > 0
+    m = depth[0].metrics
+    assert 0 < m["abs_rel"] and 0 <= m["a1"] <= m["a2"] <= m["a3"] <= 1 and m["rmse"] >= 0
+    assert depth[0].images == 4 and depth[0].scale_median > 0
     assert set(results.models) == {"single", "multi"}
     assert {(c.model, c.dataset) for c in results.clean} == {(m, k) for m in ("single", "multi")
                                                                      for k in ("CS", "K")}
@@ -50,7 +52,8 @@ def test_every_artefact_exists_and_parses(first_run):
     assert len(rows) == 2 * 2 * 5 * 2  # models x datasets x (perturbations and the worst case) x ε
     assert {r["perturbation"] for r in rows} == {"gaussian", "salt_pepper", "fgsm", "pgd", "worst_case"}
     for r in results.robustness:
-        assert 0 <= r.q <= 1.5 and r.epsilon_measured > 0
+        assert r.q == pytest.approx(r.miou / r.miou_clean) and r.epsilon_measured > 0
+        assert r.epsilon_measured <= r.epsilon * 1.0001 or r.perturbation in ("gaussian", "salt_pepper")
     for png in ("figure5_robustness.png", "figure6_fgsm_lambda.png"):
         with Image.open(d / png) as im:
             assert im.size[0] > 400 and im.size[1] > 200
@@ -58,6 +61,9 @@ def test_every_artefact_exists_and_parses(first_run):
     assert "Table 2-style" in report and "![Figure 5](figure5_robustness.png)" in report
     assert "Q [%] and mIoU under attack [%]: **pgd** on K" in report and "### Depth on Eigen" in report
     assert "| mIoU (multi (λ=0.1)) |" in report  # the absolute mIoU under attack beside Q
+    # every attack's strength is stated: gradient passes per image at each ε (the tiny recipe's PGD: 2 iterations)
+    assert "Attack budgets, gradient passes per image at ε = 1, 4" in report and "pgd: 2, 2" in report \
+        and "fgsm: 1, 1" in report
     assert "one seed, so no claim of significance is possible" in report and "(4 images, 1 seed)" in report
     # the gradient-masking checks: one row per model and dataset, a cell per check
     assert len(results.sanity) == 2 * 2 * 4

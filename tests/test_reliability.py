@@ -327,3 +327,28 @@ def test_fuzz_cli_show_exits_0_or_2_without_traceback(override, tmp_path_factory
     assert code in (0, 2) and "Traceback" not in err, (override, err)
     if code == 0:
         load_recipe(recipe_file, [f"{override[0]}={override[1]}"])
+
+
+def test_a_cache_or_folder_that_refuses_writes_is_one_line(tmp_path, capsys, monkeypatch):
+    """A read-only cache that lacks a dataset (Errno 30 where prepare writes it), or a full output disk: one line
+    naming the folder and the fix, exit 2, no traceback (before: an OSError traceback)."""
+    import errno
+
+    import mtkit.api
+
+    recipe_file = _recipe_file(tmp_path)
+    cache = Path(os.environ["MTKIT_CACHE"])
+
+    def refuse(path, code):
+        def raising(*args, **kwargs):
+            raise OSError(code, os.strerror(code), str(path))
+        return raising
+
+    monkeypatch.setattr(mtkit.api, "prepare_recipe", refuse(cache / "synthetic", errno.EROFS))
+    code, _, err = run_cli(["prepare", str(recipe_file)], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert f"cannot write {cache / 'synthetic'} (Read-only file system)" in " ".join(err.split())
+    assert "MTKIT_CACHE" in err
+    monkeypatch.setattr(mtkit.api, "prepare_recipe", refuse(tmp_path / "out" / "x.json", errno.ENOSPC))
+    code, _, err = run_cli(["prepare", str(recipe_file)], capsys)
+    assert code == 2 and "No space left on device" in err and "--out or output_dir" in err

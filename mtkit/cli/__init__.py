@@ -6,6 +6,7 @@ shows the traceback.
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import threading
@@ -42,6 +43,25 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+#: errors of a folder that refuses a write: read-only file system, permission, full disk or quota
+WRITE_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+
+
+def write_error(exc: OSError) -> str:
+    """The one-line message of a refused write, with the fix: the cache (``MTKIT_CACHE``) or the output folder."""
+    import os
+    from pathlib import Path
+
+    where = Path(exc.filename) if exc.filename else None
+    cache = Path(os.environ.get("MTKIT_CACHE", Path.home() / ".cache" / "mtkit"))
+    in_cache = where is not None and (where == cache or cache in where.parents)
+    fix = (f"the cache {cache} lacks what this run needs and cannot be written: make it writable or set MTKIT_CACHE "
+           "to a writable folder" if in_cache else "choose a writable folder (--out or output_dir)")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free space there, or {fix[0].lower()}{fix[1:]}"
+    return f"cannot write {where or 'a file'} ({exc.strerror or exc}): {fix}; finished work is kept"
+
+
 RESUME_HINT = "finished stages and the last checkpoint are kept: the same command continues where it stopped"
 
 
@@ -73,6 +93,12 @@ def _main(argv: list[str] | None) -> None:
         msg = str(exc)
         err_console.print(f"error: {msg}", style="bold red", markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # a folder mtkit must write to refuses (read-only, no permission, full): one line
+        if Context.debug or exc.errno not in WRITE_ERRORS:
+            raise
+        err_console.print(f"error: {write_error(exc)}", style="bold red", markup=False, highlight=False,
+                          soft_wrap=True)
+        sys.exit(2)
     except Terminated:
         err_console.print(f"terminated (SIGTERM): {RESUME_HINT}")
         sys.exit(143)

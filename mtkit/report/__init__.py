@@ -36,6 +36,22 @@ def save_report(results: RunResults, run_dir: Path) -> dict[str, Path]:
                          f"{rescue}") from None
 
 
+def attack_budgets(results: RunResults) -> list[str]:
+    """A note line per gradient attack: its gradient passes per image at each ε (iterations × restarts; the
+    worst case is the ensemble of the attacks above it), so that every attack's strength is stated."""
+    budgets: dict[str, dict[float, float]] = {}
+    for r in results.robustness:
+        if r.attack and r.is_epsilon:
+            budgets.setdefault(r.perturbation, {})[r.level] = r.backward_passes_per_batch
+    if not budgets:
+        return []
+    parts = [f"{p}: " + ", ".join(f"{v:g}" for _, v in sorted(levels.items())) for p, levels in budgets.items()]
+    eps = sorted({e for levels in budgets.values() for e in levels})
+    return [f"- Attack budgets, gradient passes per image at ε = {', '.join(f'{e:g}' for e in eps)} (iterations × "
+            f"restarts): " + "; ".join(parts) + ". APGD as in AutoAttack runs 100 iterations: "
+            "`robustness.options.apgd.iterations: 100`."]
+
+
 def write_report(results: RunResults, run_dir: Path) -> dict[str, Path]:
     """report.md, results.json, results.csv and the plots in ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +94,7 @@ def write_report(results: RunResults, run_dir: Path) -> dict[str, Path]:
            "the perturbed image to [0, 255], over the whole evaluation set.",
            "- mIoU sums TP, FP and FN over all images before dividing (eq. 9); Q = mIoU_adv / mIoU_clean "
            "(eq. 10).",
+           *attack_budgets(results),
            "- Depth: KITTI Eigen protocol (monodepth2, SGDepth): ground truth capped to [1e-3, 80] m, Garg/Eigen "
            "crop, per-image median scaling; metrics averaged over images.", ""]
     atomic_write_text(paths["report"], "\n".join(md))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..results import DetectionRow, RunResults
 from ..statistics import paired_difference, t_interval
-from .plots import _save
+from .plots import _save, epsilon_axes
 
 
 def _cell(values: list[float]) -> str:
@@ -116,13 +116,7 @@ def plot_detection(results: RunResults, path: Path) -> Path | None:
             ax.errorbar(eps, [iv.mean for iv in ivs], yerr=[0 if math.isnan(iv.sd) else iv.sd for iv in ivs],
                         marker="o", ms=3, color=f"C{i}", capsize=2, label=p)
         ax.axhline(100 * rows[0].fpr_target, color="gray", linestyle="--", linewidth=1, label="target FPR")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(eps, [f"{e:g}" for e in eps])
-        ax.set_ylim(0, 102)
-        ax.set_xlabel("ε (gray values, RMS)")
-        ax.set_ylabel("detection rate [%]")
-        ax.set_title(f"{m} on {d}")
-        ax.grid(True, alpha=0.3)
+        epsilon_axes(ax, eps, "detection rate [%]", f"{m} on {d}", top=102)
     axes[0][0].legend(fontsize=7, loc="upper left")
     fig.suptitle("Detection rate over ε (edge consistency)")
     fig.tight_layout()

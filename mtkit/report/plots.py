@@ -34,13 +34,7 @@ def plot_figure5(results: RunResults, path: Path) -> Path | None:
                     ax.errorbar(eps, [y[0] for y in ys], yerr=[y[1] for y in ys], marker="o", ms=3,
                                 linestyle=styles[di % len(styles)], color=f"C{mi}", capsize=2,
                                 label=f"{model_label(results, m)} {d}")
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(eps, [f"{e:g}" for e in eps])
-            ax.set_ylim(0, 105)
-            ax.set_xlabel("ε (gray values, RMS)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(p)
-            ax.grid(True, alpha=0.3)
+            epsilon_axes(ax, eps, ylabel, p)
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle("Robustness over perturbation strength (Figure 5): Q, and mIoU under attack")
     fig.tight_layout()
@@ -63,13 +57,7 @@ def plot_figure6(results: RunResults, path: Path, perturbation: str = "fgsm") ->
         for mi, m in enumerate(models):
             ys = [agg["q"].get((m, d, perturbation, e), (math.nan, 0, 0))[0] for e in eps]
             ax.plot(eps, ys, marker="o", ms=3, color=f"C{mi}", label=model_label(results, m))
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(eps, [f"{e:g}" for e in eps])
-        ax.set_ylim(0, 105)
-        ax.set_xlabel("ε (gray values, RMS)")
-        ax.set_ylabel("Q [%]")
-        ax.set_title(f"{perturbation.upper()} on {d}")
-        ax.grid(True, alpha=0.3)
+        epsilon_axes(ax, eps, "Q [%]", f"{perturbation.upper()} on {d}")
         ax.legend(fontsize=7, loc="lower left")
     fig.suptitle("Q for several gradient scales λ (Figure 6)")
     fig.tight_layout()
@@ -110,6 +98,17 @@ def plot_other_levels(results: RunResults, path: Path) -> Path | None:
     fig.suptitle("Q over the measured ε of each severity (same SNR axis as Figure 5)")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def epsilon_axes(ax, eps: list[float], ylabel: str, title: str, top: float = 105) -> None:
+    """The ε axis every figure shares (log 2, the recipe's ε as ticks), the y label, title and grid."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(eps, [f"{e:g}" for e in eps])
+    ax.set_ylim(0, top)
+    ax.set_xlabel("ε (gray values, RMS)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
 
 
 def _save(fig, path: Path) -> Path:
