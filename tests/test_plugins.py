@@ -7,11 +7,13 @@ from importlib import metadata
 
 import pytest
 import torch
+import torch.nn.functional as F
 from support import OnePixelSegmenter, tiny_recipe
 
 from mtkit.build import build_perturbation
 from mtkit.errors import MtkitError
-from mtkit.perturbations import FGSM, Gaussian, measured_epsilon
+from mtkit.losses import IGNORE_INDEX
+from mtkit.perturbations import FGSM, AttackContext, Gaussian, measured_epsilon
 from mtkit.plugins import get_registry, load_plugins
 from mtkit.recipe import validate
 from mtkit.sweep import CountingContext, robustness_sweep
@@ -272,3 +274,39 @@ def test_segpgd_schedule_is_lambda_t_equal_to_t_minus_1_over_2t():
         (g,) = torch.autograd.grad(real(model(z), y, lam), z)
         ref = project(ref + torch.where(g >= 0, 1.0, -1.0), x, 4.0)
     assert torch.equal(got, ref)
+
+
+def test_cospgd_follows_the_authors_formulation_step_by_step():
+    """CosPGD against a reference written from the authors' code (shashankskagnihotri/cospgd: ``cospgd_scale`` on
+    ``CrossEntropyLoss(reduction='none', ignore_index=255)``, the mean, a signed step, the L∞ clamp and [0, 1]) on
+    images in [0, 1], in float64, with a void pixel: the same adversarial images after every iteration."""
+    from mtkit_attacks import cospgd
+
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.Tanh(),
+                              torch.nn.Conv2d(6, 4, 3, padding=1)).double()
+    x = (torch.rand(2, 3, 6, 7, dtype=torch.float64) * 255).round()
+    y = torch.randint(0, 4, (2, 6, 7))
+    y[0, 0, 0] = IGNORE_INDEX
+
+    def authors(images, labels, eps, alpha, iterations, num_classes=4):
+        orig = images.clone()
+        adv = images.clone()
+        criterion = torch.nn.CrossEntropyLoss(reduction="none", ignore_index=255)
+        for _ in range(iterations):
+            adv.requires_grad_(True)
+            predictions = net(adv * 255.0)
+            loss = criterion(predictions, labels)
+            target = F.one_hot(torch.clamp(labels, labels.min(), num_classes - 1), num_classes).permute(0, 3, 1, 2)
+            cossim = F.cosine_similarity(F.softmax(predictions, dim=1), target, dim=1)
+            loss = (cossim.detach() * loss).mean()
+            (grad,) = torch.autograd.grad(loss, adv)
+            adv = adv.detach() + alpha * grad.sign()
+            adv = torch.min(torch.max(adv, orig - eps), orig + eps).clamp(0, 1)
+        return adv
+
+    ctx = AttackContext(net, None, torch.Generator())
+    for iterations in (1, 3, 6):
+        ours = cospgd(ctx, x, y, 4.0, step=1.0, iterations=iterations, random_start=False)
+        ref = authors(x / 255.0, y, 4.0 / 255, 1.0 / 255, iterations) * 255.0
+        assert float((ours - ref).abs().max()) < 1e-9, iterations
