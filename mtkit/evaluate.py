@@ -114,6 +114,7 @@ def evaluate_segmenter(segmenter: nn.Module, name: str, info: ModelInfo, recipe:
                                      sanity=rob.sanity, multitask=multitask)
             out.clean.append(sweep.clean)
             out.robustness += sweep.rows
+            out.targeted += sweep.targeted
             if rob.sanity.enabled and any(r.attack for r in sweep.rows):
                 out.sanity += masking_checks(sweep, rob.sanity, {p for p, pert in perts.items() if pert.iterative})
     return out

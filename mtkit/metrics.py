@@ -147,3 +147,25 @@ def confusion_on(segmenter: torch.nn.Module, dataset, num_classes: int, batch_si
             pred = segmenter(precision.input(batch["image"].to(device))).argmax(1)
         counts += confusion_counts(pred, batch["label"], num_classes)
     return confusion_from_counts(all_reduce_sum(counts.cpu(), d), num_classes)
+
+
+def targeted_counts(pred: torch.Tensor, labels: torch.Tensor, kind: str, hidden: int | None = None,
+                    reference: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Counts (6,) int64 of a targeted attack's outcome on a batch, on the device (summed over a set, then read
+    once): pixels that took their target and pixels with a target; for a dynamic target (Metzen et al.) also the
+    hidden class's pixels of the clean prediction ``reference`` that no longer show it, their number, the other
+    pixels whose label the attack kept, and their number."""
+    has = labels != ignore_index
+    counts = [((pred == labels) & has).sum(), has.sum()]
+    if kind == "dynamic" and reference is not None and hidden is not None:
+        was = reference == hidden
+        counts += [(was & (pred != hidden)).sum(), was.sum(), (~was & (pred == reference)).sum(), (~was).sum()]
+    else:
+        counts += [torch.zeros((), dtype=torch.long, device=pred.device)] * 4
+    return torch.stack(counts).long()
+
+
+def targeted_rates(counts: torch.Tensor) -> tuple[float | None, float | None, float | None]:
+    """(success, removed, kept) shares from summed ``targeted_counts``; None where a share has no pixels."""
+    c = counts.tolist()
+    return tuple(c[i] / c[i + 1] if c[i + 1] else None for i in (0, 2, 4))  # type: ignore[return-value]

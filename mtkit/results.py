@@ -120,6 +120,24 @@ class DepthRow(Record):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
+class TargetedRow(Record):
+    """A targeted attack (``Perturbation.targeted``) on one set at one ε: the share of pixels that took their
+    target, and for a dynamic target (hide a class) the share of the hidden class's pixels removed and of the other
+    pixels kept (Metzen et al.'s two numbers); beside the mIoU and the measured ε of its robustness row."""
+
+    model: str
+    seed: int
+    dataset: str
+    perturbation: str
+    epsilon: float
+    epsilon_measured: float
+    kind: str = Field(description="static | per_pixel | dynamic")
+    success: float | None = Field(description="share of the pixels with a target that took it")
+    removed: float | None = Field(None, description="dynamic: share of the hidden class's pixels removed")
+    kept: float | None = Field(None, description="dynamic: share of the other pixels whose label was kept")
+    miou: float | None = None
+
+
 class DetectionRow(Record):
     """The attack detector of one multi-task model on one evaluation set under one perturbation at one ε
     (``mtkit.detection``): threshold fitted on the set's even-indexed clean images for ``fpr_target``; the rates,
@@ -180,6 +198,7 @@ class RunResults(Record):
     robustness: list[ResultRow] = Field(default_factory=list)
     depth: list[DepthRow] = Field(default_factory=list)
     detection: list[DetectionRow] = Field(default_factory=list, description="attack detection (detection section)")
+    targeted: list[TargetedRow] = Field(default_factory=list, description="targeted attacks' success")
     sanity: list[SanityRow] = Field(default_factory=list, description="gradient-masking sanity checks")
     data: list[DataRow] = Field(default_factory=list)
     training: list[dict[str, Any]] = Field(default_factory=list)
@@ -192,6 +211,7 @@ class RunResults(Record):
         self.robustness += other.robustness
         self.depth += other.depth
         self.detection += other.detection
+        self.targeted += other.targeted
         self.sanity += other.sanity
         return self
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -14,10 +14,18 @@ from torch.utils.data import DataLoader
 
 from .config import SanityConfig
 from .errors import MtkitError
-from .metrics import confusion_counts, confusion_from_counts, iou_per_class, miou, q_ratio
+from .metrics import (
+    confusion_counts,
+    confusion_from_counts,
+    iou_per_class,
+    miou,
+    q_ratio,
+    targeted_counts,
+    targeted_rates,
+)
 from .perturbations import AttackContext, Perturbation, Unbounded
 from .progress import progress_bar
-from .results import CleanRow, ResultRow, Spread
+from .results import CleanRow, ResultRow, Spread, TargetedRow
 from .runtime import Dist, Precision, all_gather_objects, all_reduce_sum, available_memory, current_dist
 from .sampling import evaluation_batches
 
@@ -48,6 +56,8 @@ class Sweep:
     images: int
     #: the unbounded attack of the gradient-masking checks (``sanity``), when run
     unbounded: ResultRow | None = None
+    #: targeted attacks' success (``Perturbation.targeted``)
+    targeted: list[TargetedRow] = field(default_factory=list)
 
 
 def activation_bytes(segmenter: nn.Module, shape: tuple[int, ...], device: torch.device) -> int:
@@ -128,7 +138,8 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
     gen = torch.Generator().manual_seed(seed)
     cw = None if class_weights is None else class_weights.to(device)
     loss_fn = None if loss is None else loss.to(device)
-    attacks = [p for p, pert in perturbations.items() if pert.needs_gradient and pert.level_kind == "epsilon"]
+    attacks = [p for p, pert in perturbations.items() if pert.needs_gradient and pert.level_kind == "epsilon"
+               and not pert.targeted]
     if sanity is not None and sanity.enabled and attacks:
         perturbations = {**perturbations, UNBOUNDED: Unbounded(sanity.iterations)}
     levels = {p: pert.levels(list(epsilons)) for p, pert in perturbations.items()}
@@ -141,6 +152,9 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
     numel: dict[int, int] = {}
     seconds = dict.fromkeys(perturbations, 0.0)
     backward = dict.fromkeys(perturbations, 0.0)
+    targeted = {p: pert for p, pert in perturbations.items() if pert.targeted}
+    tcounts = {(p, e): torch.zeros(6, dtype=torch.int64, device=device) for p in targeted for e in levels[p]}
+    tkind: dict[str, str] = {}
     batches = evaluation_batches(len(dataset), int(batch_size), d)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory)
 
@@ -177,6 +191,7 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
                 t0 = time.perf_counter()
                 with contextlib.nullcontext() if pert.needs_gradient else torch.no_grad():
                     advs = pert.sweep(ctx, x, y, list(epsilons))
+                    tg = pert.targets(ctx, x, y) if name in targeted else None
                 preds, losses = predict(torch.cat([advs[e] for e in levels[name]]),
                                         ctx if name in attacks and worst else None, y)
                 # Σ r² per image (eq. 7) of every level, read back in one transfer
@@ -184,6 +199,9 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
                 for j, (e, pred) in enumerate(zip(levels[name], preds.split(x.shape[0]))):
                     k = slot[(name, e)]
                     conf[1 + k] += confusion_counts(pred, y, num_classes)
+                    if tg is not None:
+                        tkind[name] = tg.kind
+                        tcounts[(name, e)] += targeted_counts(pred, tg.labels, tg.kind, tg.hidden, tg.reference)
                     r2 = r2_all[j]
                     for i, v in zip(indices, r2):
                         per_image[i][k] = v
@@ -242,7 +260,15 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
                          per_class_iou=_nan_to_none(iou_per_class(conf[0]).tolist()),
                          note=NO_LABELS if clean != clean else None, images=len(dataset))
     unbounded = next((r for r in rows if r.perturbation == UNBOUNDED), None)
-    return Sweep(clean_row, [r for r in rows if r.perturbation != UNBOUNDED], len(dataset), unbounded)
+    by_key = {(r.perturbation, r.level): r for r in rows}
+    target_rows = []
+    for (name, e), counts in tcounts.items():
+        success, removed, kept = targeted_rates(all_reduce_sum(counts.cpu(), d))
+        target_rows.append(TargetedRow(
+            model=model_name, seed=seed, dataset=dataset_name, perturbation=name, epsilon=e,
+            epsilon_measured=by_key[(name, e)].epsilon_measured, kind=tkind.get(name, "static"), success=success,
+            removed=removed, kept=kept, miou=by_key[(name, e)].miou))
+    return Sweep(clean_row, [r for r in rows if r.perturbation != UNBOUNDED], len(dataset), unbounded, target_rows)
 
 
 def _stronger(best: tuple[torch.Tensor, torch.Tensor, list[float]] | None, losses: torch.Tensor,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from .adaptive import OPGD, OPGDOptions, opgd
 from .apgd import APGD, APGDOptions, Unbounded, apgd_checkpoints, apgd_sweep, wrong_class_probability
-from .base import Perturbation, PerturbationOptions
+from .base import Perturbation, PerturbationOptions, Targets
 from .context import AttackContext, clip_image, draw, image_generator, measured_epsilon
 from .gradient import (
     FGSM,
@@ -40,4 +40,4 @@ __all__ = ["APGD", "FGSM", "OPGD", "PGD", "APGDOptions", "AttackContext", "Gauss
            "Perturbation", "PerturbationOptions", "SaltPepper", "Unbounded", "apgd_checkpoints", "apgd_sweep",
            "clip_image", "draw", "fgsm", "fgsm_direction", "gaussian_noise", "image_generator", "measured_epsilon",
            "opgd", "pgd", "pgd_iterations", "pgd_sweep", "project", "random_start_point", "salt_and_pepper",
-           "salt_and_pepper_per_image", "strongest", "wrong_class_probability"]
+           "salt_and_pepper_per_image", "strongest", "Targets", "wrong_class_probability"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -16,6 +17,20 @@ class PerturbationOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@dataclass
+class Targets:
+    """What a targeted attack aims at in a batch, per pixel. ``labels`` (B, H, W): each pixel's target label
+    (``IGNORE_INDEX`` where it has none). ``kind``: "static" (a fixed target segmentation, Metzen et al.),
+    "per_pixel" (a target label per pixel, DAG) or "dynamic" (hide class ``hidden``, keep the rest as the clean
+    prediction ``reference`` (B, H, W) had it). The evaluation reports the share of pixels that take their target,
+    and for "dynamic" the share of the hidden class's pixels removed and of the other pixels kept."""
+
+    labels: torch.Tensor
+    kind: str = "static"
+    hidden: int | None = None
+    reference: torch.Tensor | None = None
+
+
 class Perturbation:
     """Base class of the registry's perturbations. Subclasses set ``needs_gradient`` and ``Options`` and
     implement ``sweep``; ``self.options`` holds the validated options."""
@@ -28,6 +43,9 @@ class Perturbation:
     #: what the sweep's keys are: "epsilon" (requested RMS ε in gray values, eq. 7) or another level such as a
     #: corruption's "severity", whose ε is only measured (recorded per row as ``epsilon_measured``)
     level_kind = "epsilon"
+    #: a targeted attack (``targets`` says at what): the evaluation reports its success beside the mIoU, and keeps
+    #: it out of the worst case and the gradient-masking checks, which judge attacks that lower the mIoU
+    targeted = False
 
     def __init__(self, options: BaseModel | None = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -38,4 +56,8 @@ class Perturbation:
 
     def sweep(self, ctx: AttackContext, x: torch.Tensor, y: torch.Tensor | None,
               epsilons: list[float]) -> dict[float, torch.Tensor]:
+        raise NotImplementedError
+
+    def targets(self, ctx: AttackContext, x: torch.Tensor, y: torch.Tensor | None) -> Targets:
+        """A targeted attack's targets for this batch (the same its ``sweep`` aims at)."""
         raise NotImplementedError

@@ -16,6 +16,7 @@ from .aggregate import aggregate, verdict
 from .detection import detection_markdown, plot_detection, plot_roc
 from .plots import plot_figure5, plot_figure6, plot_other_levels
 from .tables import depth_table, markdown_tables, rich_tables, write_csv
+from .targeted import plot_targeted, targeted_markdown
 
 __all__ = ["aggregate", "depth_table", "markdown_tables", "rich_tables", "save_report", "verdict", "write_report"]
 
@@ -77,6 +78,11 @@ def write_report(results: RunResults, run_dir: Path) -> dict[str, Path]:
     if figc:
         paths["figure_corruptions"] = figc
         md += ["## Corruptions on the same SNR axis", "", f"![Corruptions]({figc.name})", ""]
+    md += targeted_markdown(results)
+    png = plot_targeted(results, run_dir / "figure_targeted.png")
+    if png:
+        paths["figure_targeted"] = png
+        md += ["### Targeted attacks: success over ε", "", f"![Targeted attacks]({png.name})", ""]
     md += detection_markdown(results)
     for key, plot, title in (("figure_detection", plot_detection, "Detection rate over ε"),
                              ("figure_roc", plot_roc, "ROC curves at the smallest ε")):

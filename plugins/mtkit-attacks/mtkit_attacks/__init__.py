@@ -1,4 +1,6 @@
-"""mtkit-attacks: MI-FGSM, SegPGD, CosPGD and a universal adversarial perturbation as mtkit perturbations.
+"""mtkit-attacks: MI-FGSM, SegPGD, CosPGD, a universal adversarial perturbation, and the targeted segmentation
+attacks of ``mtkit_attacks.targeted`` (Metzen et al.'s static and dynamic targets, per image and universal; DAG;
+data-free GD-UAP) as mtkit perturbations.
 
 Every attack follows mtkit's convention: images in gray values 0..255, strength ε in gray values (the L∞ budget of
 the projection, so the RMS of the perturbation, eq. 7, is at most ε and is measured and recorded by the
@@ -185,11 +187,14 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def learn_uap(ctx: AttackContext, dataset, eps: float, epochs: int = 5, batch_size: int = 8,
-              step: float | None = None, images: int | None = None) -> torch.Tensor:
+              step: float | None = None, images: int | None = None, direction=None) -> torch.Tensor:
     """A universal adversarial perturbation ξ (3, H, W) for segmentation (Metzen et al., ICCV 2017 style).
 
     Maximises the mean J^ce (eq. 1) of the images x + ξ over the training set: each batch takes a signed gradient
     step on ξ (size ``step``, default ε/10), ξ is projected onto the L∞ ε-ball, x + ξ is clipped to [0, 255].
+    ``direction(ctx, x, x + ξ, y)`` replaces the step's direction (per image; summed over the batch): a targeted
+    universal perturbation descends its own loss towards targets made from the clean images
+    (``mtkit_attacks.targeted``).
     """
     step = eps / 10 if step is None else step
     n = len(dataset) if images is None else min(images, len(dataset))
@@ -205,7 +210,8 @@ def learn_uap(ctx: AttackContext, dataset, eps: float, epochs: int = 5, batch_si
             y = torch.stack([b["label"] for b in batch]).to(device)
             if xi is None:
                 xi = torch.zeros(x.shape[1:], device=device)
-            grad = ctx.input_gradient(clip_image(x + xi), y).sum(0)
+            grad = (ctx.input_gradient(clip_image(x + xi), y) if direction is None
+                    else direction(ctx, x, clip_image(x + xi), y)).sum(0)
             xi = (xi + step * fgsm_direction(grad)).clamp(-eps, eps)
     assert xi is not None
     return xi
@@ -259,8 +265,18 @@ class UniversalPerturbation(Perturbation):
         self._fingerprints: dict[int, str] = {}
         self.files: list[Path] = []
 
+    #: the file name's prefix of the saved perturbations
+    prefix = "uap"
+
     def _folder(self) -> Path:
         return self.folder or cache_dir() / "uap"
+
+    def extra_key(self) -> Any:
+        """What else the saved perturbation depends on (a targeted one: its target)."""
+        return None
+
+    def learn(self, ctx: AttackContext, dataset, eps: float) -> torch.Tensor:
+        return learn_uap(ctx, dataset, eps, self.epochs, self.batch_size, self.step, self.images)
 
     def perturbation_for(self, ctx: AttackContext, eps: float, size: tuple[int, int]) -> torch.Tensor:
         """The perturbation for this model, ε and image size: from memory, from its file, or learnt and saved."""
@@ -272,11 +288,11 @@ class UniversalPerturbation(Perturbation):
         cfg = self.dataset_cfg.model_copy(update={"height": size[0], "width": size[1]})
         meta = {"dataset": cfg.model_dump(), "epochs": self.epochs, "images": self.images,
                 "batch_size": self.batch_size, "step": self.step}
-        path = self._folder() / f"uap-{fp}-{config_hash(meta, eps)}.pt"
+        path = self._folder() / f"{self.prefix}-{fp}-{config_hash(meta, eps, self.extra_key())}.pt"
         if path.is_file():
             xi = load_uap(path, fp)
         else:
-            xi = learn_uap(ctx, build_dataset(cfg), eps, self.epochs, self.batch_size, self.step, self.images)
+            xi = self.learn(ctx, build_dataset(cfg), eps)
             save_uap(path, xi, eps, fp, meta)
         self.files.append(path)
         device = next(ctx.model.parameters()).device
@@ -290,7 +306,15 @@ class UniversalPerturbation(Perturbation):
 
 @hookimpl
 def mtkit_register(registry: RegistryView) -> None:
+    from .targeted import DAG, GDUAP, MetzenDynamic, MetzenDynamicUAP, MetzenStatic, MetzenStaticUAP
+
     registry.add("perturbation", "mifgsm", MIFGSM)
     registry.add("perturbation", "segpgd", SegPGD)
     registry.add("perturbation", "cospgd", CosPGD)
     registry.add("perturbation", "uap", UniversalPerturbation)
+    registry.add("perturbation", "metzen_static", MetzenStatic)
+    registry.add("perturbation", "metzen_dynamic", MetzenDynamic)
+    registry.add("perturbation", "metzen_static_uap", MetzenStaticUAP)
+    registry.add("perturbation", "metzen_dynamic_uap", MetzenDynamicUAP)
+    registry.add("perturbation", "dag", DAG)
+    registry.add("perturbation", "gd_uap", GDUAP)

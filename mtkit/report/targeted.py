@@ -1,0 +1,79 @@
+"""The report's "Targeted attacks" section: the share of pixels that took their target (static targets, DAG) or,
+for a dynamic target, the share of the hidden class removed and of the other pixels kept (Metzen et al.), per
+(model, dataset, attack, ε) with the spread over seeds, and a figure of success over ε."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..results import RunResults, TargetedRow
+from ..statistics import t_interval
+from .plots import _save, epsilon_axes
+
+
+def _pct(values: list[float | None]) -> str:
+    iv = t_interval([100 * v for v in values if v is not None])
+    if iv.n == 0:
+        return "–"
+    return f"{iv.mean:.1f}" if iv.n == 1 else f"{iv.mean:.1f} [{iv.low:.1f}, {iv.high:.1f}]"
+
+
+def _cell(rows: list[TargetedRow]) -> str:
+    if not rows:
+        return "–"
+    if rows[0].kind == "dynamic":
+        return f"{_pct([r.removed for r in rows])} / {_pct([r.kept for r in rows])}"
+    return _pct([r.success for r in rows])
+
+
+def targeted_markdown(results: RunResults) -> list[str]:
+    """Markdown lines of the section (empty without targeted rows)."""
+    rows = results.targeted
+    if not rows:
+        return []
+    eps = sorted({r.epsilon for r in rows})
+    groups = list(dict.fromkeys((r.model, r.dataset, r.perturbation) for r in rows))
+    md = ["## Targeted attacks", "",
+          "Static targets and DAG: the share [%] of the pixels with a target that took it. Dynamic targets (hide a "
+          "class, Metzen et al.): the share of the hidden class's pixels removed / of the other pixels whose label "
+          "was kept. The measured ε and the mIoU are in the robustness tables"
+          + ("; mean and 95 % t-interval over seeds." if len({r.seed for r in rows}) > 1 else "."), "",
+          "| model | dataset | attack | " + " | ".join(f"ε = {e:g}" for e in eps) + " |",
+          "|---|---|---|" + "---|" * len(eps)]
+    for m, d, p in groups:
+        cells = [_cell([r for r in rows if (r.model, r.dataset, r.perturbation, r.epsilon) == (m, d, p, e)])
+                 for e in eps]
+        md.append(f"| {m} | {d} | {p} | " + " | ".join(cells) + " |")
+    return [*md, ""]
+
+
+def plot_targeted(results: RunResults, path: Path) -> Path | None:
+    """Success [%] over ε per targeted attack (removed share for dynamic targets), one panel per dataset, one
+    curve per (model, attack); error bars are the sd over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results.targeted
+    if not rows:
+        return None
+    datasets = list(dict.fromkeys(r.dataset for r in rows))
+    curves = list(dict.fromkeys((r.model, r.perturbation) for r in rows))
+    eps = sorted({r.epsilon for r in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.8 * len(datasets), 3.8), squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        for i, (m, p) in enumerate(curves):
+            ivs = []
+            for e in eps:
+                got = [r for r in rows if (r.model, r.dataset, r.perturbation, r.epsilon) == (m, d, p, e)]
+                ivs.append(t_interval([100 * (r.removed if r.kind == "dynamic" else r.success) for r in got
+                                       if (r.removed if r.kind == "dynamic" else r.success) is not None]))
+            ax.errorbar(eps, [iv.mean for iv in ivs], yerr=[0 if math.isnan(iv.sd) else iv.sd for iv in ivs],
+                        marker="o", ms=3, color=f"C{i}", capsize=2, label=f"{m} {p}")
+        epsilon_axes(ax, eps, "success [%] (dynamic: hidden removed)", d, top=102)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.suptitle("Targeted attacks: success over ε")
+    fig.tight_layout()
+    return _save(fig, path)
