@@ -124,12 +124,21 @@ def get_registry() -> Registry:
 
 
 def list_entries(kind: str | None = None) -> list[dict[str, str]]:
-    """Registered entries (optionally of one kind) with their origin and one-line doc."""
+    """Registered entries (optionally of one kind) with their origin, one-line doc and options (name=default;
+    a name alone is required)."""
     reg = get_registry()
     if kind is not None:
         reg.names(kind)  # validates the kind
-    return [{"kind": e.kind, "name": e.name, "origin": e.origin, "doc": e.doc}
+    return [{"kind": e.kind, "name": e.name, "origin": e.origin, "doc": e.doc, "options": options_summary(e.options)}
             for e in reg if kind is None or e.kind == kind]
+
+
+def options_summary(model) -> str:
+    """An entry's typed options in one line: ``name=default`` each, a required option by its name alone."""
+    if model is None or not hasattr(model, "model_fields"):
+        return ""
+    return ", ".join(name if field.is_required() else f"{name}={field.get_default(call_default_factory=True)!r}"
+                     for name, field in model.model_fields.items())
 
 
 def plugin_failures() -> list[str]:

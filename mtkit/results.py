@@ -133,6 +133,8 @@ class TargetedRow(Record):
     epsilon_measured: float
     kind: str = Field(description="static | per_pixel | dynamic")
     success: float | None = Field(description="share of the pixels with a target that took it")
+    success_clean: float | None = Field(None, description="the same share for the clean prediction: what the "
+                                                          "target already agreed with before the attack")
     removed: float | None = Field(None, description="dynamic: share of the hidden class's pixels removed")
     kept: float | None = Field(None, description="dynamic: share of the other pixels whose label was kept")
     miou: float | None = None

@@ -154,6 +154,7 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
     backward = dict.fromkeys(perturbations, 0.0)
     targeted = {p: pert for p, pert in perturbations.items() if pert.targeted}
     tcounts = {(p, e): torch.zeros(6, dtype=torch.int64, device=device) for p in targeted for e in levels[p]}
+    tclean = {k: torch.zeros(6, dtype=torch.int64, device=device) for k in tcounts}  # the clean prediction's
     tkind: dict[str, str] = {}
     batches = evaluation_batches(len(dataset), int(batch_size), d)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory)
@@ -181,7 +182,8 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
         for batch, indices in zip(loader, batches):
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True)
-            conf[0] += confusion_counts(predict(x, clean=True)[0], y, num_classes)
+            clean_pred = predict(x, clean=True)[0]
+            conf[0] += confusion_counts(clean_pred, y, num_classes)
             advance(description=f"{label} clean")
             per_image = {i: [0.0] * len(keys) for i in indices}
             numel.update(dict.fromkeys(indices, x[0].numel()))
@@ -202,6 +204,7 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
                     if tg is not None:
                         tkind[name] = tg.kind
                         tcounts[(name, e)] += targeted_counts(pred, tg.labels, tg.kind, tg.hidden, tg.reference)
+                        tclean[(name, e)] += targeted_counts(clean_pred, tg.labels, "static")
                     r2 = r2_all[j]
                     for i, v in zip(indices, r2):
                         per_image[i][k] = v
@@ -267,7 +270,8 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
         target_rows.append(TargetedRow(
             model=model_name, seed=seed, dataset=dataset_name, perturbation=name, epsilon=e,
             epsilon_measured=by_key[(name, e)].epsilon_measured, kind=tkind.get(name, "static"), success=success,
-            removed=removed, kept=kept, miou=by_key[(name, e)].miou))
+            success_clean=targeted_rates(all_reduce_sum(tclean[(name, e)].cpu(), d))[0], removed=removed,
+            kept=kept, miou=by_key[(name, e)].miou))
     return Sweep(clean_row, [r for r in rows if r.perturbation != UNBOUNDED], len(dataset), unbounded, target_rows)
 
 

@@ -27,10 +27,10 @@ def list_cmd(kind: str | None) -> None:
     from ..plugins import list_entries
 
     table = Table(title="mtkit registry")
-    for col in ("name", "kind", "origin", "description"):
+    for col in ("name", "kind", "origin", "description", "options"):
         table.add_column(col)
     for e in list_entries(kind):
-        table.add_row(e["name"], e["kind"], e["origin"], e["doc"])
+        table.add_row(e["name"], e["kind"], e["origin"], e["doc"], escape(e["options"]))
     console.print(table)
     warn_plugin_failures()
 

@@ -24,7 +24,7 @@ def _cell(rows: list[TargetedRow]) -> str:
         return "–"
     if rows[0].kind == "dynamic":
         return f"{_pct([r.removed for r in rows])} / {_pct([r.kept for r in rows])}"
-    return _pct([r.success for r in rows])
+    return f"{_pct([r.success for r in rows])} (clean {_pct([r.success_clean for r in rows])})"
 
 
 def targeted_markdown(results: RunResults) -> list[str]:
@@ -35,7 +35,8 @@ def targeted_markdown(results: RunResults) -> list[str]:
     eps = sorted({r.epsilon for r in rows})
     groups = list(dict.fromkeys((r.model, r.dataset, r.perturbation) for r in rows))
     md = ["## Targeted attacks", "",
-          "Static targets and DAG: the share [%] of the pixels with a target that took it. Dynamic targets (hide a "
+          "Static targets and DAG: the share [%] of the pixels with a target that took it, and in brackets the "
+          "share the clean prediction already had (a target scene resembles the attacked one). Dynamic targets (hide a "
           "class, Metzen et al.): the share of the hidden class's pixels removed / of the other pixels whose label "
           "was kept. The measured ε and the mIoU are in the robustness tables"
           + ("; mean and 95 % t-interval over seeds." if len({r.seed for r in rows}) > 1 else "."), "",

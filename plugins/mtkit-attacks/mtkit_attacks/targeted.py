@@ -12,7 +12,8 @@ so the RMS of the perturbation, eq. 7, is at most ε and is measured by the eval
   sign(Σ_k ∇J^ω(f(x_k + ξ), y_k^target))} over a training split, fingerprinted by the model and cached like
   ``uap``.
 - ``dag``: Xie, Wang, Zhang, Zhou, Xie, Yuille, "Adversarial Examples for Semantic Segmentation and Object
-  Detection" (ICCV 2017), Algorithm 1: each labelled pixel gets a target label other than its own; at every step
+  Detection" (ICCV 2017), Algorithm 1: each labelled pixel gets a target label other than its own (the label set
+  randomly permuted, as theirs, per image); at every step
   only the pixels still predicted as their true label are active (T_m); r_m = Σ_{n ∈ T_m} ∇(f_{t_n} − f_{l_n}),
   the step γ · r_m / ‖r_m‖_∞; a pixel that reached its target (or any other label) leaves T_m, and an image with
   no active pixel stops. Projected onto mtkit's L∞ ε-ball (theirs is unbounded).
@@ -265,7 +266,7 @@ class DAGOptions(PerturbationOptions):
 
 class DAG(Perturbation):
     """Dense Adversary Generation (Xie et al. 2017): each labelled pixel pushed to a target label other than its
-    own (a per-image random shift of the label), only pixels still predicted as their label active, normalised
+    own (a per-image random permutation of the classes without fixed points), only pixels still predicted as their label active, normalised
     steps of γ; within the ε-ball."""
 
     Options = DAGOptions
@@ -275,12 +276,19 @@ class DAG(Perturbation):
     def targets(self, ctx, x, y):
         if y is None:
             raise MtkitError("dag needs ground-truth labels (each pixel's target differs from its label)")
-        logits = _predict(ctx, x)[0]
-        c = logits.shape[1]
-        gens = ctx.image_generators(x.shape[0], "dag")
-        u = torch.stack([draw("rand", y.shape[1:], g) for g in gens]).to(x.device)
-        shift = 1 + (u * (c - 1)).long().clamp_max(c - 2)
-        t = torch.where(y == IGNORE_INDEX, IGNORE_INDEX, (y + shift) % c)
+        c = _predict(ctx, x)[0].shape[1]
+        # Xie et al. permute the label set at random: here each image's own random cycle through the classes,
+        # label → the next class of the cycle, so that no class keeps its label (a permutation without fixed
+        # points) and every pixel of a class shares its target
+        maps = []
+        for g in ctx.image_generators(x.shape[0], "dag"):
+            order = draw("rand", (c,), g).argsort()
+            following = torch.empty(c, dtype=torch.long)
+            following[order] = order.roll(-1)
+            maps.append(following)
+        cycle = torch.stack(maps).to(x.device)  # (B, C): class → target class
+        safe = y.clamp(0, c - 1)
+        t = torch.where(y == IGNORE_INDEX, IGNORE_INDEX, cycle.gather(1, safe.flatten(1)).view_as(y))
         return Targets(t, "per_pixel")
 
     def sweep(self, ctx, x, y, epsilons):
