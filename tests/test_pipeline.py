@@ -61,9 +61,10 @@ def test_every_artefact_exists_and_parses(first_run):
     assert "Table 2-style" in report and "![Figure 5](figure5_robustness.png)" in report
     assert "Q [%] and mIoU under attack [%]: **pgd** on K" in report and "### Depth on Eigen" in report
     assert "| mIoU (multi (λ=0.1)) |" in report  # the absolute mIoU under attack beside Q
-    # every attack's strength is stated: gradient passes per image at each ε (the tiny recipe's PGD: 2 iterations)
-    assert "Attack budgets, gradient passes per image at ε = 1, 4" in report and "pgd: 2, 2" in report \
-        and "fgsm: 1, 1" in report
+    # every attack's strength is stated: gradient passes per image over its sweep (the tiny recipe's PGD: 2
+    # iterations at each of the 2 ε; FGSM one pass for both)
+    assert "Attack budgets, gradient passes per image over the sweep of ε = 1, 4" in report \
+        and "pgd: 4" in report and "fgsm: 1" in report
     assert "one seed, so no claim of significance is possible" in report and "(4 images, 1 seed)" in report
     # the gradient-masking checks: one row per model and dataset, a cell per check
     assert len(results.sanity) == 2 * 2 * 4
@@ -127,11 +128,15 @@ def test_a_damaged_stage_file_runs_its_stage_again_with_one_line(first_run, tmp_
     _, recipe, res = first_run
     folder = tmp_path / "run"
     shutil.copytree(res.run_dir, folder)
-    done = next((folder / "train").glob("single-s0-*/done.json"))
+    from mtkit.pipeline import stage_files
+
+    # this recipe's own stage files (the folder also holds those of the other tests' changed recipes)
+    done = stage_files(recipe, folder, recipe.models[0], 0)[0]
+    multi = stage_files(recipe, folder, recipe.models[1], 0)
+    ev = next(f for f in multi if f.parent.name == "eval" and "-K-" in f.name)
+    depth = next(f for f in multi if f.parent.name == "depth")
     done.write_text(done.read_text()[:40])
-    ev = next((folder / "eval").glob("multi-s0-K-*.json"))
     ev.write_text(ev.read_text().replace('"schema_version": 2', '"schema_version": 1'))
-    depth = next((folder / "depth").glob("*.json"))
     depth.write_bytes(b"\x00" * 10)
     lines: list[str] = []
     again = run(recipe, progress=False, run_dir=folder, log=lines.append)

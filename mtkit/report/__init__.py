@@ -12,6 +12,7 @@ from ..data.common import cache_dir
 from ..errors import MtkitError
 from ..io import atomic_write_text
 from ..results import RunResults
+from ..sweep import WORST_CASE
 from .aggregate import aggregate, verdict
 from .detection import detection_markdown, plot_detection, plot_roc
 from .plots import plot_figure5, plot_figure6, plot_other_levels
@@ -38,19 +39,20 @@ def save_report(results: RunResults, run_dir: Path) -> dict[str, Path]:
 
 
 def attack_budgets(results: RunResults) -> list[str]:
-    """A note line per gradient attack: its gradient passes per image at each ε (iterations × restarts; the
-    worst case is the ensemble of the attacks above it), so that every attack's strength is stated."""
-    budgets: dict[str, dict[float, float]] = {}
+    """A note line with every gradient attack's gradient passes per image over its sweep of the ε list
+    (iterations × restarts summed over ε; a shared pass, as FGSM's, counts once), so that each attack's strength
+    is stated."""
+    budgets: dict[str, set[float]] = {}
     for r in results.robustness:
-        if r.attack and r.is_epsilon:
-            budgets.setdefault(r.perturbation, {})[r.level] = r.backward_passes_per_batch
+        if r.attack and r.is_epsilon and r.perturbation != WORST_CASE:
+            budgets.setdefault(r.perturbation, set()).add(round(r.backward_passes_per_batch, 3))
     if not budgets:
         return []
-    parts = [f"{p}: " + ", ".join(f"{v:g}" for _, v in sorted(levels.items())) for p, levels in budgets.items()]
-    eps = sorted({e for levels in budgets.values() for e in levels})
-    return [f"- Attack budgets, gradient passes per image at ε = {', '.join(f'{e:g}' for e in eps)} (iterations × "
-            f"restarts): " + "; ".join(parts) + ". APGD as in AutoAttack runs 100 iterations: "
-            "`robustness.options.apgd.iterations: 100`."]
+    eps = sorted({r.level for r in results.robustness if r.attack and r.is_epsilon})
+    parts = [f"{p}: " + " / ".join(f"{v:g}" for v in sorted(v)) for p, v in budgets.items()]
+    return [f"- Attack budgets, gradient passes per image over the sweep of ε = {', '.join(f'{e:g}' for e in eps)} "
+            "(iterations × restarts, summed over ε): " + "; ".join(parts) + ". APGD as in AutoAttack runs 100 "
+            "iterations at each ε: `robustness.options.apgd.iterations: 100`."]
 
 
 def write_report(results: RunResults, run_dir: Path) -> dict[str, Path]:

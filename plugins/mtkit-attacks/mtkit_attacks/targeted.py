@@ -266,8 +266,8 @@ class DAGOptions(PerturbationOptions):
 
 class DAG(Perturbation):
     """Dense Adversary Generation (Xie et al. 2017): each labelled pixel pushed to a target label other than its
-    own (a per-image random permutation of the classes without fixed points), only pixels still predicted as their label active, normalised
-    steps of γ; within the ε-ball."""
+    own (a per-image random permutation of the classes without fixed points), only pixels still predicted as
+    their label active, normalised steps of γ; within the ε-ball."""
 
     Options = DAGOptions
     needs_gradient = True
@@ -300,6 +300,7 @@ def dag(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, targets: torch.Ten
         gamma: float = 0.5, iterations: int = 50) -> torch.Tensor:
     """DAG (Algorithm 1 of Xie et al.) within the L∞ ε-ball: see ``DAG``. Returns the adversarial images."""
     adv = x.clone()
+    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for _ in range(iterations):
         box: list[torch.Tensor] = []
 
@@ -308,12 +309,11 @@ def dag(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, targets: torch.Ten
             box.append(active)
             return value.sum()
         r = ctx.gradient(adv, objective)
-        live = box[0].flatten(1).any(1)
-        if not live.any():
+        done |= ~box[0].flatten(1).any(1)  # an image whose active set emptied has terminated (for good)
+        if bool(done.all()):
             break
         norm = r.flatten(1).abs().amax(1).clamp_min(1e-20).view(-1, 1, 1, 1)
-        step = torch.where(live.view(-1, 1, 1, 1), gamma * r / norm, 0.0)
-        adv = project(adv + step, x, eps)
+        adv = project(adv + torch.where(done.view(-1, 1, 1, 1), 0.0, gamma * r / norm), x, eps)
     return adv
 
 
