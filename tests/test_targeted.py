@@ -219,9 +219,12 @@ def test_targeted_rows_reach_results_report_and_list(setup, tmp_path):
         build_perturbation("metzen_static", {})
 
 
-def test_every_targeted_attack_runs_on_a_torchvision_model(tmp_path):
-    """The bring-your-own-model path: torchvision's DeepLabV3 (untrained, no download) behind ``evaluate_model``."""
-    from mtkit.external import build_external
+def test_every_targeted_attack_runs_on_a_torchvision_model_through_the_cli(tmp_path, capsys):
+    """The bring-your-own-model path: `mtkit eval --model-factory` with torchvision's DeepLabV3 (untrained, no
+    download) and every targeted attack and GD-UAP."""
+    import json
+
+    from support import run_cli
 
     recipe = validate(tiny_recipe(**{"robustness.epsilons": [2.0], "robustness.datasets": ["CS"],
                                      "robustness.sanity.enabled": False}))
@@ -233,13 +236,21 @@ def test_every_targeted_attack_runs_on_a_torchvision_model(tmp_path):
                                      "folder": str(tmp_path)},
                "metzen_dynamic_uap": {"dataset": train, "epochs": 1, "images": 4, "folder": str(tmp_path)},
                "gd_uap": {"iterations": 2, "folder": str(tmp_path)}}
-    recipe = validate({**recipe.to_dict(), "robustness": {**recipe.to_dict()["robustness"], "options": options}})
+    data = recipe.to_dict()
+    data["robustness"]["options"] = options
+    recipe_file = tmp_path / "r.json"
+    recipe_file.write_text(json.dumps(data))
     torch.manual_seed(0)
-    model = build_external("torchvision.models.segmentation:deeplabv3_mobilenet_v3_large",
-                           {"weights": None, "weights_backbone": None, "num_classes": 19})
-    res = api.evaluate_model(model, recipe, "deeplab", perturbations=list(options), progress=False,
-                             inputs={"range": "unit", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)})
+    code, _, err = run_cli(["eval", str(recipe_file), "--model-factory",
+                            "torchvision.models.segmentation:deeplabv3_mobilenet_v3_large", "--model-kwargs",
+                            json.dumps({"weights": None, "weights_backbone": None, "num_classes": 19}), "--name",
+                            "deeplab", "--input-range", "unit", "--mean", "0.485,0.456,0.406", "--std",
+                            "0.229,0.224,0.225", "--out", str(tmp_path / "out"), "--no-progress",
+                            *[arg for p in options for arg in ("--perturbation", p)]], capsys)
+    assert code == 0, err
+    res = api.RunResults.read(tmp_path / "out" / "results.json")
     assert {r.perturbation for r in res.robustness} == set(options)
     assert {r.perturbation for r in res.targeted} == set(options) - {"gd_uap"}
     assert all(0 <= r.epsilon_measured <= 2.0 + 1e-3 for r in res.robustness)
     assert np.isfinite([r.success for r in res.targeted]).all()
+    assert "## Targeted attacks" in (tmp_path / "out" / "report.md").read_text()
