@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -352,3 +353,92 @@ def test_a_cache_or_folder_that_refuses_writes_is_one_line(tmp_path, capsys, mon
     monkeypatch.setattr(mtkit.api, "prepare_recipe", refuse(tmp_path / "out" / "x.json", errno.ENOSPC))
     code, _, err = run_cli(["prepare", str(recipe_file)], capsys)
     assert code == 2 and "No space left on device" in err and "--out or output_dir" in err
+
+
+# ------------------------------------------------------------------ the input classes the first fuzzing missed
+
+def _paths(node: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every key path of a recipe's data (list elements by index)."""
+    out = [prefix] if prefix else []
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    for k, v in children:
+        out += _paths(v, (*prefix, str(k)))
+    return out
+
+
+RECIPE_PATHS = _paths(tiny_recipe())
+OVERRIDE_PATHS = st.builds(
+    lambda base, extra: ".".join((*base, *extra)),
+    st.sampled_from(RECIPE_PATHS),
+    st.lists(st.one_of(st.sampled_from(["0", "1", "-1", "9", "x", "name", "height", "options"]),
+                       st.text("abc.0", min_size=0, max_size=3)), max_size=2))
+
+
+@settings(max_examples=200, deadline=None)
+@given(path=OVERRIDE_PATHS, value=st.sampled_from(["1", "0.5", "x", "[]", "{}", "[1, 2]", "{a: 1}", "null", "-3",
+                                                   "nan", "inf", "'../x'", "/abs", "é"]))
+def test_fuzz_overrides_through_lists_scalars_and_missing_keys(path, value):
+    """Override paths built from the recipe's own structure, continued through list elements, scalar values and
+    keys that do not exist: a recipe or one MtkitError, never another exception (the class behind
+    ``-o robustness.epsilons.0.x=1``)."""
+    try:
+        validate(apply_overrides(tiny_recipe(), [f"{path}={value}"]))
+    except MtkitError:
+        pass
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blob=st.one_of(st.binary(max_size=200), st.text(max_size=80).map(lambda t: t.encode("utf-16")),
+                      st.sampled_from([b"name: \xe9t\xe9\n", b"\xff\xfe\x00", b"extends: [", b"- 1\n- 2\n", b""])))
+def test_fuzz_arbitrary_bytes_as_a_recipe_file(blob, tmp_path_factory, capsys):
+    """Any bytes as a recipe file: `mtkit show` exits 2 with one error line naming the file, or 0 for a valid
+    recipe; never a traceback (the class behind a Latin-1 recipe's UnicodeDecodeError)."""
+    path = tmp_path_factory.mktemp("bytes") / "r.yaml"
+    path.write_bytes(blob)
+    code, _, err = run_cli(["show", str(path)], capsys)
+    assert code in (0, 2) and "Traceback" not in err, (blob, err)
+    if code == 2:
+        assert str(path) in " ".join(err.split()) or "r.yaml" in err, err
+
+
+NAMES = st.one_of(st.text(st.sampled_from("ab./\\\\~ .-_"), min_size=0, max_size=8),
+                  st.sampled_from(["..", ".", "/", "/abs/path", "../../escape", "a/b", "a\\\\b", "~", " ", "ok-name"]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(name=NAMES, model=NAMES)
+def test_fuzz_names_with_separators_dots_and_absolute_paths_stay_inside_the_output_folder(name, model):
+    """A recipe name or a model name with separators, '..', an absolute path or nothing: refused with one
+    MtkitError, or accepted as a plain name whose folders stay inside output_dir."""
+    from mtkit.pipeline import run_folder
+
+    data = tiny_recipe(name=name)
+    data["models"][0]["name"] = model
+    try:
+        recipe = validate(data)
+    except MtkitError:
+        return
+    out = Path("/runs-root")
+    recipe.output_dir = str(out)
+    folder = run_folder(recipe)
+    assert folder.parent == out and os.path.normpath(folder) == str(folder), folder
+    for spec in recipe.models:
+        assert "/" not in spec.name and "\\\\" not in spec.name and spec.name not in ("", ".", ".."), spec.name
+
+
+def test_a_symlinked_recipe_and_output_folder_are_followed_and_shown_resolved(tmp_path, capsys):
+    """A recipe reached through a symlink loads (``extends`` relative to the real file's folder), and an output
+    folder that is a symlink is written through: `mtkit run --plan` and `show` work, no traceback."""
+    real = tmp_path / "real"
+    real.mkdir()
+    recipe_file = _recipe_file(real)
+    link = tmp_path / "link.yaml"
+    link.symlink_to(recipe_file)
+    code, out, err = run_cli(["show", str(link)], capsys)
+    assert code == 0 and "Traceback" not in err and '"name"' in out
+    target = tmp_path / "out-real"
+    target.mkdir()
+    (tmp_path / "out-link").symlink_to(target)
+    from mtkit.io import ensure_writable_dir
+
+    assert ensure_writable_dir(tmp_path / "out-link" / "run") == tmp_path / "out-link" / "run"
