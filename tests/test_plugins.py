@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from importlib import metadata
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,12 +133,35 @@ def test_every_corruption_runs_and_reports_its_measured_epsilon(trained):
     assert list(mtkit_corruptions.CORRUPTIONS) == list(imagecorruptions.get_corruption_names("all"))
     assert sorted(names) == sorted(f"corrupt_{n}" for n in mtkit_corruptions.CORRUPTIONS)
     ctx = _ctx(loaded)
+    img = x[:1].round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()[0]
+    weaker = []
     for name in names:
         pert = build_perturbation(name, {"severities": [1, 5]})
         assert pert.level_kind == "severity" and pert.levels([1.0]) == [1.0, 5.0]
         out = pert.sweep(ctx, x[:1], None, [1.0])
         for sev, adv in out.items():
             assert adv.shape == x[:1].shape and adv.min() >= 0 and adv.max() <= 255, (name, sev)
+            # the values: imagecorruptions' own corrupt() on the same uint8 image, NumPy seeded with the image's
+            # seed (its per-image generator for this corruption and severity), cropped to the size
+            g = ctx.image_generators(1, pert.corruption, int(sev))[0]
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+            state = np.random.get_state()
+            try:
+                with mtkit_corruptions._compat():
+                    np.random.seed(seed)
+                    ref = np.asarray(imagecorruptions.corrupt(np.ascontiguousarray(img), severity=int(sev),
+                                                              corruption_name=pert.corruption))
+            finally:
+                np.random.set_state(state)
+            ref = np.clip(ref[:img.shape[0], :img.shape[1]].astype(np.float32), 0, 255)
+            got = adv[0].permute(1, 2, 0).numpy()
+            if ref.shape == got.shape:
+                assert np.array_equal(got, ref), name
+        again = pert.sweep(ctx, x[:1], None, [1.0])  # reproducible (impulse_noise drew fresh entropy before)
+        assert all(torch.equal(out[k], again[k]) for k in out), name
+        if measured_epsilon(out[5.0], x[:1]) <= measured_epsilon(out[1.0], x[:1]):
+            weaker.append(name)
+    assert weaker == [], f"severity 5 changes the image less than severity 1: {weaker}"
     noise = build_perturbation("corrupt_gaussian_noise").sweep(ctx, x[:2], None, [])
     eps = [measured_epsilon(noise[float(s)], x[:2]) for s in range(1, 6)]
     assert eps == sorted(eps) and eps[0] > 1  # stronger severity, larger measured ε

@@ -42,12 +42,22 @@ def _imagecorruptions():
 
 @contextlib.contextmanager
 def _compat() -> Iterator[None]:
-    """Two narrow compatibility shims for NumPy 2 / scikit-image >= 0.19, in force only while a corruption runs
-    and undone afterwards (no global state changes at import or registration): ``np.float_`` for fog, and
-    ``multichannel`` → ``channel_axis`` for skimage's gaussian in glass_blur and gaussian_blur."""
+    """Three narrow compatibility shims for NumPy 2 / scikit-image >= 0.19, in force only while a corruption runs
+    and undone afterwards (no global state changes at import or registration): ``np.float_`` for fog,
+    ``multichannel`` → ``channel_axis`` for skimage's gaussian in glass_blur and gaussian_blur, and
+    ``random_noise`` (impulse_noise) seeded from NumPy's global generator, as imagecorruptions expects."""
+    import skimage.util
     from imagecorruptions import corruptions
 
     original = corruptions.gaussian
+    original_noise = skimage.util.random_noise
+
+    def random_noise(image, mode="gaussian", rng=None, **kwargs):
+        # imagecorruptions seeds NumPy's global generator, which scikit-image >= 0.19 no longer reads: without a
+        # seed from it, impulse_noise drew fresh entropy on every call (not reproducible, not per image)
+        if rng is None:
+            rng = int(np.random.randint(0, 2**31 - 1))
+        return original_noise(image, mode=mode, rng=rng, **kwargs)
 
     def gaussian(image, sigma=1, *args, multichannel=None, **kwargs):
         if multichannel is not None and "channel_axis" not in kwargs:
@@ -56,12 +66,14 @@ def _compat() -> Iterator[None]:
 
     had_float = hasattr(np, "float_")
     corruptions.gaussian = gaussian
+    skimage.util.random_noise = random_noise
     if not had_float:
         np.float_ = np.float64  # type: ignore[attr-defined]
     try:
         yield
     finally:
         corruptions.gaussian = original
+        skimage.util.random_noise = original_noise
         if not had_float:
             del np.float_
 
