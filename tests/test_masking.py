@@ -108,3 +108,16 @@ def test_a_failed_check_is_flagged_in_the_verdict_and_tabled(sweeps, tmp_path):
     assert table.count("**FAIL** (1/1 seeds)") == 4
     again = RunResults.read(tmp_path / "results.json")
     assert [c.passed for c in again.sanity] == [c.passed for c in res.sanity]
+
+
+def test_the_paper_recipe_checks_with_an_attack_of_known_strength():
+    """The paper's protocol runs the unbounded check as AutoAttack runs APGD-CE (100 iterations); the quickstart
+    keeps 10 to stay within its minutes, and says so."""
+    from support import ROOT
+
+    from mtkit.recipe import load_recipe
+
+    assert load_recipe(ROOT / "recipes" / "paper.yaml").robustness.sanity.iterations == 100
+    quick = load_recipe(ROOT / "recipes" / "quickstart.yaml")
+    assert quick.robustness.sanity.iterations == 10 and "100, AutoAttack's strength" in (
+        ROOT / "recipes" / "quickstart.yaml").read_text()
