@@ -63,12 +63,13 @@ def evaluate_detection(loaded: LoadedModel, recipe: Recipe, datasets: list[str],
         bs = cfg.batch_size
         batches = [fit[i:i + bs] for i in range(0, len(fit), bs)]
         test_batches = [test[i:i + bs] for i in range(0, len(test), bs)]
-        fit_scores: list[np.ndarray] = []
-        clean_scores: list[np.ndarray] = []
-        scores = {(p, e): [] for p in perts for e in epsilons}
+        # scores, counts and Σ r² stay on the device; everything is read back once, after the set
+        fit_scores: list[torch.Tensor] = []
+        clean_scores: list[torch.Tensor] = []
+        scores: dict[tuple[str, float], list[torch.Tensor]] = {(p, e): [] for p in perts for e in epsilons}
         counts = {(p, e): torch.zeros(classes * classes + 1, dtype=torch.long, device=device)
                   for p in perts for e in epsilons}
-        sq = dict.fromkeys(scores, 0.0)
+        sq = {k: torch.zeros((), dtype=torch.float64, device=device) for k in scores}
         numel = 0
         seconds = dict.fromkeys(perts, 0.0)
         gen = torch.Generator().manual_seed(seed)
@@ -76,13 +77,13 @@ def evaluate_detection(loaded: LoadedModel, recipe: Recipe, datasets: list[str],
         with progress_bar(progress, len(batches) + len(test_batches), label) as advance:
             for idx in batches:
                 x = torch.stack([ds[i]["image"] for i in idx]).to(device)
-                fit_scores.append(detector.score(detector.measures(model, x)).cpu().numpy())
+                fit_scores.append(detector.score(detector.measures(model, x)))
                 advance()
             for idx in test_batches:
                 items = [ds[i] for i in idx]
                 x = torch.stack([it["image"] for it in items]).to(device)
                 y = torch.stack([it["label"] for it in items]).to(device).long()
-                clean_scores.append(detector.score(detector.measures(model, x)).cpu().numpy())
+                clean_scores.append(detector.score(detector.measures(model, x)))
                 numel += x[0].numel() * len(idx)
                 for name, pert in perts.items():
                     ctx = AttackContext(segmenter, cw, gen, seed, idx, loss, None, model)
@@ -92,20 +93,20 @@ def evaluate_detection(loaded: LoadedModel, recipe: Recipe, datasets: list[str],
                     seconds[name] += time.perf_counter() - t0
                     for e, adv in advs.items():
                         adv = adv.detach()
-                        scores[(name, e)].append(detector.score(detector.measures(model, adv)).cpu().numpy())
+                        scores[(name, e)].append(detector.score(detector.measures(model, adv)))
                         with torch.no_grad():
                             counts[(name, e)] += confusion_counts(segmenter(adv).argmax(1), y, classes)
-                        sq[(name, e)] += float(((adv - x).double() ** 2).sum())
+                        sq[(name, e)] += ((adv - x).double() ** 2).sum()
                 advance()
-        threshold = fit_threshold(np.concatenate(fit_scores), cfg.fpr)
-        clean = np.concatenate(clean_scores)
+        threshold = fit_threshold(torch.cat(fit_scores).cpu().numpy(), cfg.fpr)
+        clean = torch.cat(clean_scores).cpu().numpy()
         for (name, e), parts in scores.items():
-            attacked = np.concatenate(parts)
+            attacked = torch.cat(parts).cpu().numpy()
             fpr, tpr = roc_points(clean, attacked)
             keep = np.unique(np.linspace(0, len(fpr) - 1, min(ROC_POINTS, len(fpr))).round().astype(int))
             rows.append(DetectionRow(
                 model=loaded.spec.name, seed=seed, dataset=key, detector=cfg.detector, perturbation=name,
-                epsilon=e, epsilon_measured=(sq[(name, e)] / max(numel, 1)) ** 0.5, fpr_target=cfg.fpr,
+                epsilon=e, epsilon_measured=(float(sq[(name, e)]) / max(numel, 1)) ** 0.5, fpr_target=cfg.fpr,
                 threshold=threshold, fpr=float((clean > threshold).mean()),
                 detection_rate=float((attacked > threshold).mean()), auc=roc_auc(clean, attacked),
                 images=len(test), fit_images=len(fit),

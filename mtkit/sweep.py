@@ -46,6 +46,11 @@ class CountingContext(AttackContext):
         self.backward_passes += x.shape[0] / max(len(self.indices or ()), 1)
         return super().gradient(x, loss_fn)
 
+    def gradients(self, x, objectives):
+        grads = super().gradients(x, objectives)
+        self.backward_passes += len(grads) * x.shape[0] / max(len(self.indices or ()), 1)
+        return grads
+
 
 @dataclass
 class Sweep:
@@ -154,7 +159,7 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
     backward = dict.fromkeys(perturbations, 0.0)
     targeted = {p: pert for p, pert in perturbations.items() if pert.targeted}
     tcounts = {(p, e): torch.zeros(6, dtype=torch.int64, device=device) for p in targeted for e in levels[p]}
-    tclean = {k: torch.zeros(6, dtype=torch.int64, device=device) for k in tcounts}  # the clean prediction's
+    tclean = {p: torch.zeros(6, dtype=torch.int64, device=device) for p in targeted}  # the clean prediction's
     tkind: dict[str, str] = {}
     batches = evaluation_batches(len(dataset), int(batch_size), d)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory)
@@ -194,6 +199,9 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
                 with contextlib.nullcontext() if pert.needs_gradient else torch.no_grad():
                     advs = pert.sweep(ctx, x, y, list(epsilons))
                     tg = pert.targets(ctx, x, y) if name in targeted else None
+                if tg is not None:  # what the clean prediction already agreed with (ε-independent)
+                    tkind[name] = tg.kind
+                    tclean[name] += targeted_counts(clean_pred, tg.labels, "static")
                 preds, losses = predict(torch.cat([advs[e] for e in levels[name]]),
                                         ctx if name in attacks and worst else None, y)
                 # Σ r² per image (eq. 7) of every level, read back in one transfer
@@ -202,9 +210,7 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
                     k = slot[(name, e)]
                     conf[1 + k] += confusion_counts(pred, y, num_classes)
                     if tg is not None:
-                        tkind[name] = tg.kind
                         tcounts[(name, e)] += targeted_counts(pred, tg.labels, tg.kind, tg.hidden, tg.reference)
-                        tclean[(name, e)] += targeted_counts(clean_pred, tg.labels, "static")
                     r2 = r2_all[j]
                     for i, v in zip(indices, r2):
                         per_image[i][k] = v
@@ -265,12 +271,13 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
     unbounded = next((r for r in rows if r.perturbation == UNBOUNDED), None)
     by_key = {(r.perturbation, r.level): r for r in rows}
     target_rows = []
+    clean_success = {p: targeted_rates(all_reduce_sum(c.cpu(), d))[0] for p, c in tclean.items()}
     for (name, e), counts in tcounts.items():
         success, removed, kept = targeted_rates(all_reduce_sum(counts.cpu(), d))
         target_rows.append(TargetedRow(
             model=model_name, seed=seed, dataset=dataset_name, perturbation=name, epsilon=e,
             epsilon_measured=by_key[(name, e)].epsilon_measured, kind=tkind.get(name, "static"), success=success,
-            success_clean=targeted_rates(all_reduce_sum(tclean[(name, e)].cpu(), d))[0], removed=removed,
+            success_clean=clean_success[name], removed=removed,
             kept=kept, miou=by_key[(name, e)].miou))
     return Sweep(clean_row, [r for r in rows if r.perturbation != UNBOUNDED], len(dataset), unbounded, target_rows)
 

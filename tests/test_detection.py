@@ -177,6 +177,8 @@ def test_o_pgd_runs_in_the_robustness_sweep_with_the_worst_case_and_the_checks(d
                              sanity=recipe.robustness.sanity, multitask=loaded.model)
     names = {r.perturbation for r in sweep.rows}
     assert names == {"fgsm", "opgd", "worst_case"} and sweep.unbounded is not None
+    opgd_row = next(r for r in sweep.rows if r.perturbation == "opgd")
+    assert opgd_row.backward_passes_per_batch == 2 * 5  # two gradients per iteration, 5 iterations at ε = 4: counted
     worst = next(r for r in sweep.rows if r.perturbation == "worst_case")
     assert worst.miou <= min(r.miou for r in sweep.rows if r.perturbation != "worst_case") + 1e-9
 

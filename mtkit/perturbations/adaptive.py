@@ -58,33 +58,34 @@ def orthogonal(g: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return (gf - coef * of).view_as(g)
 
 
-def detector_loss(ctx: AttackContext, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def detector_loss(x: torch.Tensor, logits: torch.Tensor, depth: torch.Tensor | None = None) -> torch.Tensor:
     """J^det per image: the edge consistency loss of the softmax segmentation with the image, plus that of the
-    disparity when the context has the multi-task model (``ctx.multitask``)."""
+    disparity when there is a depth (a multi-task model)."""
     loss = edge_consistency_loss(x, F.softmax(logits.float(), 1))
-    if ctx.multitask is not None and getattr(ctx.multitask, "depth_head", None) is not None:
-        _, depth = ctx.multitask.predict(x)
-        loss = loss + edge_consistency_loss(x, 1.0 / depth)
-    return loss
+    return loss if depth is None else loss + edge_consistency_loss(x, 1.0 / depth)
 
 
 def opgd(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, eps: float, step: float = 1.0,
          iterations: int | dict[float, int] | None = None, success_miou: float = 0.05) -> torch.Tensor:
     """O-PGD at one ε (see the module): ``iterations`` sign steps of ``step`` gray values, each along the
     segmentation gradient with the detector's component removed (image not yet broken) or against the detector
-    gradient with the segmentation's component removed (broken), then the L∞ projection."""
+    gradient with the segmentation's component removed (broken), then the L∞ projection. Both gradients come
+    from one forward pass (``AttackContext.gradients``): of the multi-task network (``ctx.multitask``: the
+    logits and the depth) where there is one, else of the segmenter."""
+    multitask = ctx.multitask if getattr(ctx.multitask, "depth_head", None) is not None else None
     adv = x.clone()
     for _ in range(pgd_iterations(eps, iterations)):
-        adv = adv.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = ctx.model(adv)
-            perf = ctx.objective(logits.float(), y)
-            g_perf, = torch.autograd.grad(perf, adv, retain_graph=True)
-            g_det, = torch.autograd.grad(detector_loss(ctx, adv, logits).sum(), adv)
-        broken = (image_miou(logits.detach().argmax(1), y, logits.shape[1]) < success_miou).view(-1, 1, 1, 1)
+        seen: list[torch.Tensor] = []
+
+        def objectives(z: torch.Tensor, seen=seen) -> tuple[torch.Tensor, torch.Tensor]:
+            logits, depth = multitask.predict(z) if multitask is not None else (ctx.model(z), None)
+            seen.append(logits.detach())
+            return ctx.objective(logits.float(), y), detector_loss(z, logits, depth).sum()
+        g_perf, g_det = ctx.gradients(adv, objectives)
+        broken = (image_miou(seen[0].argmax(1), y, seen[0].shape[1]) < success_miou).view(-1, 1, 1, 1)
         direction = torch.where(broken, -orthogonal(g_det, g_perf), orthogonal(g_perf, g_det))
-        adv = project(adv.detach() + step * direction.sign(), x, eps)
-    return adv.detach()
+        adv = project(adv + step * direction.sign(), x, eps)
+    return adv
 
 
 @register("perturbation", "opgd")

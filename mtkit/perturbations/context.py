@@ -94,6 +94,15 @@ class AttackContext:
             (grad,) = torch.autograd.grad(loss_fn(self.model(x)), x)
         return grad
 
+    def gradients(self, x: torch.Tensor, objectives: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+                  ) -> tuple[torch.Tensor, ...]:
+        """∇_x of each scalar ``objectives(x)`` returns, from one forward pass (an attack with several objectives,
+        as O-PGD); fp32 outside autocast like ``gradient``, one backward pass per objective."""
+        x = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            values = objectives(x)
+            return tuple(torch.autograd.grad(v, x, retain_graph=i < len(values) - 1)[0] for i, v in enumerate(values))
+
     def image_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The attacked loss of each image on its own (J^ce of eq. 1 over that image's labelled pixels by default):
         a tensor of one value per image, for attacks and ensembles that track each image (APGD, restarts, the

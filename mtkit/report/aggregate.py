@@ -38,6 +38,15 @@ def _pct(value: float | None) -> float:
     return math.nan if value is None else 100 * value
 
 
+def percent_cell(values: list[float | None]) -> str:
+    """Shares over seeds as a table cell in %: the value (one seed) or the mean and its 95 % t-interval; None
+    values (no pixels to share) left out, "–" without any."""
+    iv = t_interval([100 * v for v in values if v is not None])
+    if iv.n == 0:
+        return "–"
+    return f"{iv.mean:.1f}" if iv.n == 1 else f"{iv.mean:.1f} [{iv.low:.1f}, {iv.high:.1f}]"
+
+
 def aggregate(results: RunResults) -> dict[str, Any]:
     """Over seeds, as (mean, sd, seeds, 95 % interval low, high): clean mIoU per (model, dataset), and Q and the
     absolute mIoU under attack per (model, dataset, perturbation, ε) [%]; the measured ε."""

@@ -10,14 +10,8 @@ from pathlib import Path
 
 from ..results import DetectionRow, RunResults
 from ..statistics import paired_difference, t_interval
+from .aggregate import percent_cell
 from .plots import _save, epsilon_axes
-
-
-def _cell(values: list[float]) -> str:
-    iv = t_interval([100 * v for v in values])
-    if iv.n == 0:
-        return "–"
-    return f"{iv.mean:.1f}" if iv.n == 1 else f"{iv.mean:.1f} [{iv.low:.1f}, {iv.high:.1f}]"
 
 
 def _by(rows: list[DetectionRow]) -> dict[tuple, dict[int, DetectionRow]]:
@@ -50,7 +44,7 @@ def detection_markdown(results: RunResults) -> list[str]:
         for d in datasets:
             fprs = [r.fpr for r in rows if r.model == m and r.dataset == d and r.perturbation == perts[0]
                     and r.epsilon == eps[0]]
-            md += [f"**{m} on {d}**: false-positive rate on the held-out clean images {_cell(fprs)} % "
+            md += [f"**{m} on {d}**: false-positive rate on the held-out clean images {percent_cell(fprs)} % "
                    f"(target {100 * first.fpr_target:g} %).", "",
                    "| perturbation | " + " | ".join(f"ε = {e:g}" for e in eps) + " |",
                    "|---|" + "---|" * len(eps)]
@@ -58,8 +52,8 @@ def detection_markdown(results: RunResults) -> list[str]:
                 cells = []
                 for e in eps:
                     got = list(by.get((m, d, p, e), {}).values())
-                    cells.append(f"{_cell([r.detection_rate for r in got])} (AUC {_cell([r.auc for r in got])})"
-                                 if got else "–")
+                    rate, auc = percent_cell([r.detection_rate for r in got]), percent_cell([r.auc for r in got])
+                    cells.append(f"{rate} (AUC {auc})" if got else "–")
                 md.append(f"| {p} | " + " | ".join(cells) + " |")
             md.append("")
     md += _claims(by, models, datasets, perts, eps, seeds)

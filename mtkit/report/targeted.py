@@ -9,22 +9,16 @@ from pathlib import Path
 
 from ..results import RunResults, TargetedRow
 from ..statistics import t_interval
+from .aggregate import percent_cell
 from .plots import _save, epsilon_axes
-
-
-def _pct(values: list[float | None]) -> str:
-    iv = t_interval([100 * v for v in values if v is not None])
-    if iv.n == 0:
-        return "–"
-    return f"{iv.mean:.1f}" if iv.n == 1 else f"{iv.mean:.1f} [{iv.low:.1f}, {iv.high:.1f}]"
 
 
 def _cell(rows: list[TargetedRow]) -> str:
     if not rows:
         return "–"
     if rows[0].kind == "dynamic":
-        return f"{_pct([r.removed for r in rows])} / {_pct([r.kept for r in rows])}"
-    return f"{_pct([r.success for r in rows])} (clean {_pct([r.success_clean for r in rows])})"
+        return f"{percent_cell([r.removed for r in rows])} / {percent_cell([r.kept for r in rows])}"
+    return f"{percent_cell([r.success for r in rows])} (clean {percent_cell([r.success_clean for r in rows])})"
 
 
 def targeted_markdown(results: RunResults) -> list[str]:
