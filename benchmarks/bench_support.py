@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mtkit.bench import bench_device
+from mtkit.bench.runner import bench_device
 
 SIZES = {"quick": (64, 192), "paper": (192, 640)}
 
@@ -54,8 +54,8 @@ class Setup:
 def make_trainer(size: str, multitask: bool, **train) -> Setup:
     """The toolkit's trainer for the benchmark device (``DEVICE``; fp32, no channels_last unless ``train`` says
     otherwise) and random batches of the right shapes already on it (a step's time excludes the copy)."""
-    from mtkit.recipe import validate
-    from mtkit.train import Trainer
+    from mtkit.recipe.load import validate
+    from mtkit.training.step import StepEngine
 
     h, w = SIZES[size]
     ds = {"name": "synthetic", "height": h, "width": w}
@@ -66,7 +66,7 @@ def make_trainer(size: str, multitask: bool, **train) -> Setup:
         "models": [{"name": "m", "tasks": ["segmentation", "depth"] if multitask else ["segmentation"],
                     "lambda": 0.1}],
     })
-    trainer = Trainer(recipe, recipe.models[0], "unused", progress=False)
+    trainer = StepEngine(recipe, recipe.models[0])
     trainer.build(torch.ones(19))
     g = torch.Generator().manual_seed(0)
     b_seg = trainer.seg_batch
@@ -97,7 +97,7 @@ def input_gradient_flops(segmenter, x: torch.Tensor, y: torch.Tensor) -> int:
     """FLOPs of one attack gradient pass (forward, loss, backward to the input only) over the batch ``x``.
     Counted through ``.backward()`` with the weights frozen: FlopCounterMode's module tracker cannot follow the
     ``torch.autograd.grad`` that attacks call."""
-    from mtkit.losses import weighted_cross_entropy
+    from mtkit.ops.losses import weighted_cross_entropy
 
     frozen = [p for p in segmenter.parameters() if p.requires_grad]
     for p in frozen:

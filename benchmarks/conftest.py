@@ -37,8 +37,8 @@ def _device_info(request):
 @pytest.fixture(scope="session")
 def trained_segmenter():
     """A segmenter (random weights: throughput does not depend on them) with images and labels at quickstart size."""
-    from mtkit.build import build_model
-    from mtkit.config import ModelConfig
+    from mtkit.core.schema import ModelConfig
+    from mtkit.recipe.build import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig()).eval().to(DEVICE)

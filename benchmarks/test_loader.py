@@ -19,10 +19,10 @@ import torch
 from bench_support import make_trainer, rounds, sync
 from torch.utils.data import default_collate
 
-from mtkit.config import AugmentConfig, DatasetConfig
+from mtkit.core.schema import AugmentConfig, DatasetConfig
 from mtkit.data import cache, layouts, synthetic
 from mtkit.data.augment import augment_segmentation, augment_video, draw_params
-from mtkit.prepare import prepare_dataset
+from mtkit.recipe.prepare import prepare_dataset
 
 QUIET = {"progress": False, "log": lambda *_: None}
 BATCH = 12
@@ -93,7 +93,7 @@ def test_loader_cityscapes_raw_vs_cached(benchmark, trees):
     """Segmentation samples/s per loader core: raw PNG decode + downscale + crop + collate vs a crop sliced from the
     prepared cache + collate; the cached rate against the training step's consumption."""
     root, n = trees
-    from mtkit.build import build_dataset
+    from mtkit.recipe.build import build_dataset
 
     source = build_dataset(_seg_cfg(root), train=True)
     ds = cache.open_prepared(prepare_dataset(_seg_cfg(root), True, "data.segmentation", **QUIET).folder)
@@ -127,7 +127,7 @@ def test_loader_cityscapes_raw_vs_cached(benchmark, trees):
 def test_loader_kitti_raw_vs_cached(benchmark, trees):
     """KITTI triplets/s per loader core: three 1242x375 PNG decodes + resize vs slicing the prepared frames."""
     root, n = trees
-    from mtkit.build import build_dataset
+    from mtkit.recipe.build import build_dataset
 
     source = build_dataset(_kitti_cfg(root), train=True)
     ds = cache.open_prepared(prepare_dataset(_kitti_cfg(root), True, "data.depth", **QUIET).folder)

@@ -28,10 +28,10 @@ from bench_support import (
     synced,
 )
 
-from mtkit.bench import count_ops
-from mtkit.losses import IGNORE_INDEX, MonodepthLoss
+from mtkit.bench.ops import count_ops
 from mtkit.models.decoders import disp_to_depth
 from mtkit.models.pose import transformation_from_parameters
+from mtkit.ops.losses import IGNORE_INDEX, MonodepthLoss
 from mtkit.perturbations import FGSM, PGD, AttackContext, fgsm, fgsm_direction, pgd
 
 EPSILONS = [0.25, 0.5, 1, 2, 4, 8, 16]

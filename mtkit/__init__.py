@@ -6,7 +6,7 @@ Multi-Task Training with Self-Supervised Depth Estimation", CVPRW 2020.
 
 __version__ = "0.1.0"
 
-from .hookspecs import hookimpl  # noqa: E402
-from .registry import register  # noqa: E402
+from .core.registry import register  # noqa: E402
+from .plugins.hookspecs import hookimpl  # noqa: E402
 
 __all__ = ["__version__", "hookimpl", "register"]

@@ -13,22 +13,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bench import PlanRow, plan, run_bench, trend
-from .build import build_dataset
-from .config import Recipe
-from .depth_eval import evaluate_depth_model
-from .errors import MtkitError
-from .evaluate import evaluate_checkpoint, evaluate_segmenter, evaluation_sets, load_model
-from .export import export_segmenter
-from .external import ExternalSegmenter, InputSpec, OutputSpec, build_external
-from .pipeline import RunResult, run
-from .plugins import list_entries, plugin_failures
-from .prepare import Prepared, prepare_recipe
-from .recipe import apply_overrides, load_recipe, validate
+from .bench.plan import PlanRow, plan
+from .bench.runner import run_bench
+from .bench.trend import trend
+from .core.errors import MtkitError
+from .core.results import ModelInfo, RunResults
+from .core.runtime import init_distributed, resolve_device
+from .core.schema import Recipe
+from .evaluation.depth import evaluate_depth_model
+from .evaluation.export import export_segmenter
+from .evaluation.external import ExternalSegmenter, InputSpec, OutputSpec, build_external
+from .evaluation.robustness import evaluate_checkpoint, evaluate_segmenter, evaluation_sets, load_model
+from .pipeline.runner import RunResult, run
+from .plugins.manager import list_entries, plugin_failures
+from .recipe.build import build_dataset
+from .recipe.load import apply_overrides, load_recipe, validate
+from .recipe.prepare import Prepared, prepare_recipe
 from .report import save_report
-from .results import ModelInfo, RunResults
-from .runtime import init_distributed, resolve_device
-from .train import TrainResult, train
+from .training.trainer import TrainResult, train
 
 __all__ = ["InputSpec", "OutputSpec", "Prepared", "Recipe", "RunResult", "RunResults", "TrainResult", "bench",
            "build_external", "evaluate", "evaluate_depth", "evaluate_model", "export_onnx", "list_entries",

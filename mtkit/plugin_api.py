@@ -2,7 +2,7 @@
 plugins; the shipped plugins import only this module (import-linter checks it in CI).
 
 A plugin package names a module in its entry points (group ``mtkit``) that implements hooks of
-``mtkit.hookspecs`` with ``@hookimpl``; ``mtkit_register(registry)`` adds its entries. It must not change global
+``mtkit.plugins.hookspecs`` with ``@hookimpl``; ``mtkit_register(registry)`` adds its entries. It must not change global
 state when it is imported.
 """
 
@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .build import build_dataset
-from .checkpoint import atomic_torch_save, load_checkpoint
-from .config import DatasetConfig, ModelConfig, config_hash
+from .core.checkpoint import atomic_torch_save, load_checkpoint
+from .core.errors import MtkitError
+from .core.io import cache_dir
+from .core.registry import RegistryView
+from .core.schema import DatasetConfig, ModelConfig, config_hash
 from .data.base import DatasetOptions, SegmentationDataset, VideoDataset
-from .data.common import cache_dir
-from .detection import Detector, DetectorOptions, consistency_measures, edge_consistency_loss
-from .errors import MtkitError
-from .hookspecs import hookimpl
-from .losses import IGNORE_INDEX, weighted_cross_entropy
 from .models.decoders import SegmentationDecoder
+from .models.tasks import AuxiliaryTask
+from .ops.edge_consistency import Detector, DetectorOptions, consistency_measures, edge_consistency_loss
+from .ops.losses import IGNORE_INDEX, weighted_cross_entropy
 from .perturbations import (
     AttackContext,
     Perturbation,
@@ -32,8 +32,8 @@ from .perturbations import (
     pgd_iterations,
     project,
 )
-from .registry import RegistryView
-from .tasks import AuxiliaryTask
+from .plugins.hookspecs import hookimpl
+from .recipe.build import build_dataset
 
 __all__ = [
     "IGNORE_INDEX", "AttackContext", "AuxiliaryTask", "DatasetConfig", "DatasetOptions", "Detector", "DetectorOptions",

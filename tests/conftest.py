@@ -50,7 +50,8 @@ def _registry_isolation():
     """Plugin isolation: a test leaves the process-wide registry as it found it. Entries a test adds (a plugin
     registered on the shared manager, a ``@register`` outside mtkit) or a registry it swaps in without restoring
     it fail the test; building the registry for the first time, or importing mtkit's own modules, does not."""
-    from mtkit import plugins, registry
+    from mtkit.core import registry
+    from mtkit.plugins import manager as plugins
 
     start = len(registry.DECORATED)
     before = plugins._PLUGINS
@@ -86,10 +87,10 @@ def trained(tmp_path_factory):
     """A tiny segmenter trained for a few dozen steps on the synthetic city data, and its eval data."""
     data = tiny_recipe(**{"train.epochs": 1, "train.steps_per_epoch": 30, "train.lr": 1e-3, "train.batch_size": 8})
     data["data"]["segmentation"]["options"]["sequences"] = 4
-    from mtkit.build import build_dataset
-    from mtkit.evaluate import load_model
-    from mtkit.recipe import validate
-    from mtkit.train import train
+    from mtkit.evaluation.robustness import load_model
+    from mtkit.recipe.build import build_dataset
+    from mtkit.recipe.load import validate
+    from mtkit.training.trainer import train
 
     recipe = validate(data)
     run = tmp_path_factory.mktemp("trained")

@@ -65,7 +65,8 @@ def with_plugins_on_path(site: Path, monkeypatch) -> None:
     """Plugin distributions under ``site`` found through their entry points by this process's next registry, as a
     fresh ``PYTHONPATH=site mtkit …`` would find them (undone after the test), and a console wide enough that
     table rows do not wrap."""
-    from mtkit import cli, plugins
+    from mtkit import cli
+    from mtkit.plugins import manager as plugins
 
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setattr(plugins, "_PLUGINS", None)
@@ -98,7 +99,7 @@ class OnePixelSegmenter:
 
 def poison_segmentation_loss(monkeypatch, at_call: int) -> dict[str, int]:
     """Make the weighted cross-entropy NaN at its ``at_call``-th call (1-based); returns the call counter."""
-    from mtkit.losses import WeightedCrossEntropy
+    from mtkit.ops.losses import WeightedCrossEntropy
 
     real = WeightedCrossEntropy.forward
     calls = {"n": 0}

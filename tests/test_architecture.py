@@ -72,17 +72,114 @@ def test_shipped_plugins_import_only_the_plugin_api():
             assert module == "mtkit.plugin_api", f"{path.relative_to(ROOT)}:{line} imports {module}"
 
 
-def test_the_plugin_contract_names_every_internal_module():
-    """A new mtkit module is forbidden to plugins too: the contract's list covers every module but the API."""
+def test_the_plugin_contract_names_every_internal_package():
+    """A new mtkit package or module is forbidden to plugins too: the contract by package covers everything but
+    the plugin API, and the package face is forbidden on its own."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
-    forbidden = next(c for c in config if c["name"].startswith("Plugins import only"))["forbidden_modules"]
-    for path in CORE_SOURCES:
-        parts = path.relative_to(ROOT).with_suffix("").parts
-        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        if module == "mtkit.plugin_api":
+    by_package = next(c for c in config if c["name"].endswith("no internal package"))["forbidden_modules"]
+    face = next(c for c in config if c["name"].endswith("not the package face"))["forbidden_modules"]
+    assert face == ["mtkit"]
+    for path in sorted((ROOT / "mtkit").iterdir()):
+        if path.name in ("__init__.py", "plugin_api.py", "py.typed", "__pycache__"):
             continue
-        covered = module in forbidden or ".".join(module.split(".")[:2]) + ".*" in forbidden
-        assert covered, f"{module} is missing from the plugin contract in pyproject.toml"
+        module = f"mtkit.{path.stem}"
+        assert module in by_package, f"{module} is missing from the plugin contract in pyproject.toml"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the mtkit modules (or package faces) it imports at module level; ``from a import b`` of a
+    submodule b counts as an import of a.b (and of the face a, which Python runs first)."""
+    modules = {_module_name(p) for p in CORE_SOURCES}
+    graph: dict[str, set[str]] = {}
+    for path in CORE_SOURCES:
+        me = _module_name(path)
+        edges = set()
+        tree = ast.parse(path.read_text())
+        package = me if path.name == "__init__.py" else me.rsplit(".", 1)[0]
+        for node in tree.body:
+            if isinstance(node, ast.If):  # TYPE_CHECKING blocks do not run
+                continue
+            targets = []
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[: len(base) - (node.level - 1)]
+                    mod = ".".join([*base, *([node.module] if node.module else [])])
+                else:
+                    mod = node.module or ""
+                targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            for target in targets:
+                parts = target.split(".")
+                for k in range(1, len(parts) + 1):  # every package face on the way runs too
+                    name = ".".join(parts[:k])
+                    if name in modules and name != me and not me.startswith(name + "."):
+                        edges.add(name)
+        graph[me] = edges
+    return graph
+
+
+def test_no_module_imports_its_own_package_face():
+    """A module inside a package imports its siblings directly, never a name of the face it lives in
+    (``from . import Name``, ``from mtkit.pkg import Name`` inside mtkit.pkg), which would hide a cycle behind the
+    face (as mtkit-attacks' targeted attacks did)."""
+    for path in [*CORE_SOURCES, *PLUGIN_SOURCES]:
+        if path.name == "__init__.py":
+            continue
+        package = _module_name(path).rsplit(".", 1)[0] if path.is_relative_to(ROOT / "mtkit") else path.parent.name
+        for node in ast.parse(path.read_text()).body:
+            siblings = {q.stem for q in path.parent.iterdir() if q.suffix == ".py" or (q / "__init__.py").is_file()}
+            face = isinstance(node, ast.ImportFrom) and (
+                (node.level == 1 and node.module is None and any(a.name not in siblings for a in node.names))
+                or (not node.level and node.module == package))
+            assert not face, f"{path.relative_to(ROOT)}:{node.lineno} imports its own package face ({package})"
+
+
+def test_no_import_cycle():
+    """The module-level import graph of mtkit (package faces included) has no cycle."""
+    graph = _import_graph()
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_the_layout_stays_small():
+    """The folder is the table of contents: at most 6 flat modules in mtkit/; no module over 300 lines in mtkit/
+    or plugins/; no function over 100 lines and at most 3 over 80; no class over 200."""
+    flat = sorted(p.name for p in (ROOT / "mtkit").glob("*.py"))
+    assert len(flat) <= 6, flat
+    long_functions = []
+    for path in [*CORE_SOURCES, *PLUGIN_SOURCES]:
+        text = path.read_text()
+        where = path.relative_to(ROOT)
+        assert len(text.splitlines()) <= 300, f"{where} has {len(text.splitlines())} lines"
+        for node in ast.walk(ast.parse(text)):
+            size = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                assert size <= 100, f"{where}:{node.lineno} {node.name} has {size} lines"
+                if size > 80:
+                    long_functions.append(f"{where}:{node.name}")
+            elif isinstance(node, ast.ClassDef):
+                assert size <= 200, f"{where}:{node.lineno} class {node.name} has {size} lines"
+    assert len(long_functions) <= 3, long_functions
 
 
 def test_no_function_level_import_of_mtkit_outside_the_cli():
@@ -113,6 +210,24 @@ def test_the_cli_imports_no_torch_until_a_command_needs_it():
     assert not _modules_after("from mtkit.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass")\
         & heavy
     paper = str(ROOT / "recipes" / "paper.yaml")
-    registry = _modules_after(f"from mtkit.recipe import load_recipe\nload_recipe({paper!r})\n"
-                              "from mtkit.plugins import list_entries\nlist_entries()")
+    registry = _modules_after(f"from mtkit.recipe.load import load_recipe\nload_recipe({paper!r})\n"
+                              "from mtkit.plugins.manager import list_entries\nlist_entries()")
     assert "torch" in registry and not registry & (heavy - {"torch"})
+
+
+def test_no_package_face_shadows_one_of_its_modules():
+    """A face that exports a function named like one of its modules (``render`` over ``render.py``) hides the
+    module from ``from pkg import module`` and from monkeypatch paths: every face keeps its modules reachable."""
+    import importlib
+
+    faces = [p.parent for p in [*CORE_SOURCES, *PLUGIN_SOURCES] if p.name == "__init__.py"]
+    for folder in faces:
+        name = _module_name(folder / "__init__.py") if folder.is_relative_to(ROOT / "mtkit") else folder.name
+        package = importlib.import_module(name)
+        for child in folder.iterdir():
+            stem = child.stem if child.suffix == ".py" else child.name if (child / "__init__.py").is_file() else None
+            if stem in (None, "__init__"):
+                continue
+            value = getattr(package, stem, None)
+            assert value is None or getattr(value, "__name__", "") == f"{name}.{stem}", (
+                f"{name} exports a '{stem}' that is not its module {name}.{stem}")

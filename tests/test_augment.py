@@ -11,7 +11,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import ColorJitter
 
-from mtkit.config import AugmentConfig
+from mtkit.core.schema import AugmentConfig
 from mtkit.data.augment import augment_segmentation, augment_video, colour_jitter, draw_params
 
 N = 4000

@@ -7,8 +7,8 @@ import pytest
 import yaml
 from support import ROOT, run_cli, tiny_recipe
 
-from mtkit.errors import RecipeError
-from mtkit.recipe import apply_overrides, load_recipe, validate
+from mtkit.core.errors import RecipeError
+from mtkit.recipe.load import apply_overrides, load_recipe, validate
 
 
 def write(path, data):

@@ -5,14 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mtkit.build import build_dataset
-from mtkit.config import DatasetConfig
+from mtkit.core.errors import DatasetError, RecipeError
+from mtkit.core.schema import DatasetConfig
 from mtkit.data import layouts, synthetic
 from mtkit.data.kitti import parse_split_file
 from mtkit.data.labels import labelids_to_trainids
 from mtkit.data.stats import class_weights
-from mtkit.data.synthetic_sets import synthetic_arrays
-from mtkit.errors import DatasetError, RecipeError
+from mtkit.data.synthetic.sets import synthetic_arrays
+from mtkit.recipe.build import build_dataset
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,8 @@ def test_domains_differ(city):
 def test_synthetic_generation_is_cached(monkeypatch):
     cfg = DatasetConfig(name="synthetic", split="val", height=32, width=64, options={"sequences": 1, "frames": 3})
     first = synthetic_arrays(cfg)
-    monkeypatch.setattr(synthetic, "generate", lambda spec: (_ for _ in ()).throw(AssertionError("regenerated")))
+    monkeypatch.setattr("mtkit.data.synthetic.sets.generate",
+                        lambda spec: (_ for _ in ()).throw(AssertionError("regenerated")))
     second = synthetic_arrays(cfg)
     assert np.array_equal(first["images"], second["images"])
 
@@ -198,7 +199,7 @@ def test_rendering_is_the_same_in_tiles_and_on_any_number_of_processes(monkeypat
     of one (each clip is seeded on its own)."""
     spec = synthetic.SyntheticSpec("city", sequences=3, frames=3, height=48, width=160, seed=9)
     tiled = synthetic.generate(spec)
-    monkeypatch.setattr(synthetic, "TILE", 10**6)  # one tile: the whole image against every box
+    monkeypatch.setattr("mtkit.data.synthetic.raycast.TILE", 10**6)  # one tile: the whole image against every box
     whole = synthetic.generate(spec)
     for key in tiled:
         assert np.array_equal(tiled[key], whole[key]), key

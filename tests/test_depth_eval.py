@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 from support import tiny_recipe
 
-from mtkit.build import build_dataset
-from mtkit.config import DatasetConfig, DepthEvaluationConfig
+from mtkit.core.errors import DatasetError
+from mtkit.core.results import RunResults
+from mtkit.core.schema import DatasetConfig, DepthEvaluationConfig
 from mtkit.data import layouts, synthetic
 from mtkit.data.depth_gt import load_velodyne, project_velodyne
 from mtkit.data.kitti_calib import velo_to_image
-from mtkit.depth_eval import evaluate_depth_model
-from mtkit.errors import DatasetError
-from mtkit.results import RunResults
+from mtkit.evaluation.depth import evaluate_depth_model
+from mtkit.recipe.build import build_dataset
 
 FX, FY, CX, CY = 721.5, 721.5, 609.6, 172.9
 
@@ -179,9 +179,9 @@ def test_eval_depth_cli_on_a_trained_multitask_checkpoint(tmp_path, eigen_tree, 
     import yaml
 
     from mtkit import cli
-    from mtkit.checkpoint import atomic_torch_save
-    from mtkit.recipe import validate
-    from mtkit.train import train
+    from mtkit.core.checkpoint import atomic_torch_save
+    from mtkit.recipe.load import validate
+    from mtkit.training.trainer import train
 
     root, _ = eigen_tree
     data = tiny_recipe()

@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 
-from mtkit import checkpoint, runtime
-from mtkit.build import build_model, build_perturbation
-from mtkit.config import ModelConfig
+from mtkit.core import checkpoint, runtime
+from mtkit.core.schema import ModelConfig
 from mtkit.perturbations import AttackContext, draw, image_generator
+from mtkit.recipe.build import build_model, build_perturbation
 
 # every gradient attack with its random start on where it has one, iterations kept small
 OPTIONS = {"pgd": {"iterations": 2, "random_start": True}, "apgd": {"iterations": 3, "random_start": True},
@@ -33,7 +33,7 @@ def _perturbations() -> list[str]:
     """Every registered perturbation but the universal ones learnt over a dataset (tests/test_plugins.py,
     tests/test_targeted.py) and the corruptions other than two random ones (CPU code: the device path is the same
     for all)."""
-    from mtkit.plugins import get_registry
+    from mtkit.plugins.manager import get_registry
 
     names = get_registry().names("perturbation")
     return [n for n in names if n not in ("uap", "metzen_static_uap", "metzen_dynamic_uap")
@@ -221,7 +221,7 @@ def test_free_gpu_memory_counts_what_the_allocator_holds_unused(monkeypatch):
 
 
 def test_loader_workers_share_the_node_s_cores_between_ranks(monkeypatch):
-    from mtkit.prepare import default_workers
+    from mtkit.recipe.prepare import default_workers
 
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert default_workers(None) == 16
@@ -253,8 +253,8 @@ def test_training_and_evaluation_run_under_their_own_policy(trained, tmp_path, m
     """The trainer's loop runs with TF32 allowed (train.tf32) and the evaluation without (robustness.tf32)."""
     from support import tiny_recipe
 
-    from mtkit.evaluate import evaluate_checkpoint
-    from mtkit.recipe import validate
+    from mtkit.evaluation.robustness import evaluate_checkpoint
+    from mtkit.recipe.load import validate
 
     seen = []
     real = runtime.math_mode
@@ -263,8 +263,8 @@ def test_training_and_evaluation_run_under_their_own_policy(trained, tmp_path, m
         seen.append((tf32, deterministic))
         return real(tf32, deterministic)
 
-    monkeypatch.setattr("mtkit.train.math_mode", spy)
-    monkeypatch.setattr("mtkit.evaluate.math_mode", spy)
+    monkeypatch.setattr("mtkit.training.trainer.math_mode", spy)
+    monkeypatch.setattr("mtkit.evaluation.robustness.math_mode", spy)
     loaded = trained[0]
     recipe = validate(tiny_recipe(**{"robustness.perturbations": ["gaussian"], "robustness.epsilons": [1.0]}))
     evaluate_checkpoint(loaded, recipe, ["CS"], 0)
@@ -272,7 +272,7 @@ def test_training_and_evaluation_run_under_their_own_policy(trained, tmp_path, m
     recipe = validate(tiny_recipe(**{"robustness.tf32": True, "train.deterministic": True,
                                      "robustness.perturbations": ["gaussian"], "robustness.epsilons": [1.0]}))
     evaluate_checkpoint(loaded, recipe, ["CS"], 0)
-    from mtkit.train import train
+    from mtkit.training.trainer import train
 
     train(recipe, "single", tmp_path, progress=False)
     assert seen[1:] == [(True, False), (True, True)]

@@ -13,9 +13,9 @@ from torch import nn
 
 from mtkit import api
 from mtkit.cli import main
-from mtkit.errors import MtkitError
-from mtkit.external import ExternalSegmenter, InputSpec, OutputSpec, build_external
-from mtkit.recipe import validate
+from mtkit.core.errors import MtkitError
+from mtkit.evaluation.external import ExternalSegmenter, InputSpec, OutputSpec, build_external
+from mtkit.recipe.load import validate
 
 IMAGENET = {"range": "unit", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 ALL = ["gaussian", "salt_pepper", "fgsm", "pgd", "segpgd", "mifgsm"]  # every noise type, every gradient attack
@@ -155,7 +155,7 @@ def test_bad_models_get_one_line_errors(recipe, capsys):
 
 
 def test_a_plugin_registers_a_model_factory(recipe, request):
-    from mtkit.plugins import get_registry
+    from mtkit.plugins.manager import get_registry
 
     reg = get_registry()
     request.addfinalizer(lambda: reg.remove_provider("test-model-factory"))  # the entry leaves with the test

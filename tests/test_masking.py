@@ -1,4 +1,4 @@
-"""Gradient-masking sanity checks (``mtkit.masking.masking_checks``): each check passes on a normal model and fails
+"""Gradient-masking sanity checks (``mtkit.evaluation.masking``): each check passes on a normal model and fails
 on models built to mask their gradient, and a failure reaches the report's verdict and its table."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from mtkit.build import build_perturbations
-from mtkit.config import SanityConfig
-from mtkit.masking import masking_checks
+from mtkit.core.results import ModelInfo, RunResults
+from mtkit.core.schema import SanityConfig
+from mtkit.evaluation.masking import masking_checks
+from mtkit.evaluation.sweep import robustness_sweep
+from mtkit.recipe.build import build_perturbations
 from mtkit.report import write_report
-from mtkit.results import ModelInfo, RunResults
-from mtkit.sweep import robustness_sweep
 
 EPS = [1.0, 4.0, 16.0]
 CHECKS = {"monotone", "iterative_vs_fgsm", "unbounded", "attack_vs_noise"}
@@ -115,7 +115,7 @@ def test_the_paper_recipe_checks_with_an_attack_of_known_strength():
     keeps 10 to stay within its minutes, and says so."""
     from support import ROOT
 
-    from mtkit.recipe import load_recipe
+    from mtkit.recipe.load import load_recipe
 
     assert load_recipe(ROOT / "recipes" / "paper.yaml").robustness.sanity.iterations == 100
     quick = load_recipe(ROOT / "recipes" / "quickstart.yaml")

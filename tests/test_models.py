@@ -7,13 +7,13 @@ import timm
 import torch
 from support import tiny_recipe
 
-from mtkit.build import build_model, build_pose_net
-from mtkit.config import ModelConfig, ModelSpec
-from mtkit.errors import CheckpointError, MtkitError
-from mtkit.losses import MonodepthLoss, weighted_cross_entropy
+from mtkit.core.errors import CheckpointError, MtkitError
+from mtkit.core.schema import ModelConfig, ModelSpec
 from mtkit.models.decoders import disp_to_depth
 from mtkit.models.pose import transformation_from_parameters
-from mtkit.recipe import validate
+from mtkit.ops.losses import MonodepthLoss, weighted_cross_entropy
+from mtkit.recipe.build import build_model, build_pose_net
+from mtkit.recipe.load import validate
 
 
 def _k(b, h, w):
@@ -211,7 +211,7 @@ def test_segmenter_has_single_task_parameter_count():
 
 
 def test_onnx_export_parity(tmp_path):
-    from mtkit.export import export_segmenter
+    from mtkit.evaluation.export import export_segmenter
 
     recipe = validate(tiny_recipe())
     spec = recipe.models[1]
@@ -237,7 +237,7 @@ def test_equation_1_by_hand_two_pixels_one_void_and_class_weights():
     """J^ce (eq. 1) = -1/|I| Σ_i w_{y_i} log softmax(z_i)_{y_i} over the labelled pixels I: pixel a of class 0
     (w 0.5) with logits (2, 0, 0), pixel b of class 2 (w 2) with logits (0, 1, 3), pixel c void. |I| = 2 (not
     PyTorch's Σ w = 2.5 of its weighted mean)."""
-    from mtkit.losses import weighted_cross_entropy, weighted_cross_entropy_per_image
+    from mtkit.ops.losses import weighted_cross_entropy, weighted_cross_entropy_per_image
 
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [5.0, 5.0, 5.0]]).T.reshape(1, 3, 1, 3)
     labels = torch.tensor([[[0, 2, 255]]])

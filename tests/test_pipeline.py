@@ -10,10 +10,10 @@ import yaml
 from PIL import Image
 from support import run_cli, tiny_recipe
 
-from mtkit.errors import DatasetError
-from mtkit.pipeline import run
-from mtkit.recipe import load_recipe, validate
-from mtkit.results import RunResults
+from mtkit.core.errors import DatasetError
+from mtkit.core.results import RunResults
+from mtkit.pipeline.runner import run
+from mtkit.recipe.load import load_recipe, validate
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,26 @@ def first_run(tmp_path_factory, device):
     recipe_file = folder / "tiny.yaml"
     recipe_file.write_text(yaml.safe_dump(tiny_recipe(device=str(device))))
     recipe = load_recipe(recipe_file)
-    res = run(recipe, progress=False, run_dir=folder / "run", log=lambda m: None)
+    from mtkit.recipe import prepare
+
+    calls: list[str] = []
+    real = prepare.prepare_dataset
+    with pytest.MonkeyPatch.context() as mp:  # count the preparations of the run (one per dataset)
+        mp.setattr(prepare, "prepare_dataset", lambda cfg, train, where, *a, **k: calls.append(where) or real(
+            cfg, train, where, *a, **k))
+        res = run(recipe, progress=False, run_dir=folder / "run", log=lambda m: None)
+    res.prepare_calls = calls
     return recipe_file, recipe, res
+
+
+def test_the_run_prepares_each_dataset_once_and_hands_it_on(first_run):
+    """One prepared-data handle through the run: the pipeline prepares (and verifies) each of the recipe's
+    datasets once, and training and evaluation get the opened handles instead of preparing again."""
+    _, recipe, res = first_run
+    from mtkit.recipe.prepare import recipe_datasets
+
+    assert res.prepare_calls == list(recipe_datasets(recipe)) == ["data.segmentation", "data.segmentation_val",
+                                                                   "data.depth", "data.eval.CS", "data.eval.K"]
 
 
 def test_every_artefact_exists_and_parses(first_run):
@@ -81,8 +99,8 @@ def test_every_artefact_exists_and_parses(first_run):
     for summary in results.training:  # the class weights and the content key they were cached under
         assert len(summary["class_weights"]) == 19 and summary["class_weights_key"]
         assert summary["steps"] == 2 and summary["history"][-1]["val_miou"] >= 0
-    from mtkit.checkpoint import load_checkpoint
-    from mtkit.evaluate import load_model
+    from mtkit.core.checkpoint import load_checkpoint
+    from mtkit.evaluation.robustness import load_model
 
     for folder in (d / "train").iterdir():
         last, best = load_checkpoint(folder / "last.pt"), load_checkpoint(folder / "best.pt")
@@ -128,7 +146,7 @@ def test_a_damaged_stage_file_runs_its_stage_again_with_one_line(first_run, tmp_
     _, recipe, res = first_run
     folder = tmp_path / "run"
     shutil.copytree(res.run_dir, folder)
-    from mtkit.pipeline import stage_files
+    from mtkit.pipeline.stages import stage_files
 
     # this recipe's own stage files (the folder also holds those of the other tests' changed recipes)
     done = stage_files(recipe, folder, recipe.models[0], 0)[0]
@@ -208,7 +226,7 @@ def test_the_plan_measures_every_stage_and_counts_what_the_recipe_asks_for(first
     if device.type != "cpu":
         pytest.skip("the plan on a GPU is tools/gpu-check.sh's")
     recipe_file, recipe, _ = first_run
-    from mtkit.bench import plan
+    from mtkit.bench.plan import plan
 
     rows = {r.stage: r for r in plan(recipe, steps=1, log=lambda m: None)}
     assert sorted(rows) == sorted(["train single", "validate single", "evaluate single on CS", "evaluate single on K",
@@ -247,8 +265,8 @@ def test_several_seeds_end_to_end_with_the_phase_hooks(tmp_path, monkeypatch):
     """``run(seeds=[0, 1])``, as ``--seeds 0,1``: every stage per seed, results for both, the verdict over 2 seeds
     with its rule; the ``mtkit_after_epoch`` hook sees every epoch of every model and seed, and
     ``mtkit_after_evaluation`` the final rows once."""
-    from mtkit.hookspecs import hookimpl
-    from mtkit.plugins import get_plugins
+    from mtkit.plugins.hookspecs import hookimpl
+    from mtkit.plugins.manager import get_plugins
 
     calls: dict[str, list] = {"epoch": [], "evaluation": []}
 

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from support import OnePixelSegmenter, tiny_recipe
 
-from mtkit.build import build_perturbation
-from mtkit.errors import MtkitError
-from mtkit.losses import IGNORE_INDEX
+from mtkit.core.errors import MtkitError
+from mtkit.evaluation.sweep import CountingContext, robustness_sweep
+from mtkit.ops.losses import IGNORE_INDEX
 from mtkit.perturbations import FGSM, AttackContext, Gaussian, measured_epsilon
-from mtkit.plugins import get_registry, load_plugins
-from mtkit.recipe import validate
-from mtkit.sweep import CountingContext, robustness_sweep
+from mtkit.plugins.manager import get_registry, load_plugins
+from mtkit.recipe.build import build_perturbation
+from mtkit.recipe.load import validate
 
 PACKAGES = {"mtkit-attacks": "attacks", "mtkit-corruptions": "corruptions", "mtkit-edges": "edges"}
 
@@ -170,7 +170,7 @@ def test_every_corruption_runs_and_reports_its_measured_epsilon(trained):
 
 
 def test_recipe_sweep_with_plugin_attacks_and_corruptions(tmp_path):
-    from mtkit.pipeline import run
+    from mtkit.pipeline.runner import run
 
     data = tiny_recipe(**{"models": [{"name": "single", "tasks": ["segmentation"]}],
                           "robustness.perturbations": ["fgsm", "mifgsm", "segpgd", "cospgd", "uap", "corrupt_fog",
@@ -200,7 +200,7 @@ def test_recipe_sweep_with_plugin_attacks_and_corruptions(tmp_path):
 
 
 def test_a_plugin_task_trains_through_a_recipe(tmp_path):
-    from mtkit.train import train
+    from mtkit.training.trainer import train
 
     data = tiny_recipe(**{"models": [{"name": "edges", "tasks": ["segmentation", "edges"], "lambda": 0.9,
                                       "task_scales": {"edges": 0.1}}],
@@ -211,7 +211,7 @@ def test_a_plugin_task_trains_through_a_recipe(tmp_path):
     assert len(steps) == 12 and all("edges" in s for s in steps)
     first, last = sum(s["edges"] for s in steps[:3]), sum(s["edges"] for s in steps[-3:])
     assert last < first
-    from mtkit.evaluate import load_model
+    from mtkit.evaluation.robustness import load_model
 
     model = load_model(res.last).model
     assert set(model.aux_heads) == {"edges"} and model.aux_scales == {"edges": 0.1}
@@ -225,9 +225,9 @@ def test_a_plugin_task_trains_through_a_recipe(tmp_path):
 
 def test_plugin_task_gradient_is_scaled_where_it_meets_the_encoder():
     """Eq. 5 generalised: the encoder gets λ·g_seg + s·g_edges, each head its unscaled gradient."""
-    from mtkit.build import build_model
-    from mtkit.config import ModelConfig
-    from mtkit.losses import weighted_cross_entropy
+    from mtkit.core.schema import ModelConfig
+    from mtkit.ops.losses import weighted_cross_entropy
+    from mtkit.recipe.build import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(), ["segmentation", "edges"], 0.7, task_scales={"edges": 0.2}).double().train()
@@ -285,10 +285,14 @@ def test_segpgd_schedule_is_lambda_t_equal_to_t_minus_1_over_2t():
     x = (torch.rand(3, 3, 8, 8) * 255).round()
     y = torch.randint(0, 4, (3, 1, 1))
     seen = []
+    import sys
+
+    segpgd_module = sys.modules["mtkit_attacks.seg_pgd"]
+
     real = mtkit_attacks.segpgd_loss
     ctx = AttackContext(model, None, torch.Generator())
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mtkit_attacks, "segpgd_loss", lambda logits, yy, lam, w=None: seen.append(lam) or
+        mp.setattr(segpgd_module, "segpgd_loss", lambda logits, yy, lam, w=None: seen.append(lam) or
                    real(logits, yy, lam, w))
         got = mtkit_attacks.segpgd(ctx, x, y, 4.0, step=1.0, iterations=4)
     assert seen == [0.0, 1 / 8, 2 / 8, 3 / 8]

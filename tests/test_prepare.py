@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mtkit.config import DatasetConfig
+from mtkit.core.errors import DatasetError
+from mtkit.core.schema import DatasetConfig
 from mtkit.data import cache, cache_writer, layouts, synthetic
-from mtkit.errors import DatasetError
-from mtkit.prepare import dataset_folder, prepare_dataset
+from mtkit.recipe.prepare import dataset_folder, prepare_dataset
 
 QUIET = {"progress": False, "log": lambda *_: None}
 
@@ -188,7 +188,7 @@ def test_a_second_prepare_of_the_same_dataset_waits_for_the_first(tmp_path, city
     import threading
     import time
 
-    from mtkit.io import run_lock
+    from mtkit.core.io import run_lock
 
     layouts.write_cityscapes(tmp_path, city, "val")
     cfg = _cityscapes(tmp_path, "val", height=32, width=64)
@@ -216,8 +216,8 @@ def test_a_prepare_that_waited_finds_the_dataset_the_other_process_completed(tmp
     import threading
     import time
 
+    from mtkit.core.io import run_lock
     from mtkit.data import cache_writer as writer
-    from mtkit.io import run_lock
 
     layouts.write_cityscapes(tmp_path, city, "val")
     cfg = _cityscapes(tmp_path, "val", height=32, width=64)

@@ -16,18 +16,20 @@ import torch
 from pydantic import BaseModel
 from support import tiny_recipe
 
-from mtkit import build
-from mtkit.config import DatasetConfig, Recipe
+from mtkit.core.runtime import resolve_device
+from mtkit.core.schema import DatasetConfig, ModelSpec, Recipe
 from mtkit.data.augment import draw_params
 from mtkit.data.stats import build_class_weights
-from mtkit.depth_eval import evaluate_depth_model
-from mtkit.detection_eval import detection_datasets
-from mtkit.evaluate import evaluation_sets
-from mtkit.pipeline import detection_units, new_results, run_folder
-from mtkit.recipe import model_in, validate
+from mtkit.evaluation.depth import evaluate_depth_model
+from mtkit.evaluation.detection import detection_datasets
+from mtkit.evaluation.robustness import evaluation_sets
+from mtkit.pipeline.runner import new_results, run_folder
+from mtkit.pipeline.stages import detection_units
+from mtkit.recipe import build
+from mtkit.recipe.load import model_in, validate
 from mtkit.report import write_report
-from mtkit.runtime import resolve_device
-from mtkit.train import Trainer, train
+from mtkit.training.step import StepEngine
+from mtkit.training.trainer import Trainer, train
 
 X = torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(0)) * 255
 PROBE_PROVIDER = "recipe-key-probes"
@@ -54,13 +56,16 @@ def _depth_out(r: Recipe) -> torch.Tensor:
         return _model(r).predict_depth(X)
 
 
-def _trainer(r: Recipe, tmp: Path, name: str = "multi", setup: bool = False) -> Trainer:
-    tr = Trainer(r, next(m for m in r.models if m.name == name), tmp, progress=False)
+def _trainer(r: Recipe, tmp: Path, name: str = "multi", setup: bool = False) -> Trainer | StepEngine:
+    """A trainer set up on its data (``setup``), or the step engine of the model built without data."""
+    spec = next(m for m in r.models if m.name == name)
     if setup:
+        tr = Trainer(r, spec, tmp, progress=False)
         tr._setup()
-    else:
-        tr.build(None)
-    return tr
+        return tr
+    engine = StepEngine(r, spec)
+    engine.build(None)
+    return engine
 
 
 def _dataset(r: Recipe, key: str):
@@ -121,7 +126,7 @@ def _batch_sizes(module: str, monkeypatch) -> list:
 def _eval_passes(r: Recipe, trained, monkeypatch) -> Any:
     """How many forward passes of an evaluation had each (logits dtype, images, channels_last input), and the
     torch.compile calls (recorded, not compiled: tests/test_scale.py compiles)."""
-    from mtkit.evaluate import evaluate_checkpoint
+    from mtkit.evaluation.robustness import evaluate_checkpoint
 
     seen, compiled = [], []
     monkeypatch.setattr("torch.compile", lambda m, **k: compiled.append(k) or m)  # recorded, not compiled
@@ -137,15 +142,15 @@ def _eval_passes(r: Recipe, trained, monkeypatch) -> Any:
 
 
 def _depth_eval(r: Recipe, monkeypatch) -> Any:
-    sizes = _batch_sizes("mtkit.depth_eval", monkeypatch)
+    sizes = _batch_sizes("mtkit.evaluation.depth", monkeypatch)
     res = evaluate_depth_model(_Depth(), _DepthSet(), r.depth_evaluation)
     return res.metrics, res.scale_median, sizes
 
 
 def _robustness_rows(r: Recipe, trained, monkeypatch) -> Any:
-    from mtkit.evaluate import evaluate_checkpoint
+    from mtkit.evaluation.robustness import evaluate_checkpoint
 
-    sizes = _batch_sizes("mtkit.sweep", monkeypatch)
+    sizes = _batch_sizes("mtkit.evaluation.sweep", monkeypatch)
     loaded = trained[0]
     out = evaluate_checkpoint(loaded, r, ["CS"], 0)
     return [(x.perturbation, x.level, round(x.miou, 6)) for x in out.robustness], sizes
@@ -154,9 +159,9 @@ def _robustness_rows(r: Recipe, trained, monkeypatch) -> Any:
 def _masking(r: Recipe) -> list:
     """The gradient-masking checks of a made-up sweep whose FGSM mIoU rises by 5 points from ε 1 to 2 and whose
     unbounded attack leaves 50 %, under the recipe's thresholds."""
-    from mtkit.masking import masking_checks
-    from mtkit.results import CleanRow, ResultRow
-    from mtkit.sweep import Sweep
+    from mtkit.core.results import CleanRow, ResultRow
+    from mtkit.evaluation.masking import masking_checks
+    from mtkit.evaluation.sweep import Sweep
 
     def row(name: str, eps: float, value: float) -> ResultRow:
         return ResultRow(model="m", seed=0, dataset="CS", perturbation=name, level=eps, epsilon=eps,
@@ -170,11 +175,12 @@ def _masking(r: Recipe) -> list:
 def _math_modes(r: Recipe, c, where: str) -> list[tuple[bool, bool]]:
     """The (tf32, deterministic) policies ``math_mode`` is entered with while training (``where`` "train") or
     evaluating ("evaluate") under recipe ``r``."""
-    import mtkit.runtime
+    import mtkit.core.runtime
 
     seen = []
-    real = mtkit.runtime.math_mode
-    c.mp.setattr(f"mtkit.{where}.math_mode", lambda tf32, deterministic=False: seen.append((tf32, deterministic))
+    real = mtkit.core.runtime.math_mode
+    module = {"train": "mtkit.training.trainer", "evaluate": "mtkit.evaluation.robustness"}[where]
+    c.mp.setattr(f"{module}.math_mode", lambda tf32, deterministic=False: seen.append((tf32, deterministic))
                  or real(tf32, deterministic))
     if where == "train":
         _fit(r, c.tmp)
@@ -311,9 +317,9 @@ def _multitask_step_terms(r: Recipe, c) -> dict[str, float]:
 def _detection(r: Recipe, c) -> tuple[list, list, list]:
     """The detection rows of an untrained multi-task model on the test's sets: (threshold, target rate) of the
     first, (perturbation, ε) of each, and the batch sizes the detector measured."""
-    from mtkit.detection import EdgeConsistency
-    from mtkit.detection_eval import evaluate_detection
-    from mtkit.evaluate import LoadedModel
+    from mtkit.evaluation.detection import evaluate_detection
+    from mtkit.evaluation.robustness import LoadedModel
+    from mtkit.ops.edge_consistency import EdgeConsistency
 
     model = _model(r)
     loaded = LoadedModel(model.segmenter().eval(), None, r.models[1], r, {}, model)
@@ -339,7 +345,7 @@ def _loader_kwargs(r: Recipe, c, name: str, workers: int | None = None) -> list:
         r.data.num_workers = workers
     seen = []
     real = torch.utils.data.DataLoader
-    c.mp.setattr("mtkit.sampling.DataLoader", lambda *a, **k: seen.append(k[name]) or real(*a, **k))
+    c.mp.setattr("mtkit.data.sampling.DataLoader", lambda *a, **k: seen.append(k[name]) or real(*a, **k))
     _fit(r, c.tmp)
     return seen
 
@@ -358,7 +364,7 @@ def _seg_loss(r: Recipe) -> float:
 
 
 def _lr_after_one_epoch(r: Recipe, c) -> float:
-    return _trainer_after_fit(r, c).optimizer.param_groups[0]["lr"]
+    return _trainer_after_fit(r, c).engine.optimizer.param_groups[0]["lr"]
 
 
 def _trainer_after_fit(r: Recipe, c) -> Trainer:
@@ -401,7 +407,7 @@ def _schema_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 def test_every_schema_key_has_a_probe():
     keys = _schema_keys(Recipe)
     keys += [f"DatasetConfig.{k}" for k in DatasetConfig.model_fields]
-    keys += [f"ModelSpec.{f.alias or n}" for n, f in __import__("mtkit.config").config.ModelSpec.model_fields.items()]
+    keys += [f"ModelSpec.{f.alias or n}" for n, f in ModelSpec.model_fields.items()]
     containers = {"model", "data", "loss", "train", "robustness", "depth_evaluation", "data.augment",
                   "robustness.sanity", "detection"}
     missing = [k for k in keys if k not in PROBES and k not in containers]
@@ -453,7 +459,7 @@ def _apply(data: dict, key: str, value: Any, tmp: Path) -> dict:
 def test_recipe_key_changes_behaviour(key, tmp_path, monkeypatch, trained, request):
     from types import SimpleNamespace
 
-    from mtkit.plugins import get_registry
+    from mtkit.plugins.manager import get_registry
 
     reg = get_registry()
     request.addfinalizer(lambda: reg.remove_provider(PROBE_PROVIDER))  # the probe entries leave with the test
@@ -465,7 +471,7 @@ def test_recipe_key_changes_behaviour(key, tmp_path, monkeypatch, trained, reque
 
         reg.add("head", "probe_depth_head", ProbeDepthHead, provider=PROBE_PROVIDER)
     if ("loss", "probe_depth_loss") not in reg:
-        from mtkit.losses import MonodepthLoss
+        from mtkit.ops.losses import MonodepthLoss
 
         class ProbeDepthLoss(MonodepthLoss):
             """The monodepth loss doubled (a registered alternative)."""
@@ -476,7 +482,7 @@ def test_recipe_key_changes_behaviour(key, tmp_path, monkeypatch, trained, reque
 
         reg.add("loss", "probe_depth_loss", ProbeDepthLoss, provider=PROBE_PROVIDER)
     if ("detector", "probe_detector") not in reg:
-        from mtkit.detection import EdgeConsistency
+        from mtkit.ops.edge_consistency import EdgeConsistency
 
         class ProbeDetector(EdgeConsistency):
             """The edge-consistency detector with its score negated (a registered alternative)."""

@@ -4,9 +4,9 @@ import pytest
 from plugin_utils import BROKEN_PLUGIN, GOOD_PLUGIN, make_dist
 from support import run_cli, with_plugins_on_path
 
-from mtkit.errors import MtkitError
-from mtkit.plugins import load_plugins
-from mtkit.registry import KINDS, Registry
+from mtkit.core.errors import MtkitError
+from mtkit.core.registry import KINDS, Registry
+from mtkit.plugins.manager import load_plugins
 
 
 def test_lookup_and_did_you_mean():

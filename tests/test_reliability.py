@@ -18,16 +18,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import run_cli, tiny_recipe, with_plugins_on_path
 
-from mtkit.checkpoint import atomic_torch_save, load_checkpoint
-from mtkit.errors import CheckpointError, MtkitError, RecipeError
-from mtkit.evaluate import evaluate_checkpoint
-from mtkit.io import atomic_write_text, clean_stale_temporaries
-from mtkit.recipe import apply_overrides, load_recipe, parse_override, validate
+from mtkit.core.checkpoint import atomic_torch_save, load_checkpoint
+from mtkit.core.errors import CheckpointError, MtkitError, RecipeError
+from mtkit.core.io import atomic_write_text, clean_stale_temporaries
+from mtkit.core.results import RunResults
+from mtkit.core.runtime import resolve_device
+from mtkit.evaluation.robustness import evaluate_checkpoint
+from mtkit.evaluation.sweep import robustness_sweep
+from mtkit.recipe.load import apply_overrides, load_recipe, parse_override, validate
 from mtkit.report import save_report
-from mtkit.results import RunResults
-from mtkit.runtime import resolve_device
-from mtkit.sweep import robustness_sweep
-from mtkit.train import train
+from mtkit.training.trainer import train
 
 
 def _recipe_file(tmp_path: Path, **over) -> Path:
@@ -75,7 +75,7 @@ def test_resume_truncates_the_log_and_a_second_writer_is_refused(tmp_path):
              if json.loads(ln)["type"] == "step"]
     assert steps == sorted(set(steps)) == [1, 2, 3, 4] and len(lines) == len(
         (tmp_path / "metrics.jsonl").read_text().splitlines())
-    from mtkit.io import run_lock
+    from mtkit.core.io import run_lock
 
     with run_lock(tmp_path), pytest.raises(MtkitError, match="is being written by mtkit pid"):
         train(recipe, "single", tmp_path, resume=True, progress=False)
@@ -136,7 +136,7 @@ def test_stale_temporaries_of_dead_processes_are_cleaned_and_a_failed_export_lea
     atomic_write_text(tmp_path / "x.txt", "hello")
     assert not orphan.exists() and mine.exists()  # a live process's temporary is left alone
     assert clean_stale_temporaries(tmp_path) == []
-    from mtkit import export
+    from mtkit.evaluation import export
 
     checkpoint = tmp_path / "ck.pt"
     atomic_torch_save(trained[0].checkpoint, checkpoint)
@@ -168,7 +168,7 @@ def test_a_set_without_labelled_pixels_gives_null_with_a_reason_and_strict_json(
             s = ds[i]
             return {"image": s["image"], "label": torch.full_like(s["label"], 255)}
 
-    from mtkit.build import build_perturbation
+    from mtkit.recipe.build import build_perturbation
 
     sweep = robustness_sweep(loaded.segmenter, Void(), {"gaussian": build_perturbation("gaussian")}, [1.0], 19)
     assert sweep.clean.miou is None and "no labelled pixel" in sweep.clean.note
@@ -410,7 +410,7 @@ NAMES = st.one_of(st.text(st.sampled_from("ab./\\\\~ .-_"), min_size=0, max_size
 def test_fuzz_names_with_separators_dots_and_absolute_paths_stay_inside_the_output_folder(name, model):
     """A recipe name or a model name with separators, '..', an absolute path or nothing: refused with one
     MtkitError, or accepted as a plain name whose folders stay inside output_dir."""
-    from mtkit.pipeline import run_folder
+    from mtkit.pipeline.runner import run_folder
 
     data = tiny_recipe(name=name)
     data["models"][0]["name"] = model
@@ -439,6 +439,6 @@ def test_a_symlinked_recipe_and_output_folder_are_followed_and_shown_resolved(tm
     target = tmp_path / "out-real"
     target.mkdir()
     (tmp_path / "out-link").symlink_to(target)
-    from mtkit.io import ensure_writable_dir
+    from mtkit.core.io import ensure_writable_dir
 
     assert ensure_writable_dir(tmp_path / "out-link" / "run") == tmp_path / "out-link" / "run"

@@ -6,9 +6,10 @@ import pytest
 import torch
 from support import OnePixelSegmenter, tiny_recipe
 
-from mtkit.build import build_perturbation, build_perturbations
-from mtkit.errors import MtkitError, RecipeError
-from mtkit.metrics import confusion_matrix, iou_per_class, miou, q_ratio
+from mtkit.core.errors import MtkitError, RecipeError
+from mtkit.core.results import WORST_CASE
+from mtkit.evaluation.sweep import CountingContext, robustness_sweep
+from mtkit.ops.metrics import confusion_matrix, iou_per_class, miou, q_ratio
 from mtkit.perturbations import (
     APGD,
     FGSM,
@@ -27,8 +28,8 @@ from mtkit.perturbations import (
     salt_and_pepper,
     salt_and_pepper_per_image,
 )
-from mtkit.recipe import validate
-from mtkit.sweep import WORST_CASE, CountingContext, robustness_sweep
+from mtkit.recipe.build import build_perturbation, build_perturbations
+from mtkit.recipe.load import validate
 
 
 def _ctx(loaded, seed=0):
@@ -333,7 +334,7 @@ def test_batched_salt_and_pepper_equals_the_per_image_algorithm_exactly():
 
 def test_per_image_losses_are_batched_and_equal_each_image_alone(trained):
     loaded, _, x, y = trained
-    from mtkit.losses import CrossEntropy, WeightedCrossEntropy
+    from mtkit.ops.losses import CrossEntropy, WeightedCrossEntropy
     from mtkit.perturbations import wrong_class_probability
 
     with torch.no_grad():

@@ -11,8 +11,9 @@ import torch
 import torch.multiprocessing as mp
 from support import tiny_recipe
 
-from mtkit.build import build_perturbation
-from mtkit.evaluate import evaluate_checkpoint, load_model
+from mtkit.core.runtime import Precision
+from mtkit.evaluation.robustness import evaluate_checkpoint, load_model
+from mtkit.evaluation.sweep import activation_bytes, pass_size, robustness_sweep
 from mtkit.perturbations import (
     AttackContext,
     clip_image,
@@ -22,10 +23,11 @@ from mtkit.perturbations import (
     pgd_sweep,
     project,
 )
-from mtkit.recipe import validate
-from mtkit.runtime import Precision
-from mtkit.sweep import activation_bytes, pass_size, robustness_sweep
-from mtkit.train import Trainer
+from mtkit.recipe.build import build_perturbation
+from mtkit.recipe.load import validate
+from mtkit.training.state import checkpoint_payload
+from mtkit.training.step import StepEngine
+from mtkit.training.trainer import Trainer
 
 # Tolerances, relative to fp32 eager on the CPU: loss |Δ|/loss, gradient ‖Δ‖/‖g‖ over all parameters.
 LOSS_TOL = {"bf16": 2e-2, "fp16": 5e-3, "channels_last": 1e-5, "compile": 1e-4}
@@ -34,9 +36,9 @@ GRAD_TOL = {"bf16": 0.1, "fp16": 2e-2, "channels_last": 1e-4, "compile": 1e-3}
 MIOU_TOL = {"bf16": 0.02, "channels_last": 1e-3, "compile": 1e-3}
 
 
-def _trainer(tmp_path, device: torch.device | str = "cpu", **train) -> Trainer:
+def _trainer(tmp_path, device: torch.device | str = "cpu", **train) -> StepEngine:
     recipe = validate(tiny_recipe(device=str(device), **{f"train.{k}": v for k, v in train.items()}))
-    tr = Trainer(recipe, recipe.models[0], tmp_path, progress=False)
+    tr = StepEngine(recipe, recipe.models[0])
     tr.build(None)
     return tr
 
@@ -47,7 +49,7 @@ def _batch(n: int = 4) -> dict[str, torch.Tensor]:
                                                                                         generator=g)}
 
 
-def _step(tr: Trainer, batch) -> tuple[float, torch.Tensor]:
+def _step(tr: StepEngine, batch) -> tuple[float, torch.Tensor]:
     loss = float(tr.train_step(batch, None)["seg"])
     grads = torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.grad is not None]).cpu()
     return loss, grads
@@ -56,7 +58,7 @@ def _step(tr: Trainer, batch) -> tuple[float, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, device):
     """The fp32 eager step on the device under test (CUDA: IEEE fp32, no TF32)."""
-    from mtkit.runtime import math_mode
+    from mtkit.core.runtime import math_mode
 
     with math_mode(tf32=False):
         return _step(_trainer(tmp_path_factory.mktemp("fp32"), device, amp="off", channels_last=False), _batch())
@@ -64,7 +66,7 @@ def reference(tmp_path_factory, device):
 
 @pytest.mark.parametrize("mode", ["bf16", "fp16", "channels_last"])
 def test_a_training_step_in_each_precision_matches_fp32(mode, reference, tmp_path, device):
-    from mtkit.runtime import math_mode
+    from mtkit.core.runtime import math_mode
 
     settings = {"bf16": dict(amp="bf16"), "fp16": dict(amp="fp16"), "channels_last": dict(channels_last=True)}[mode]
     tr = _trainer(tmp_path, device, **{"amp": "off", "channels_last": False, **settings})
@@ -75,7 +77,9 @@ def test_a_training_step_in_each_precision_matches_fp32(mode, reference, tmp_pat
     assert abs(loss - ref_loss) / ref_loss < LOSS_TOL[mode]
     assert float((grads - ref_grads).norm() / ref_grads.norm()) < GRAD_TOL[mode]
     if mode == "fp16":
-        assert tr.scaler.is_enabled() and "scaler" in tr._payload()
+        trainer = Trainer(tr.recipe, tr.spec, tmp_path, progress=False)
+        trainer.engine = tr
+        assert tr.scaler.is_enabled() and "scaler" in checkpoint_payload(trainer)
     if mode == "channels_last":
         assert next(tr.model.encoder.parameters()).is_contiguous(memory_format=torch.channels_last)
 
@@ -84,7 +88,7 @@ def test_compiled_training_matches_eager_and_does_not_recompile_every_step(refer
     """inductor (gcc on this machine; triton on a GPU): the first step compiles, the next two reuse the graphs."""
     from torch._dynamo.utils import counters
 
-    from mtkit.runtime import math_mode
+    from mtkit.core.runtime import math_mode
 
     torch._dynamo.reset()
     tr = _trainer(tmp_path, device, amp="off", channels_last=False, compile=True)
@@ -189,19 +193,19 @@ def test_automatic_sizes_fit_the_memory_and_change_no_number(sweep_setup, monkey
     cpu = torch.device("cpu")
     per_image = activation_bytes(loaded.segmenter, (3, 32, 64), cpu)
     assert per_image > 3 * 32 * 64 * 4
-    monkeypatch.setattr("mtkit.sweep.available_memory", lambda device: 20 * per_image)
+    monkeypatch.setattr("mtkit.evaluation.sweep.available_memory", lambda device: 20 * per_image)
     assert pass_size(loaded.segmenter, (3, 32, 64), cpu) == 10
     # on a CPU no pass holds more than CPU_PASS_BYTES of activations, however much memory is free
-    import mtkit.sweep
+    import mtkit.evaluation.sweep
 
-    cap = mtkit.sweep.CPU_PASS_BYTES
-    monkeypatch.setattr("mtkit.sweep.CPU_PASS_BYTES", 4 * per_image)
+    cap = mtkit.evaluation.sweep.CPU_PASS_BYTES
+    monkeypatch.setattr("mtkit.evaluation.sweep.CPU_PASS_BYTES", 4 * per_image)
     assert pass_size(loaded.segmenter, (3, 32, 64), cpu) == 4
-    monkeypatch.setattr("mtkit.sweep.CPU_PASS_BYTES", cap)
+    monkeypatch.setattr("mtkit.evaluation.sweep.CPU_PASS_BYTES", cap)
     attacks = {k: perts[k] for k in ("fgsm", "pgd")}
     sizes = []
     real = torch.utils.data.DataLoader
-    monkeypatch.setattr("mtkit.sweep.DataLoader", lambda *a, **k: sizes.append(len(k["batch_sampler"][0]))
+    monkeypatch.setattr("mtkit.evaluation.sweep.DataLoader", lambda *a, **k: sizes.append(len(k["batch_sampler"][0]))
                         or real(*a, **k))
     auto = robustness_sweep(loaded.segmenter, ds, attacks, [1.0, 4.0], 19, loaded.class_weights,
                             batch_size="auto", pass_images="auto")
@@ -220,8 +224,8 @@ def _rank(rank: int, world: int, port: int, checkpoint: str, recipe: dict, out: 
     """One torchrun-style rank: join a gloo group, evaluate (sharded), rank 0 saves the rows."""
     import torch.distributed as dist
 
-    from mtkit.metrics import confusion_on
-    from mtkit.prepare import prepared_dataset
+    from mtkit.recipe.prepare import prepared_dataset
+    from mtkit.training.validate import confusion_on
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -251,8 +255,8 @@ def test_evaluation_sharded_over_two_gloo_ranks_equals_one_process(trained, tmp_
     torch.save(loaded.checkpoint, checkpoint)
     recipe = tiny_recipe(**{"robustness.batch_size": 3, "robustness.perturbations": ["fgsm", "pgd", "gaussian"],
                             "robustness.epsilons": [1.0, 4.0]})
-    from mtkit.metrics import confusion_on
-    from mtkit.prepare import prepared_dataset
+    from mtkit.recipe.prepare import prepared_dataset
+    from mtkit.training.validate import confusion_on
 
     r = validate(recipe)
     single = _result_rows(evaluate_checkpoint(load_model(checkpoint), r, ["CS"], 0))

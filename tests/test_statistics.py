@@ -9,13 +9,13 @@ import pytest
 import torch
 from support import tiny_recipe
 
-from mtkit.build import build_perturbation
-from mtkit.errors import MtkitError
+from mtkit.core.errors import MtkitError
+from mtkit.core.results import CleanRow, ModelInfo, ResultRow, RunResults, Spread
 from mtkit.perturbations import AttackContext, strongest
-from mtkit.recipe import validate
+from mtkit.recipe.build import build_perturbation
+from mtkit.recipe.load import validate
 from mtkit.report import markdown_tables, verdict
-from mtkit.results import CleanRow, ModelInfo, ResultRow, RunResults, Spread
-from mtkit.statistics import holm, paired_difference, t_interval
+from mtkit.report.stats import holm, paired_difference, t_interval
 
 
 def test_t_interval_equals_a_hand_computation():

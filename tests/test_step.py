@@ -8,15 +8,16 @@ import pytest
 import torch
 from support import poison_segmentation_loss, tiny_recipe
 
-from mtkit import geometry
-from mtkit.bench import count_ops
-from mtkit.config import AugmentConfig
+from mtkit.bench.ops import count_ops
+from mtkit.core.errors import TrainingDiverged
+from mtkit.core.schema import AugmentConfig
 from mtkit.data.augment import draw_params
-from mtkit.errors import TrainingDiverged
-from mtkit.losses import MonodepthLoss, min_reprojection, photometric_error, smoothness
 from mtkit.models.pose import transformation_from_parameters
-from mtkit.recipe import validate
-from mtkit.train import Trainer, train
+from mtkit.ops import geometry
+from mtkit.ops.losses import MonodepthLoss, min_reprojection, photometric_error, smoothness
+from mtkit.recipe.load import validate
+from mtkit.training.step import StepEngine
+from mtkit.training.trainer import train
 
 # one multi-task step (colour jitter + train_step, 2 + 2 images) of the code before the GPU-speed work
 # (commit cc4da6b), counted the same way: operators, kernel-launching operators, host synchronisations
@@ -25,7 +26,7 @@ BEFORE = {"ops": 6113, "kernels": 4878, "syncs": 516, "small_matmuls": 24}
 
 def _step_setup(tmp_path):
     recipe = validate(tiny_recipe(**{"train.amp": "off", "train.channels_last": False}))
-    tr = Trainer(recipe, recipe.models[1], tmp_path, progress=False)
+    tr = StepEngine(recipe, recipe.models[1])
     tr.build(torch.ones(19))
     tr.depth_loss.scales_per_pass = tr.depth_loss.num_scales  # every warp in one batch, as on a GPU
     g = torch.Generator().manual_seed(0)
@@ -71,7 +72,7 @@ def test_the_op_counter_sees_synchronisations_and_small_matrix_products():
 def _reference_loss(disps, frames, k, poses, alpha=0.85, beta=1e-3):
     """Eq. 2-4 warp by warp, as the loss was written before it was batched: per scale, each source warped on its
     own (``geometry.warp``), the per-pixel minimum, the mean; smoothness against the image pyramid, 1/2^s."""
-    from mtkit.losses import image_pyramid
+    from mtkit.ops.losses import image_pyramid
 
     prev, cur, nxt = (f / 255.0 for f in frames)
     h, w = cur.shape[-2:]

@@ -12,13 +12,13 @@ import torch
 from support import tiny_recipe
 
 from mtkit import api
-from mtkit.build import build_perturbation
-from mtkit.errors import MtkitError
-from mtkit.losses import IGNORE_INDEX
-from mtkit.metrics import targeted_counts, targeted_rates
-from mtkit.plugins import list_entries
-from mtkit.recipe import validate
-from mtkit.sweep import robustness_sweep
+from mtkit.core.errors import MtkitError
+from mtkit.evaluation.sweep import robustness_sweep
+from mtkit.ops.losses import IGNORE_INDEX
+from mtkit.ops.metrics import targeted_counts, targeted_rates
+from mtkit.plugins.manager import list_entries
+from mtkit.recipe.build import build_perturbation
+from mtkit.recipe.load import validate
 
 LOGITS = torch.tensor([[[[2.0, 0.0, 1.0], [0.0, 3.0, 0.5]],
                         [[0.0, 1.0, 1.0], [2.0, 0.0, 0.0]]]])  # 2 classes on a 2x3 image
@@ -31,7 +31,7 @@ def _ce(i: int, j: int, c: int) -> float:
 
 
 def test_the_losses_by_hand_on_a_2x3_image():
-    from mtkit_attacks.targeted import dag_objective, fill_hidden, gd_uap_loss, metzen_loss
+    from mtkit_attacks import dag_objective, fill_hidden, gd_uap_loss, metzen_loss
 
     target = torch.tensor([[[1, 1, 0], [0, 1, IGNORE_INDEX]]])
     pixels = [(0, 0, 1), (0, 1, 1), (0, 2, 0), (1, 0, 0), (1, 1, 1)]
@@ -108,7 +108,7 @@ def test_dynamic_target_hides_a_class_and_keeps_the_rest(setup):
 
 
 def test_dag_stops_on_pixels_that_have_their_target_and_breaks_more_pixels_with_iterations(setup):
-    from mtkit_attacks.targeted import dag
+    from mtkit_attacks import dag
 
     from mtkit.perturbations import AttackContext
 
@@ -165,10 +165,10 @@ def test_universal_targets_are_cached_and_transfer_better_than_noise(setup, tmp_
 
 
 def test_gd_uap_needs_no_data_and_works_with_any_timm_backbone(tmp_path):
-    from mtkit_attacks.targeted import gd_uap_loss, learn_gd_uap
+    from mtkit_attacks import gd_uap_loss, learn_gd_uap
 
-    from mtkit.build import build_model
-    from mtkit.config import ModelConfig
+    from mtkit.core.schema import ModelConfig
+    from mtkit.recipe.build import build_model
 
     torch.manual_seed(0)
     seg = build_model(ModelConfig(backbone="resnet10t", pretrained=False)).segmenter().eval()

@@ -12,10 +12,11 @@ import torch
 import yaml
 from support import poison_segmentation_loss, tiny_recipe
 
-from mtkit.checkpoint import load_checkpoint
-from mtkit.errors import CheckpointError, TrainingDiverged
-from mtkit.recipe import validate
-from mtkit.train import Trainer, train
+from mtkit.core.checkpoint import load_checkpoint
+from mtkit.core.errors import CheckpointError, TrainingDiverged
+from mtkit.recipe.load import validate
+from mtkit.training.step import StepEngine
+from mtkit.training.trainer import train
 
 
 def _write(tmp_path, data, name="r.yaml"):
@@ -103,7 +104,7 @@ def test_batch_composition_and_gradient_scaling_are_wired(tmp_path, monkeypatch)
     data["data"]["depth"]["options"]["sequences"] = 4
     recipe = validate(data)
     seen = []
-    real_step = Trainer.train_step
+    real_step = StepEngine.train_step
 
     def spy(self, seg, dep):
         seen.append((self.spec.name, seg["image"].shape[0], None if dep is None else dep["frames"].shape[0]))
@@ -114,7 +115,7 @@ def test_batch_composition_and_gradient_scaling_are_wired(tmp_path, monkeypatch)
 
     real_scale = mt.scale_features
     monkeypatch.setattr(mt, "scale_features", lambda f, s: scales.append((len(f), s)) or real_scale(f, s))
-    monkeypatch.setattr(Trainer, "train_step", spy)
+    monkeypatch.setattr(StepEngine, "train_step", spy)
     train(recipe, "single", tmp_path / "s", progress=False)
     train(recipe, "multi", tmp_path / "m", progress=False)
     assert seen == [("single", 12, None), ("multi", 6, 6)]

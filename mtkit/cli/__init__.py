@@ -14,7 +14,7 @@ import threading
 import click
 
 from .. import __version__
-from ..errors import MtkitError
+from ..core.errors import MtkitError
 from .benchmarks import bench
 from .common import Context, console, err_console
 from .evaluation import eval_cmd, eval_depth_cmd, export
@@ -49,11 +49,12 @@ WRITE_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQU
 
 def write_error(exc: OSError) -> str:
     """The one-line message of a refused write, with the fix: the cache (``MTKIT_CACHE``) or the output folder."""
-    import os
     from pathlib import Path
 
+    from ..core.io import cache_dir
+
     where = Path(exc.filename) if exc.filename else None
-    cache = Path(os.environ.get("MTKIT_CACHE", Path.home() / ".cache" / "mtkit"))
+    cache = cache_dir()
     in_cache = where is not None and (where == cache or cache in where.parents)
     fix = (f"the cache {cache} lacks what this run needs and cannot be written: make it writable or set MTKIT_CACHE "
            "to a writable folder" if in_cache else "choose a writable folder (--out or output_dir)")

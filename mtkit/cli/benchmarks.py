@@ -27,7 +27,7 @@ def bench(save: str | None, compare_with: str | None, fail_over: float, select: 
           path: str | None, history: str | None, plot_trend: bool) -> None:
     """Run the throughput benchmarks (pytest-benchmark); save a baseline, compare with one, plot the trend."""
     from .. import api
-    from ..bench import summary_rows
+    from ..bench.runner import summary_rows
 
     if plot_trend:
         for png in api.trend(path, history):

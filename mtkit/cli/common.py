@@ -6,7 +6,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import MtkitError
+from ..core.errors import MtkitError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -21,7 +21,7 @@ class Context:
 def recipe_from(path: str, overrides: tuple[str, ...]):
     """The validated recipe at ``path`` with ``-o`` overrides applied."""
     # imported here, like every command's work: `mtkit --help` imports neither torch nor timm nor torchvision
-    from ..recipe import load_recipe
+    from ..recipe.load import load_recipe
 
     return load_recipe(path, list(overrides))
 
@@ -64,7 +64,7 @@ override_opt = click.option("-o", "--override", "overrides", multiple=True, meta
 
 def warn_plugin_failures() -> None:
     """One warning per plugin that failed to load (list, show and run say it alike)."""
-    from ..plugins import plugin_failures
+    from ..plugins.manager import plugin_failures
 
     for failure in plugin_failures():
         err_console.print(f"[yellow]warning:[/yellow] {escape(failure)}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import MtkitError
+from ..core.errors import MtkitError
 from .common import console, override_opt, parse_numbers, recipe_from
 
 
@@ -41,9 +41,9 @@ def eval_cmd(recipe: str, overrides: tuple[str, ...], checkpoints: tuple[str, ..
     """Evaluate the robustness of mtkit checkpoints and/or an external network (--model-factory) on RECIPE's
     evaluation sets, side by side; writes JSON, CSV, tables, plots."""
     from .. import api
-    from ..io import ensure_writable_dir
+    from ..core.io import ensure_writable_dir
+    from ..core.runtime import current_dist
     from ..report import rich_tables, save_report
-    from ..runtime import current_dist
 
     if not checkpoints and not model_factory:
         raise MtkitError("nothing to evaluate: give --checkpoint PATH (mtkit models) and/or --model-factory "
@@ -89,7 +89,7 @@ def eval_depth_cmd(recipe: str, overrides: tuple[str, ...], checkpoints: tuple[s
                    skip_missing: bool, out_dir: str, no_progress: bool) -> None:
     """Depth metrics (KITTI Eigen protocol) of multi-task checkpoints on RECIPE's data.depth_eval sets."""
     from .. import api
-    from ..io import ensure_writable_dir
+    from ..core.io import ensure_writable_dir
     from ..report import depth_table, save_report
 
     r = recipe_from(recipe, overrides)
@@ -109,7 +109,7 @@ def eval_depth_cmd(recipe: str, overrides: tuple[str, ...], checkpoints: tuple[s
 def export(checkpoint: str, output: str, height: int, width: int) -> None:
     """Export the segmentation network of CHECKPOINT to ONNX (checked with onnxruntime)."""
     from .. import api
-    from ..io import ensure_writable_dir
+    from ..core.io import ensure_writable_dir
 
     ensure_writable_dir(Path(output).parent, "output folder")
     path = api.export_onnx(checkpoint, output, height, width)

@@ -9,22 +9,14 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from .common import (
-    console,
-    hms,
-    override_opt,
-    parse_seeds,
-    parse_unit,
-    recipe_from,
-    warn_plugin_failures,
-)
+from .common import console, hms, override_opt, parse_seeds, parse_unit, recipe_from, warn_plugin_failures
 
 
 @click.command("list")
 @click.argument("kind", required=False)
 def list_cmd(kind: str | None) -> None:
     """List registered backbones, heads, losses, perturbations, datasets, tasks and metrics."""
-    from ..plugins import list_entries
+    from ..plugins.manager import list_entries
 
     table = Table(title="mtkit registry")
     for col in ("name", "kind", "origin", "description", "options"):
@@ -46,7 +38,7 @@ def show(recipe: str, overrides: tuple[str, ...]) -> None:
 
 def print_plan(rows, recipe, jobs: int) -> None:
     """The projection of ``mtkit run --plan``: a row per stage, the total, and with --jobs the ideal overlap."""
-    from ..runtime import resolve_device
+    from ..core.runtime import resolve_device
 
     table = Table(title=f"projected run of {recipe.name} on {resolve_device(recipe.device)}")
     for col in ("stage", "measured unit", "seconds per unit", "units", "projected"):
@@ -84,8 +76,8 @@ def run(recipe: str, overrides: tuple[str, ...], force: bool, seeds: str | None,
         skip_bad: bool, no_progress: bool, jobs: int, plan_only: bool, units: tuple[str, ...]) -> None:
     """Run the whole protocol of RECIPE: train, evaluate, sweep perturbations, report."""
     from .. import api
-    from ..io import ensure_writable_dir
-    from ..pipeline import run_folder
+    from ..core.io import ensure_writable_dir
+    from ..pipeline.runner import run_folder
     from ..report import depth_table, rich_tables
 
     r = recipe_from(recipe, overrides)
@@ -151,7 +143,7 @@ def train(recipe: str, overrides: tuple[str, ...], model_name: str | None, seed:
           resume: bool, overwrite: bool, no_progress: bool) -> None:
     """Train the models of RECIPE (torchrun --nproc_per_node N -m mtkit train ... for DDP)."""
     from .. import api
-    from ..io import ensure_writable_dir
+    from ..core.io import ensure_writable_dir
 
     r = recipe_from(recipe, overrides)
     specs = [m.name for m in r.models] if model_name is None else [model_name]

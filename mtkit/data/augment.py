@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import AugmentConfig
+from ..core.schema import AugmentConfig
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # torchvision's ColorJitter order indices
 

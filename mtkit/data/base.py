@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch.utils.data import Dataset
 
-from ..errors import DatasetError
+from ..core.errors import DatasetError
 from .common import image_is_readable, read_image, require_dir, resize_image, resize_label, to_image_tensor
 
 

@@ -36,7 +36,7 @@ import torch
 from pydantic import BaseModel
 from torch.utils.data import Dataset
 
-from ..errors import DatasetError
+from ..core.errors import DatasetError
 from .base import SegmentationDataset, VideoDataset
 
 FORMAT = 1

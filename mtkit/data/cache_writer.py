@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import DatasetError, MtkitError
-from ..io import atomic_path, atomic_write, atomic_write_text, run_lock
-from ..progress import progress_bar
-from ..sampling import unwrap_worker_errors
+from ..core.errors import DatasetError, MtkitError
+from ..core.io import atomic_path, atomic_write, atomic_write_text, run_lock
+from ..core.progress import progress_bar
 from .base import SegmentationDataset, VideoDataset
 from .cache import FORMAT, Manifest, item_crc, mtkit_version, read_manifest
+from .sampling import unwrap_worker_errors
 
 SAVE_EVERY_S = 1.0
 

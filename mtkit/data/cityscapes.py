@@ -7,9 +7,9 @@ from pathlib import Path
 
 from pydantic import Field
 
-from ..config import AugmentConfig, DatasetConfig, expand_root
-from ..errors import DatasetError
-from ..registry import register
+from ..core.errors import DatasetError
+from ..core.registry import register
+from ..core.schema import AugmentConfig, DatasetConfig, expand_root
 from .base import DatasetOptions, SegmentationDataset, labelled_folder
 from .labels import cityscapes_known_ids, cityscapes_lut
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DatasetError
-from ..io import atomic_write
-
-
-def cache_dir() -> Path:
-    """Generated data and derived statistics: ``$MTKIT_CACHE`` or ``~/.cache/mtkit``."""
-    return Path(os.environ.get("MTKIT_CACHE", Path.home() / ".cache" / "mtkit"))
+from ..core.errors import DatasetError
+from ..core.io import atomic_write
 
 
 def read_image(path: Path, mode: str = "RGB") -> np.ndarray:

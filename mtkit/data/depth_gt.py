@@ -20,9 +20,9 @@ import torch
 from pydantic import Field
 from torch.utils.data import Dataset
 
-from ..config import AugmentConfig, DatasetConfig, expand_root
-from ..errors import DatasetError
-from ..registry import register
+from ..core.errors import DatasetError
+from ..core.registry import register
+from ..core.schema import AugmentConfig, DatasetConfig, expand_root
 from .base import DatasetOptions
 from .common import read_image, resize_image, to_image_tensor
 from .kitti import SIDES, frame_path, kitti_root, parse_split_file

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ..config import AugmentConfig, DatasetConfig, expand_root
-from ..errors import DatasetError
-from ..registry import register
+from ..core.errors import DatasetError
+from ..core.registry import register
+from ..core.schema import AugmentConfig, DatasetConfig, expand_root
 from .base import DatasetOptions, VideoDataset, normalized_intrinsics
 from .common import read_image, require_dir, to_image_tensor
 from .kitti_calib import read_calib_file, require_numbers

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..core.errors import DatasetError
 
 
 def read_calib_file(path: Path) -> dict[str, np.ndarray]:

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import Recipe
-from ..errors import MtkitError
-from ..losses import enet_class_weights
+from ..core.errors import MtkitError
+from ..core.io import cache_dir
+from ..core.schema import Recipe
+from ..ops.losses import enet_class_weights
 from .base import SegmentationDataset
-from .common import atomic_save_npz, cache_dir
+from .common import atomic_save_npz
 
 
 @dataclass

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, MtkitError
-from ..registry import register
+from ..core.errors import CheckpointError, MtkitError
+from ..core.registry import register
 
 CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "global_pool.")
 

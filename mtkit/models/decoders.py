@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import register
+from ..core.registry import register
 
 DECODER_CHANNELS = (16, 32, 64, 128, 256)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig
-from ..errors import MtkitError
-from ..tasks import AuxiliaryTask
+from ..core.errors import MtkitError
+from ..core.schema import ModelConfig
 from .decoders import SmpDecoderHead, at_least_fp32, disp_to_depth
 from .gradscale import scale_features
 from .pose import PoseNet
+from .tasks import AuxiliaryTask
 
 
 class Normalize(nn.Module):
@@ -62,7 +62,7 @@ class MultiTaskNet(nn.Module):
                  lam: float = 1.0, depth_head: nn.Module | None = None, pose_net: PoseNet | None = None,
                  aux_tasks: dict[str, AuxiliaryTask] | None = None, task_scales: dict[str, float] | None = None
                  ) -> None:
-        """The parts come built (``mtkit.build.build_model`` turns a recipe's names into them)."""
+        """The parts come built (``mtkit.recipe.build.build_model`` turns a recipe's names into them)."""
         super().__init__()
         self.cfg = cfg
         self.tasks = tuple(tasks)

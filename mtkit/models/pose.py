@@ -61,7 +61,7 @@ class PoseDecoder(nn.Module):
 
 
 class PoseNet(nn.Module):
-    """Separate pose network: an encoder on 6 channels (two frames; built by ``mtkit.build.build_pose_net``), the
+    """Separate pose network: an encoder on 6 channels (two frames; built by ``mtkit.recipe.build.build_pose_net``), the
     pose decoder; inputs in gray values 0..255."""
 
     def __init__(self, encoder: nn.Module, mean: tuple[float, ...] = (123.675, 116.28, 103.53),

@@ -20,7 +20,7 @@ from __future__ import annotations
 from .adaptive import OPGD, OPGDOptions, opgd
 from .apgd import APGD, APGDOptions, Unbounded, apgd_checkpoints, apgd_sweep, wrong_class_probability
 from .base import Perturbation, PerturbationOptions, Targets
-from .context import AttackContext, clip_image, draw, image_generator, measured_epsilon
+from .context import AttackContext, clip_image, draw, image_generator, measured_epsilon, repeat_labels
 from .gradient import (
     FGSM,
     PGD,
@@ -39,5 +39,5 @@ from .noise import Gaussian, SaltPepper, gaussian_noise, salt_and_pepper, salt_a
 __all__ = ["APGD", "FGSM", "OPGD", "PGD", "APGDOptions", "AttackContext", "Gaussian", "OPGDOptions", "PGDOptions",
            "Perturbation", "PerturbationOptions", "SaltPepper", "Unbounded", "apgd_checkpoints", "apgd_sweep",
            "clip_image", "draw", "fgsm", "fgsm_direction", "gaussian_noise", "image_generator", "measured_epsilon",
-           "opgd", "pgd", "pgd_iterations", "pgd_sweep", "project", "random_start_point", "salt_and_pepper",
-           "salt_and_pepper_per_image", "strongest", "Targets", "wrong_class_probability"]
+           "opgd", "pgd", "pgd_iterations", "pgd_sweep", "project", "random_start_point", "repeat_labels",
+           "salt_and_pepper", "salt_and_pepper_per_image", "strongest", "Targets", "wrong_class_probability"]

@@ -1,4 +1,4 @@
-"""The adaptive attack on the edge-consistency detector (``mtkit.detection``): Orthogonal Projected Gradient
+"""The adaptive attack on the edge-consistency detector (``mtkit.ops.edge_consistency``): Orthogonal Projected Gradient
 Descent (O-PGD; Bryniarski, Hingun, Pachuca, Wang, Carlini, "Evading Adversarial Example Detection Defenses
 with Orthogonal-PGD Updates", ICLR 2022), as Klingner et al. (IROS 2022) use it against their detector.
 
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
-from ..detection import edge_consistency_loss
-from ..losses import IGNORE_INDEX
-from ..registry import register
+from ..core.registry import register
+from ..ops.edge_consistency import edge_consistency_loss
+from ..ops.losses import IGNORE_INDEX
 from .base import Perturbation, PerturbationOptions
 from .context import AttackContext
 from .gradient import pgd_iterations, project

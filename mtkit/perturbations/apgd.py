@@ -9,8 +9,8 @@ from dataclasses import replace
 import torch
 from pydantic import Field, PositiveInt
 
-from ..losses import IGNORE_INDEX
-from ..registry import register
+from ..core.registry import register
+from ..ops.losses import IGNORE_INDEX
 from .base import Perturbation, PerturbationOptions
 from .context import AttackContext
 from .gradient import pgd_iterations, project, random_start_point, strongest

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import MtkitError
-from ..losses import weighted_cross_entropy, weighted_cross_entropy_per_image
+from ..core.errors import MtkitError
+from ..ops.losses import weighted_cross_entropy, weighted_cross_entropy_per_image
 
 
 def image_generator(seed: int, index: int, *salt: Any) -> torch.Generator:
@@ -22,6 +22,12 @@ def image_generator(seed: int, index: int, *salt: Any) -> torch.Generator:
     the number of ranks. A CPU generator (draw with ``draw``), so the numbers are the same on every device."""
     blob = json.dumps([seed, index, *salt], default=str).encode()
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1)
+
+
+def repeat_labels(y: torch.Tensor, rows: int) -> torch.Tensor:
+    """The labels of a batch for ``rows`` stacked images: ``y`` repeated once per copy of the batch that a batched
+    sweep stacks (one copy per ε), in the stacking order of ``torch.cat``."""
+    return y.repeat(rows // y.shape[0], *([1] * (y.dim() - 1)))
 
 
 DISTRIBUTIONS = {"rand": torch.rand, "randn": torch.randn}
@@ -108,7 +114,7 @@ class AttackContext:
         a tensor of one value per image, for attacks and ensembles that track each image (APGD, restarts, the
         worst case). ``logits`` may stack copies of ``y``'s batch. Batched where the loss says how
         (``per_image``, as the built-in cross-entropies); image by image otherwise."""
-        labels = y.repeat(logits.shape[0] // y.shape[0], *([1] * (y.dim() - 1)))
+        labels = repeat_labels(y, logits.shape[0])
         if self.loss_fn is None:
             return weighted_cross_entropy_per_image(logits, labels, self.class_weights)
         per_image = getattr(self.loss_fn, "per_image", None)
@@ -122,7 +128,7 @@ class AttackContext:
         gradient of their sum gives each image exactly its own gradient."""
         if y is None:
             raise MtkitError("a gradient attack needs ground-truth labels; this dataset gives none")
-        labels = y.repeat(x.shape[0] // y.shape[0], *([1] * (y.dim() - 1)))
+        labels = repeat_labels(y, x.shape[0])
         losses, grads = [], []
         for xs, ys in zip(x.split(self.pass_images or x.shape[0]), labels.split(self.pass_images or x.shape[0])):
             box = []
@@ -137,7 +143,7 @@ class AttackContext:
 
     def image_losses_of(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``image_losses`` of the model's prediction for ``x`` (no gradient; fp32, in passes of ``pass_images``)."""
-        labels = y.repeat(x.shape[0] // y.shape[0], *([1] * (y.dim() - 1)))
+        labels = repeat_labels(y, x.shape[0])
         n = self.pass_images or x.shape[0]
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             return torch.cat([self.image_losses(self.model(xs), ys) for xs, ys in zip(x.split(n), labels.split(n))])

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from pydantic import Field, PositiveInt
 
-from ..registry import register
+from ..core.registry import register
 from .base import Perturbation, PerturbationOptions
 from .context import AttackContext, clip_image
 

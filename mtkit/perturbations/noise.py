@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import register
+from ..core.registry import register
 from .base import Perturbation
 from .context import clip_image, draw
 

@@ -1,4 +1,4 @@
-"""Reports: ``results.json`` (typed, ``mtkit.results``), ``results.csv``, ``report.md`` with tables shaped like
+"""Reports: ``results.json`` (typed, ``mtkit.core.results``), ``results.csv``, ``report.md`` with tables shaped like
 the paper's Tables 2-4 and a depth table, and PNG plots like Figures 5-6 (aggregation, tables and plots each in
 their own module)."""
 
@@ -8,14 +8,13 @@ import os
 import time
 from pathlib import Path
 
-from ..data.common import cache_dir
-from ..errors import MtkitError
-from ..io import atomic_write_text
-from ..results import RunResults
-from ..sweep import WORST_CASE
-from .aggregate import aggregate, verdict
+from ..core.errors import MtkitError
+from ..core.io import atomic_write_text, cache_dir
+from ..core.results import WORST_CASE, RunResults
+from .claims import verdict
 from .detection import detection_markdown, plot_detection, plot_roc
 from .plots import plot_figure5, plot_figure6, plot_other_levels
+from .sections import aggregate
 from .tables import depth_table, markdown_tables, rich_tables, write_csv
 from .targeted import plot_targeted, targeted_markdown
 

@@ -8,10 +8,10 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from ..results import DetectionRow, RunResults
-from ..statistics import paired_difference, t_interval
-from .aggregate import percent_cell
+from ..core.results import DetectionRow, RunResults
 from .plots import _save, epsilon_axes
+from .sections import percent_cell
+from .stats import paired_difference, t_interval
 
 
 def _by(rows: list[DetectionRow]) -> dict[tuple, dict[int, DetectionRow]]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..io import atomic_write
-from ..results import RunResults
-from .aggregate import aggregate, model_label, other_axes, result_axes
+from ..core.io import atomic_write
+from ..core.results import RunResults
+from .sections import aggregate, model_label, other_axes, result_axes
 
 
 def plot_figure5(results: RunResults, path: Path) -> Path | None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from rich.table import Table
 
-from ..io import atomic_write_text
-from ..results import RunResults
-from .aggregate import (
+from ..core.io import atomic_write_text
+from ..core.results import RunResults
+from .sections import (
     DEPTH_HEAD,
     SANITY_HEAD,
     aggregate,

@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..results import RunResults, TargetedRow
-from ..statistics import t_interval
-from .aggregate import percent_cell
+from ..core.results import RunResults, TargetedRow
 from .plots import _save, epsilon_axes
+from .sections import percent_cell
+from .stats import t_interval
 
 
 def _cell(rows: list[TargetedRow]) -> str:

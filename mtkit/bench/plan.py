@@ -1,0 +1,122 @@
+"""``mtkit run --plan``: the projected time of a recipe's stages on this machine, from a few measured steps of each
+model's training and of each perturbation's sweep."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from ..core.runtime import resolve_device, resolve_precision
+from ..evaluation.robustness import evaluation_sets
+from ..evaluation.sweep import robustness_sweep
+from ..recipe.build import build_dataset, build_perturbations, build_segmentation_loss
+from ..training.step import StepEngine
+
+
+@dataclass
+class PlanRow:
+    """One stage of a run, of one model: what was measured (seconds per unit: a step, a batch, an image), how many
+    units the recipe asks for, and the projected seconds."""
+
+    model: str
+    stage: str
+    unit: str
+    seconds_per_unit: float
+    units: int
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_per_unit * self.units
+
+
+def _timed(fn, repeats: int, device) -> float:
+    """Seconds per call of ``fn`` on ``device``: one warm-up call (allocation, cudnn autotuning), then the mean of
+    ``repeats`` calls, each ended by a device synchronisation."""
+    def sync() -> None:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeats
+
+
+def plan(recipe, steps: int = 3, log=print) -> list[PlanRow]:
+    """Project the run of ``recipe`` on this machine's device without running it: a few training steps of each
+    model on batches of the recipe's shapes, one validation batch, one robustness batch of every perturbation at
+    every ε (the recipe's options) on each evaluation set's image size, one depth batch; each multiplied by the
+    counts the recipe implies (steps per epoch × epochs, set sizes / batch sizes, seeds). The data is not read:
+    the batches are random, the set sizes come from the datasets' indexes."""
+    device = resolve_device(recipe.device)
+    seeds = len(recipe.run_seeds())
+    rows: list[PlanRow] = []
+    d, t, rob = recipe.data, recipe.train, recipe.robustness
+    g = torch.Generator().manual_seed(0)
+    n = recipe.model.num_classes
+
+    def size_of(key: str, cfg) -> int:
+        return len(build_dataset(cfg, where=key))
+
+    def images(b: int, cfg) -> torch.Tensor:
+        return torch.rand(b, 3, cfg.height, cfg.width, generator=g) * 255
+
+    seg_len = size_of("data.segmentation", d.segmentation)
+    val_len = size_of("data.segmentation_val", d.segmentation_val)
+    for spec in recipe.models:
+        log(f"[plan] measuring {spec.name} on {device}")
+        tr = StepEngine(recipe, spec)
+        tr.build(torch.ones(n))
+        seg = {"image": images(tr.seg_batch, d.segmentation).to(device),
+               "label": torch.randint(0, n, (tr.seg_batch, d.segmentation.height, d.segmentation.width),
+                                      generator=g).to(device)}
+        dep = None
+        if tr.multitask:
+            frames = torch.rand(tr.depth_batch, 3, 3, d.depth.height, d.depth.width, generator=g) * 255
+            k = torch.eye(4).repeat(tr.depth_batch, 1, 1)
+            k[:, 0, 0], k[:, 1, 1] = 0.58 * d.depth.width, 1.92 * d.depth.height
+            k[:, 0, 2], k[:, 1, 2] = d.depth.width / 2, d.depth.height / 2
+            dep = {"frames": frames.to(device), "frames_raw": frames.to(device), "K": k.to(device)}
+        per_epoch = t.steps_per_epoch or max(1, seg_len // tr.seg_batch)
+        step = _timed(lambda tr=tr, seg=seg, dep=dep: tr.train_step(seg, dep), steps, device)
+        rows.append(PlanRow(spec.name, f"train {spec.name}", f"step ({tr.seg_batch} + {tr.depth_batch} images)", step,
+                            per_epoch * t.epochs * seeds))
+        segmenter = tr.model.segmenter().eval()
+        vb = rob.batch_size if isinstance(rob.batch_size, int) else tr.seg_batch
+        val = images(vb, d.segmentation_val).to(device)
+        with torch.no_grad():
+            v = _timed(lambda s=segmenter, x=val: s(x), steps, device)
+        rows.append(PlanRow(spec.name, f"validate {spec.name}", f"batch of {vb}", v,
+                            math.ceil(val_len / vb) * t.epochs * seeds))
+        perts = build_perturbations(rob.perturbations, rob.options)
+        loss = build_segmentation_loss(recipe.loss.segmentation, torch.ones(n))
+        precision = resolve_precision(rob.amp, rob.channels_last, rob.compile, device, "robustness", rob.tf32)
+        for key in evaluation_sets(recipe):
+            cfg = d.eval[key]
+            b = rob.batch_size if isinstance(rob.batch_size, int) else 8
+            batch = [{"image": x, "label": y} for x, y in zip(
+                images(b, cfg), torch.randint(0, n, (b, cfg.height, cfg.width), generator=g))]
+            sweep = _timed(partial(robustness_sweep, segmenter, batch, perts, rob.epsilons, n, torch.ones(n), b, 0,
+                                   device, loss=loss, precision=precision, pass_images=rob.pass_images,
+                                   sanity=rob.sanity), 1, device)
+            rows.append(PlanRow(spec.name, f"evaluate {spec.name} on {key}",
+                                f"batch of {b}: clean, {len(perts)} perturbations × {len(rob.epsilons)} ε", sweep,
+                                math.ceil(size_of(f"data.eval.{key}", cfg) / b) * seeds))
+        if tr.multitask:
+            for key, cfg in d.depth_eval.items():
+                x = images(recipe.depth_evaluation.batch_size, cfg).to(device)
+                with torch.no_grad():
+                    dt = _timed(lambda m=tr.model, x=x: m.predict_depth(x), steps, device)
+                rows.append(PlanRow(spec.name, f"evaluate depth {spec.name} on {key}",
+                                    f"batch of {recipe.depth_evaluation.batch_size}", dt,
+                                    math.ceil(size_of(f"data.depth_eval.{key}", cfg)
+                                              / recipe.depth_evaluation.batch_size) * seeds))
+        del tr
+    return rows

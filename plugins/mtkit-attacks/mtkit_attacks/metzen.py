@@ -1,0 +1,215 @@
+"""``metzen_static`` / ``metzen_dynamic``: Metzen, Kumar, Brox, Fischer, "Universal Adversarial Perturbations
+Against Semantic Image Segmentation" (ICCV 2017). A targeted basic iterative method (their eq. 2, Kurakin et
+al.): x ← Clip_ε{x − α sign(∇_x J(f(x), y^target))}, descending the loss towards the target. *Static*: the
+target is a fixed segmentation (the model's prediction on a chosen image, as theirs, or a label file).
+*Dynamic*: hide class o; the target is the clean prediction with o's pixels filled from the nearest pixel of
+another class (their Sec. 4), and the loss weighs o's pixels I_o against the rest I_bg by ω (their eq. 4):
+J^ω = 1/|I| (ω Σ_{I_o} J_cls + (1 - ω) Σ_{I_bg} J_cls).
+
+``metzen_static_uap`` / ``metzen_dynamic_uap``: their universal perturbation (eq. 3): ξ ← Clip_ε{ξ − α
+sign(Σ_k ∇J^ω(f(x_k + ξ), y_k^target))} over a training split, fingerprinted by the model and cached like
+``uap``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import PositiveInt
+
+from mtkit.plugin_api import (
+    IGNORE_INDEX,
+    AttackContext,
+    DatasetConfig,
+    Field,
+    MtkitError,
+    Perturbation,
+    PerturbationOptions,
+    Targets,
+    build_dataset,
+    pgd_iterations,
+    project,
+)
+
+from .common import predict
+from .uap import UAPOptions, UniversalPerturbation, learn_uap
+
+
+# ------------------------------------------------------------------------------------------------ the losses
+def metzen_loss(logits: torch.Tensor, target: torch.Tensor, hidden_mask: torch.Tensor | None = None,
+                omega: float = 0.5) -> torch.Tensor:
+    """Metzen et al.'s J^ω per image (B,): 1/|I| (ω Σ_{I_o} J_cls + (1 - ω) Σ_{I_bg} J_cls), J_cls the cross-entropy
+    towards the target label, I_o the pixels of ``hidden_mask`` (dynamic) and I_bg the others with a target,
+    |I| the pixels with a target. Without a mask (static) every pixel weighs alike: the mean cross-entropy."""
+    ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
+    has = target != IGNORE_INDEX
+    count = has.flatten(1).sum(1).clamp_min(1)
+    if hidden_mask is None:
+        return ce.flatten(1).sum(1) / count
+    w = torch.where(hidden_mask, omega, 1 - omega) * has
+    return (w * ce).flatten(1).sum(1) / count
+
+
+def fill_hidden(pred: torch.Tensor, hidden: int) -> torch.Tensor:
+    """Metzen et al.'s dynamic target: ``pred`` (B, H, W) with the pixels of class ``hidden`` given the label of the
+    nearest pixel of another class (Euclidean distance transform, scipy); an image that is all ``hidden`` stays."""
+    from scipy import ndimage
+
+    out = pred.clone()
+    for b in range(pred.shape[0]):
+        mask = (pred[b] == hidden).cpu().numpy()
+        if mask.any() and not mask.all():
+            idx = ndimage.distance_transform_edt(mask, return_distances=False, return_indices=True)
+            p = pred[b].cpu().numpy()
+            out[b] = torch.as_tensor(p[idx[0], idx[1]], device=pred.device)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- Metzen et al.
+class MetzenOptions(PerturbationOptions):
+    step: float = Field(1.0, gt=0, description="α, the step in gray values")
+    iterations: PositiveInt | None = Field(None, description="null: ceil(min(ε+4, 1.25ε)) (Kurakin, as Metzen)")
+
+
+class StaticOptions(MetzenOptions):
+    target_file: str | None = Field(None, description="the target segmentation: a label map (.npy of class ids, "
+                                                      "or a .png of class ids), resized to the images (nearest)")
+    target_dataset: DatasetConfig | None = Field(None, description="or: the model's prediction on one image of "
+                                                                   "this dataset is the target (Metzen et al.)")
+    target_index: int = Field(0, ge=0, description="which image of target_dataset")
+
+
+class DynamicOptions(MetzenOptions):
+    hidden_class: int = Field(11, ge=0, description="the class to hide (11: person in Cityscapes' trainIds)")
+    omega: float = Field(0.9, ge=0, le=1, description="ω: weight of the hidden class's pixels against the rest "
+                                                      "(eq. 4; Metzen et al. trade the two numbers off with it)")
+
+
+class _Metzen(Perturbation):
+    needs_gradient = True
+    targeted = True
+
+    def targets(self, ctx: AttackContext, x: torch.Tensor, y: torch.Tensor | None) -> Targets:
+        raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, tg: Targets) -> torch.Tensor:
+        return metzen_loss(logits, tg.labels)
+
+    def direction(self, ctx: AttackContext, x: torch.Tensor, tg: Targets) -> torch.Tensor:
+        """∇_x of Σ_images J^ω (each image its own gradient)."""
+        return ctx.gradient(x, lambda logits: self.loss(logits, tg).sum())
+
+    def sweep(self, ctx, x, y, epsilons):
+        tg = self.targets(ctx, x, y)
+        o = self.options
+        out = {}
+        for e in epsilons:
+            adv = x.clone()
+            for _ in range(o.iterations or pgd_iterations(e)):
+                adv = project(adv - o.step * torch.sign(self.direction(ctx, adv, tg)), x, e)
+            out[e] = adv
+        return out
+
+
+class MetzenStatic(_Metzen):
+    """Metzen et al.'s static target, per image: every image is pushed towards one fixed target segmentation (the
+    model's prediction on options.target_index of options.target_dataset, or options.target_file)."""
+
+    Options = StaticOptions
+
+    def __init__(self, options: StaticOptions | None = None) -> None:
+        if options is None or (options.target_file is None and options.target_dataset is None):
+            raise MtkitError(f"{type(self).__name__}: give the target segmentation, options.target_dataset (with "
+                             "target_index: the model's prediction on that image, as Metzen et al.) or "
+                             "options.target_file (a .npy or .png label map)")
+        super().__init__(options)
+        self._targets: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def static_target(self, ctx: AttackContext, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """The target segmentation (H, W) at this image size, computed once per model and size."""
+        key = (id(ctx.model), *size)
+        if key not in self._targets:
+            o = self.options
+            if o.target_file:
+                path = Path(o.target_file)
+                if not path.is_file():
+                    raise MtkitError(f"{type(self).__name__}: options.target_file {path} does not exist")
+                if path.suffix == ".npy":
+                    labels = torch.as_tensor(np.load(path)).long()
+                else:
+                    from PIL import Image
+
+                    labels = torch.as_tensor(np.asarray(Image.open(path))).long()
+                labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
+            else:
+                cfg = o.target_dataset.model_copy(update={"height": size[0], "width": size[1]})
+                image = build_dataset(cfg)[o.target_index]["image"][None].to(device)
+                labels = predict(ctx, image)[1][0]
+            self._targets[key] = labels.to(device)
+        return self._targets[key]
+
+    def targets(self, ctx, x, y):
+        t = self.static_target(ctx, (x.shape[-2], x.shape[-1]), x.device)
+        return Targets(t.expand(x.shape[0], -1, -1).clone(), "static")
+
+
+class MetzenDynamic(_Metzen):
+    """Metzen et al.'s dynamic target, per image: hide options.hidden_class (its pixels take the label of the
+    nearest other pixel) and keep the rest of the prediction, weighing the two by ω."""
+
+    Options = DynamicOptions
+
+    def targets(self, ctx, x, y):
+        pred = predict(ctx, x)[1]
+        return Targets(fill_hidden(pred, self.options.hidden_class), "dynamic", self.options.hidden_class, pred)
+
+    def loss(self, logits, tg):
+        return metzen_loss(logits, tg.labels, tg.reference == tg.hidden, self.options.omega)
+
+
+# ----------------------------------------------------------------------------------- universal (Metzen et al.)
+class StaticUAPOptions(StaticOptions, UAPOptions):
+    pass
+
+
+class DynamicUAPOptions(DynamicOptions, UAPOptions):
+    pass
+
+
+class _MetzenUAP(UniversalPerturbation):
+    targeted = True
+    per_image: type[_Metzen]
+
+    def __init__(self, options=None) -> None:
+        super().__init__(options)
+        self.attack = self.per_image(options)
+
+    def targets(self, ctx, x, y):
+        return self.attack.targets(ctx, x, y)
+
+    def learn(self, ctx, dataset, eps):
+        def direction(ctx, x, x_xi, y):  # descend J^ω towards the clean images' targets (learn_uap ascends)
+            return -self.attack.direction(ctx, x_xi, self.attack.targets(ctx, x, y))
+        return learn_uap(ctx, dataset, eps, self.epochs, self.batch_size, self.options.step, self.images, direction)
+
+    def extra_key(self):
+        return self.options.model_dump(exclude={"folder"})
+
+
+class MetzenStaticUAP(_MetzenUAP):
+    """Metzen et al.'s universal perturbation towards a static target, learnt on options.dataset (eq. 3)."""
+
+    Options = StaticUAPOptions
+    per_image = MetzenStatic
+    prefix = "metzen-static"
+
+
+class MetzenDynamicUAP(_MetzenUAP):
+    """Metzen et al.'s universal perturbation hiding options.hidden_class, learnt on options.dataset (eq. 3)."""
+
+    Options = DynamicUAPOptions
+    per_image = MetzenDynamic
+    prefix = "metzen-dynamic"
