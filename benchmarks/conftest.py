@@ -27,11 +27,36 @@ def peak() -> float:
     return matmul_peak("cpu", torch.float32, 2048)
 
 
+#: the benchmarks of the training phase (``test_train_step*``, the depth loss): timed under training's CUDA math
+#: policy; every other one (inference, the attacks) under the evaluation's, as ``mtkit run`` enters them
+TRAINING_BENCHMARKS = ("test_train_step", "test_photometric_loss")
+
+
+def phase_policy(name: str) -> tuple[str, bool, bool]:
+    """The phase a benchmark measures and that phase's default policy (tf32, deterministic) from the recipe
+    schema: training allows TF32 (``train.tf32``), the evaluation does not (``robustness.tf32``)."""
+    from mtkit.core.schema import RobustnessConfig, TrainConfig
+
+    if name.startswith(TRAINING_BENCHMARKS):
+        return "train", TrainConfig().tf32, TrainConfig().deterministic
+    return "evaluation", RobustnessConfig().tf32, False
+
+
 @pytest.fixture(autouse=True)
 def _device_info(request):
-    """Every benchmark records the device it ran on."""
-    if "benchmark" in request.fixturenames:
-        request.getfixturevalue("benchmark").extra_info["device"] = device_name()
+    """Every benchmark records the device it ran on, and runs under the math policy of the phase it measures
+    (``math_mode``), which it records too (``extra_info["math"]``)."""
+    if "benchmark" not in request.fixturenames:
+        yield
+        return
+    from mtkit.core.runtime import math_mode
+
+    info = request.getfixturevalue("benchmark").extra_info
+    info["device"] = device_name()
+    phase, tf32, deterministic = phase_policy(request.node.name)
+    with math_mode(tf32, deterministic) as mode:
+        info["math"] = {"phase": phase, **mode}
+        yield
 
 
 @pytest.fixture(scope="session")

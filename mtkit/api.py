@@ -144,7 +144,8 @@ def evaluate_depth(recipe: Recipe, checkpoints: list[str | Path], datasets: list
         for _, loaded in loaded_models:
             out.depth.append(evaluate_depth_model(loaded.model, ds, recipe.depth_evaluation, device=device,
                                                   progress=progress, label=f"{loaded.spec.name}/{k} depth",
-                                                  model_name=loaded.spec.name, seed=recipe.seed, dataset_name=k))
+                                                  model_name=loaded.spec.name, seed=recipe.seed, dataset_name=k,
+                                                  tf32=recipe.robustness.tf32))
     return out
 
 

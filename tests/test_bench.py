@@ -23,7 +23,10 @@ def test_bench_saves_compares_and_catches_a_slowdown(tmp_path, capsys, monkeypat
                             "--history", str(history))
     assert code == 0, out + err
     saved = list((history / "cpu").rglob("*.json"))  # the run is also in the history, by device and commit
-    assert len(saved) == 1 and json.loads(saved[0].read_text())["benchmarks"][0]["extra_info"]["peak_flop_per_s"]
+    info = json.loads(saved[0].read_text())["benchmarks"][0]["extra_info"]
+    assert len(saved) == 1 and info["peak_flop_per_s"]
+    # timed under its phase's math policy, and saying so (the depth loss is training's: TF32 allowed on CUDA)
+    assert info["math"] == {"phase": "train", "tf32": True, "cudnn_benchmark": True, "deterministic": False}
     tcode, tout, terr = run_cli(["bench", "--path", str(ROOT / "benchmarks"), "--trend", "--history",
                                  str(history)], capsys)
     assert tcode == 0, terr

@@ -225,3 +225,25 @@ def test_eval_depth_cli_on_a_trained_multitask_checkpoint(tmp_path, eigen_tree, 
     assert rows[0].skipped == 1 and rows[0].images == 1
     code, _, stderr = main([*cmd[:3], str(tmp_path / "single.pt"), *cmd[4:]])
     assert code == 2 and "no depth task" in stderr
+
+
+def test_depth_evaluation_runs_under_the_evaluation_math_policy(monkeypatch):
+    """The depth stage enters the evaluation's CUDA math policy (``robustness.tf32``: IEEE fp32 by default), not
+    whatever the process had (cuDNN's TF32 is on by default in PyTorch)."""
+    import mtkit.evaluation.depth as depth_module
+
+    seen, real = [], depth_module.math_mode
+    monkeypatch.setattr(depth_module, "math_mode", lambda tf32, deterministic=False: seen.append(tf32) or real(tf32))
+
+    class Set(torch.utils.data.Dataset):
+        skipped = 0
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {"image": torch.zeros(3, 10, 20), "depth": torch.full((10, 20), 4.0)}
+
+    evaluate_depth_model(_ConstantDepth(None, 5.0), Set(), DepthEvaluationConfig(garg_crop=False))
+    evaluate_depth_model(_ConstantDepth(None, 5.0), Set(), DepthEvaluationConfig(garg_crop=False), tf32=True)
+    assert seen == [False, True]

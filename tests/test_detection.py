@@ -125,6 +125,33 @@ def detection_run(tmp_path_factory):
     return recipe, run(recipe, progress=False, run_dir=folder / "run", log=lambda m: None)
 
 
+def test_the_detection_stage_runs_under_the_evaluation_policy_with_sized_passes(detection_run, monkeypatch):
+    """The detection stage enters the evaluation's CUDA math policy (IEEE fp32 attack gradients unless
+    ``robustness.tf32``), sizes its attack passes as the sweep does (``pass_size``: a 7 ε × 8 images PGD pass at
+    1024x512 would ask a GPU for ~50 GB), and predicts each perturbed batch once (the detector's pass gives the
+    labels the mIoU counts)."""
+    import mtkit.evaluation.detection as det
+    from mtkit.evaluation.robustness import load_model
+
+    recipe, res = detection_run
+    loaded = load_model(next(res.run_dir.glob("train/multi-*/last.pt")), "cpu")
+    seen, passes, segmenter_calls = [], [], []
+    real_mode, real_size = det.math_mode, det.pass_size
+    monkeypatch.setattr(det, "math_mode", lambda tf32, deterministic=False: seen.append(tf32) or real_mode(tf32))
+    monkeypatch.setattr(det, "pass_size", lambda *a, **k: passes.append(real_size(*a, **k)) or passes[-1])
+    loaded.segmenter.register_forward_hook(lambda m, inputs, out: segmenter_calls.append(inputs[0].shape[0]))
+    rows = det.evaluate_detection(loaded, recipe, ["CS"], 0)
+    assert seen == [False] and len(passes) == 1 and passes[0] >= 1
+    untimed = lambda rs: [r.model_copy(update={"seconds": 0.0}) for r in rs]  # noqa: E731
+    assert untimed(rows) == untimed(r for r in res.results.detection if r.dataset == "CS")  # the stage's rows
+    # the segmenter runs only inside the attacks (their gradients), never to predict a perturbed batch again:
+    # with noise alone it runs only for the pass sizing (one image)
+    segmenter_calls.clear()
+    noise_only = recipe.model_copy(update={"detection": recipe.detection.model_copy(
+        update={"perturbations": ["gaussian"]})})
+    assert det.evaluate_detection(loaded, noise_only, ["CS"], 0) and segmenter_calls == [1]
+
+
 def test_the_detection_stage_writes_rows_tables_and_plots_and_is_cached(detection_run):
     from mtkit.core.results import RunResults
     from mtkit.pipeline.runner import run

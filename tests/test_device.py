@@ -232,21 +232,44 @@ def test_loader_workers_share_the_node_s_cores_between_ranks(monkeypatch):
     assert default_workers(3) == 3  # data.num_workers as the recipe says
 
 
+def _tf32_getters() -> dict[str, object]:
+    """Every getter of the fp32 math policy, PyTorch's old and new: what inductor's autotuning, a library or a
+    plugin may read (each must answer: on torch 2.13 a policy set through ``fp32_precision`` made the first three
+    raise RuntimeError, "a mix of the legacy and new APIs")."""
+    b = torch.backends
+    return {"matmul.allow_tf32": b.cuda.matmul.allow_tf32, "cudnn.allow_tf32": b.cudnn.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "matmul.fp32_precision": b.cuda.matmul.fp32_precision, "conv.fp32_precision": b.cudnn.conv.fp32_precision,
+            "fp32_precision": b.fp32_precision, "cudnn.fp32_precision": b.cudnn.fp32_precision}
+
+
+def _answers(getters: dict[str, object]) -> dict[str, object]:
+    """What the getters mean: the flags and the matmul precision (``fp32_precision`` may read "none", inherit,
+    before a policy was set and "ieee" after it was restored: the same math)."""
+    return {k: v for k, v in getters.items() if "allow_tf32" in k or k == "float32_matmul_precision"}
+
+
 def test_math_mode_sets_the_tf32_policy_and_restores_it():
     def policy():
-        return runtime._fp32_precision(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+        return runtime.tf32_flags(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
 
-    before = policy()
+    before, getters = policy(), _answers(_tf32_getters())
     with runtime.math_mode(tf32=True) as mode:
-        assert runtime._fp32_precision() == {"matmul": "tf32", "conv": "tf32"}
+        got = _tf32_getters()  # every getter answers inside the policy
+        assert got["matmul.allow_tf32"] and got["cudnn.allow_tf32"] and got["float32_matmul_precision"] == "high"
+        assert got["matmul.fp32_precision"] == got["conv.fp32_precision"] == "tf32"
+        assert runtime.tf32_flags() == (True, True)
         assert torch.backends.cudnn.benchmark and mode == {"tf32": True, "cudnn_benchmark": True,
                                                             "deterministic": False}
-    assert policy() == before
+    assert policy() == before and _answers(_tf32_getters()) == getters  # restored (what each getter means)
     with runtime.math_mode(tf32=False, deterministic=True):
-        assert runtime._fp32_precision() == {"matmul": "ieee", "conv": "ieee"}
+        got = _tf32_getters()
+        assert not got["matmul.allow_tf32"] and not got["cudnn.allow_tf32"]
+        assert got["float32_matmul_precision"] == "highest" and got["matmul.fp32_precision"] == "ieee"
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
         assert torch.are_deterministic_algorithms_enabled()
     assert policy() == before and not torch.are_deterministic_algorithms_enabled()
+    assert _answers(_tf32_getters()) == getters
 
 
 def test_training_and_evaluation_run_under_their_own_policy(trained, tmp_path, monkeypatch):

@@ -235,6 +235,9 @@ def test_the_plan_measures_every_stage_and_counts_what_the_recipe_asks_for(first
     assert rows["train multi"].units == 2 and rows["train multi"].unit == "step (2 + 2 images)"
     assert rows["evaluate single on CS"].units == 1 and rows["validate single"].units == 1
     assert all(r.seconds_per_unit > 0 for r in rows.values())
+    # each stage timed under its phase's math policy, as the run enters it: training (and its validation) with
+    # TF32 allowed (train.tf32), evaluation and depth in IEEE fp32 (robustness.tf32)
+    assert {s: r.math["tf32"] for s, r in rows.items()} == {s: s.startswith(("train", "validate")) for s in rows}
     code, out, err = run_cli(["run", str(recipe_file), "--plan", "--jobs", "2"], capsys)
     assert code == 0, err
     assert "projected run of tiny on cpu" in out and "total:" in out and "with --jobs 2" in out

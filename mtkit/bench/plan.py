@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 
-from ..core.runtime import resolve_device, resolve_precision
+from ..core.runtime import math_mode, resolve_device, resolve_precision
 from ..evaluation.robustness import evaluation_sets
 from ..evaluation.sweep import robustness_sweep
 from ..recipe.build import build_dataset, build_perturbations, build_segmentation_loss
@@ -27,26 +27,30 @@ class PlanRow:
     unit: str
     seconds_per_unit: float
     units: int
+    #: the CUDA math policy the stage was measured under (``math_mode``'s record): the one its phase runs in
+    math: dict = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
         return self.seconds_per_unit * self.units
 
 
-def _timed(fn, repeats: int, device) -> float:
-    """Seconds per call of ``fn`` on ``device``: one warm-up call (allocation, cudnn autotuning), then the mean of
+def _timed(fn, repeats: int, device, policy: tuple[bool, bool]) -> tuple[float, dict]:
+    """Seconds per call of ``fn`` on ``device`` under the math policy (tf32, deterministic) of the phase it stands
+    for (``math_mode``), and that policy: one warm-up call (allocation, cudnn autotuning), then the mean of
     ``repeats`` calls, each ended by a device synchronisation."""
     def sync() -> None:
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
 
-    fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
+    with math_mode(*policy) as mode:
         fn()
-    sync()
-    return (time.perf_counter() - t0) / repeats
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / repeats, mode
 
 
 def plan(recipe, steps: int = 3, log=print) -> list[PlanRow]:
@@ -57,6 +61,10 @@ def plan(recipe, steps: int = 3, log=print) -> list[PlanRow]:
     the batches are random, the set sizes come from the datasets' indexes."""
     device = resolve_device(recipe.device)
     seeds = len(recipe.run_seeds())
+    # each stage is timed under the math policy of its phase: training's (train.tf32, train.deterministic) and
+    # the evaluation's (robustness.tf32; never deterministic), as the run would enter them
+    training = (recipe.train.tf32, recipe.train.deterministic)
+    evaluation = (recipe.robustness.tf32, False)
     rows: list[PlanRow] = []
     d, t, rob = recipe.data, recipe.train, recipe.robustness
     g = torch.Generator().manual_seed(0)
@@ -85,16 +93,16 @@ def plan(recipe, steps: int = 3, log=print) -> list[PlanRow]:
             k[:, 0, 2], k[:, 1, 2] = d.depth.width / 2, d.depth.height / 2
             dep = {"frames": frames.to(device), "frames_raw": frames.to(device), "K": k.to(device)}
         per_epoch = t.steps_per_epoch or max(1, seg_len // tr.seg_batch)
-        step = _timed(lambda tr=tr, seg=seg, dep=dep: tr.train_step(seg, dep), steps, device)
+        step, mode = _timed(lambda tr=tr, seg=seg, dep=dep: tr.train_step(seg, dep), steps, device, training)
         rows.append(PlanRow(spec.name, f"train {spec.name}", f"step ({tr.seg_batch} + {tr.depth_batch} images)", step,
-                            per_epoch * t.epochs * seeds))
+                            per_epoch * t.epochs * seeds, mode))
         segmenter = tr.model.segmenter().eval()
         vb = rob.batch_size if isinstance(rob.batch_size, int) else tr.seg_batch
         val = images(vb, d.segmentation_val).to(device)
-        with torch.no_grad():
-            v = _timed(lambda s=segmenter, x=val: s(x), steps, device)
+        with torch.no_grad():  # validation runs inside training, under its policy
+            v, mode = _timed(lambda s=segmenter, x=val: s(x), steps, device, training)
         rows.append(PlanRow(spec.name, f"validate {spec.name}", f"batch of {vb}", v,
-                            math.ceil(val_len / vb) * t.epochs * seeds))
+                            math.ceil(val_len / vb) * t.epochs * seeds, mode))
         perts = build_perturbations(rob.perturbations, rob.options)
         loss = build_segmentation_loss(recipe.loss.segmentation, torch.ones(n))
         precision = resolve_precision(rob.amp, rob.channels_last, rob.compile, device, "robustness", rob.tf32)
@@ -105,18 +113,18 @@ def plan(recipe, steps: int = 3, log=print) -> list[PlanRow]:
                 images(b, cfg), torch.randint(0, n, (b, cfg.height, cfg.width), generator=g))]
             sweep = _timed(partial(robustness_sweep, segmenter, batch, perts, rob.epsilons, n, torch.ones(n), b, 0,
                                    device, loss=loss, precision=precision, pass_images=rob.pass_images,
-                                   sanity=rob.sanity), 1, device)
+                                   sanity=rob.sanity), 1, device, evaluation)
             rows.append(PlanRow(spec.name, f"evaluate {spec.name} on {key}",
-                                f"batch of {b}: clean, {len(perts)} perturbations × {len(rob.epsilons)} ε", sweep,
-                                math.ceil(size_of(f"data.eval.{key}", cfg) / b) * seeds))
+                                f"batch of {b}: clean, {len(perts)} perturbations × {len(rob.epsilons)} ε", sweep[0],
+                                math.ceil(size_of(f"data.eval.{key}", cfg) / b) * seeds, sweep[1]))
         if tr.multitask:
             for key, cfg in d.depth_eval.items():
                 x = images(recipe.depth_evaluation.batch_size, cfg).to(device)
                 with torch.no_grad():
-                    dt = _timed(lambda m=tr.model, x=x: m.predict_depth(x), steps, device)
+                    dt, mode = _timed(lambda m=tr.model, x=x: m.predict_depth(x), steps, device, evaluation)
                 rows.append(PlanRow(spec.name, f"evaluate depth {spec.name} on {key}",
                                     f"batch of {recipe.depth_evaluation.batch_size}", dt,
                                     math.ceil(size_of(f"data.depth_eval.{key}", cfg)
-                                              / recipe.depth_evaluation.batch_size) * seeds))
+                                              / recipe.depth_evaluation.batch_size) * seeds, mode))
         del tr
     return rows

@@ -113,7 +113,7 @@ class Precision:
     def autocast(self):
         """The autocast context of a forward pass (a no-op in fp32)."""
         if self.dtype is None:
-            return torch.autocast(self.device_type, enabled=False)
+            return fp32(self.device_type)
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,22 +156,32 @@ def resolve_precision(amp: str, channels_last: bool | str, compile: bool | str, 
 
 
 # ------------------------------------------------------------------------------------------ the CUDA math policy
-def _fp32_precision(new: dict[str, str] | None = None) -> dict[str, str]:
-    """The fp32 precision ("ieee" | "tf32") of CUDA matmuls and cuDNN convolutions, {"matmul": …, "conv": …};
-    with ``new``, set to it (the previous one is returned). torch ≥ 2.9 has ``fp32_precision``, older versions
-    the ``allow_tf32`` flags."""
+def tf32_flags(new: tuple[bool, bool] | None = None) -> tuple[bool, bool]:
+    """Whether CUDA fp32 (matmuls, cuDNN convolutions) may use TF32; with ``new``, set them (the previous pair is
+    returned).
+
+    Set through the ``allow_tf32`` flags, PyTorch's first API, on purpose: on torch 2.13 every getter, old and
+    new, answers after it (``allow_tf32``, ``torch.get_float32_matmul_precision()``, which inductor's autotuning
+    reads, and the ``fp32_precision`` attributes), whereas a policy set through ``fp32_precision`` makes the
+    ``allow_tf32`` getters and ``get_float32_matmul_precision()`` raise ("a mix of the legacy and new APIs"). A
+    state that another library left mixed is read through the new attributes."""
     b = torch.backends
-    modern = hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv")
-    if modern:
-        old = {"matmul": b.cuda.matmul.fp32_precision, "conv": b.cudnn.conv.fp32_precision}
-    else:
-        old = {"matmul": "tf32" if b.cuda.matmul.allow_tf32 else "ieee",
-               "conv": "tf32" if b.cudnn.allow_tf32 else "ieee"}
-    if new is not None and modern:
-        b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision = new["matmul"], new["conv"]
-    elif new is not None:
-        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = new["matmul"] == "tf32", new["conv"] == "tf32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy flags warn that a newer API exists
+        try:
+            old = (bool(b.cuda.matmul.allow_tf32), bool(b.cudnn.allow_tf32))
+        except RuntimeError:
+            old = (b.cuda.matmul.fp32_precision == "tf32", b.cudnn.conv.fp32_precision in ("tf32", "none"))
+        if new is not None:
+            b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = bool(new[0]), bool(new[1])
     return old
+
+
+def fp32(device_type: str):
+    """Autocast off on ``device_type``: the regions that stay fp32 under autocast (attack gradients, the pose,
+    the disparity). A no-op on the ``meta`` device, which has no autocast backend: the device stand-in of the test
+    suite (``tests/test_device_discipline.py``) runs the same code there."""
+    return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
 
 
 @contextlib.contextmanager
@@ -188,8 +198,7 @@ def math_mode(tf32: bool, deterministic: bool = False) -> Iterator[dict[str, obj
       padding accumulate with atomics). Otherwise cudnn.benchmark is on: the fastest algorithm per input shape.
     """
     b = torch.backends.cudnn
-    mode = "tf32" if tf32 else "ieee"
-    old = (_fp32_precision({"matmul": mode, "conv": mode}), b.benchmark, b.deterministic,
+    old = (tf32_flags((bool(tf32), bool(tf32))), b.benchmark, b.deterministic,
            torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
            os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
     b.benchmark, b.deterministic = not deterministic, deterministic
@@ -201,7 +210,7 @@ def math_mode(tf32: bool, deterministic: bool = False) -> Iterator[dict[str, obj
     try:
         yield {"tf32": bool(tf32), "cudnn_benchmark": not deterministic, "deterministic": deterministic}
     finally:
-        _fp32_precision(old[0])
+        tf32_flags(old[0])
         b.benchmark, b.deterministic = old[1], old[2]
         torch.use_deterministic_algorithms(old[3], warn_only=old[4])
         if old[5] is None:

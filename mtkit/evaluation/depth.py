@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from ..core.errors import MtkitError
 from ..core.progress import progress_bar
 from ..core.results import DepthRow
+from ..core.runtime import math_mode
 from ..core.schema import DepthEvaluationConfig
 from ..ops.metrics import DEPTH_METRICS, evaluate_depth
 
@@ -39,10 +40,11 @@ def _collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
 
 def evaluate_depth_model(model: nn.Module, dataset, settings: DepthEvaluationConfig | None = None,
                          batch_size: int | None = None, device: torch.device | str = "cpu", progress: bool = False,
-                         label: str = "depth", model_name: str = "", seed: int = 0, dataset_name: str = ""
-                         ) -> DepthRow:
+                         label: str = "depth", model_name: str = "", seed: int = 0, dataset_name: str = "",
+                         tf32: bool = False) -> DepthRow:
     """Evaluate ``model.predict_depth`` (images in gray values → depth in metres) on ``dataset`` (samples with
-    ``image`` and native-size ``depth``; see ``mtkit.data.depth_gt``)."""
+    ``image`` and native-size ``depth``; see ``mtkit.data.depth_gt``), under the evaluation phase's CUDA math
+    policy (``math_mode``; ``tf32``: the recipe's ``robustness.tf32``, off by default: IEEE fp32)."""
     settings = settings or DepthEvaluationConfig()
     if not hasattr(model, "predict_depth"):
         raise MtkitError("depth evaluation needs a model with a depth head (a multi-task model)")
@@ -50,7 +52,7 @@ def evaluate_depth_model(model: nn.Module, dataset, settings: DepthEvaluationCon
     device = torch.device(device)
     per_image: list[dict[str, float]] = []
     loader = DataLoader(dataset, batch_size=batch_size or settings.batch_size, collate_fn=_collate)
-    with progress_bar(progress, len(loader), label) as advance, torch.no_grad():
+    with progress_bar(progress, len(loader), label) as advance, torch.no_grad(), math_mode(tf32):
         for batch in loader:
             pred = model.predict_depth(batch["image"].to(device)).float().cpu()
             for p, gt in zip(pred, batch["depth"]):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..core.errors import MtkitError
+from ..core.runtime import fp32
 from ..core.schema import ModelConfig
 from .decoders import SmpDecoderHead, at_least_fp32, disp_to_depth
 from .gradscale import scale_features
@@ -112,7 +113,7 @@ class MultiTaskNet(nn.Module):
             return out
         depth_feats = scale_features([f[n_seg:] for f in feats], 1.0 - self.lam)
         sigmas = self.depth_head(depth_feats, tuple(depth_images.shape[-2:]))  # type: ignore[misc]
-        with torch.autocast(x.device.type, enabled=False):  # aσ+b spans 0.01..10: fp32 even under autocast
+        with fp32(x.device.type):  # aσ+b spans 0.01..10: fp32 even under autocast
             sigmas = {s: at_least_fp32(v) for s, v in sigmas.items()}
             out["disp"] = {s: disp_to_depth(v, self.cfg.min_depth, self.cfg.max_depth)[0] for s, v in sigmas.items()}
         out["sigma"] = sigmas
@@ -125,7 +126,7 @@ class MultiTaskNet(nn.Module):
             raise MtkitError("this model has no depth head")
         feats = self.encoder(self.normalize(images))
         sigma = self.depth_head(feats, tuple(images.shape[-2:]))[0]
-        with torch.autocast(images.device.type, enabled=False):
+        with fp32(images.device.type):
             return disp_to_depth(at_least_fp32(sigma), self.cfg.min_depth, self.cfg.max_depth)[1]
 
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +137,7 @@ class MultiTaskNet(nn.Module):
         feats = self.encoder(self.normalize(images))
         size = tuple(images.shape[-2:])
         sigma = self.depth_head(feats, size)[0]
-        with torch.autocast(images.device.type, enabled=False):
+        with fp32(images.device.type):
             depth = disp_to_depth(at_least_fp32(sigma), self.cfg.min_depth, self.cfg.max_depth)[1]
         return self.seg_head(feats, size), depth
 

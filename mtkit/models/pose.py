@@ -6,12 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.runtime import fp32
 from .decoders import at_least_fp32
-
-# skew(a) = a @ _CROSS viewed (3, 3): the cross-product matrix [[0, -z, y], [z, 0, -x], [-y, x, 0]]
-_CROSS = torch.tensor([[0, 0, 0, 0, 0, -1, 0, 1, 0],
-                       [0, 0, 1, 0, 0, 0, -1, 0, 0],
-                       [0, -1, 0, 1, 0, 0, 0, 0, 0]], dtype=torch.float32)
 
 
 def rotation_from_axisangle(vec: torch.Tensor) -> torch.Tensor:
@@ -21,7 +17,9 @@ def rotation_from_axisangle(vec: torch.Tensor) -> torch.Tensor:
     angle = vec.norm(dim=-1, keepdim=True).clamp_min(1e-7)
     axis = vec / angle
     ca, sa = torch.cos(angle).unsqueeze(-1), torch.sin(angle).unsqueeze(-1)
-    skew = (axis @ _CROSS.to(axis.device, axis.dtype)).view(-1, 3, 3)
+    x, y, z = axis.unbind(-1)
+    zero = torch.zeros_like(x)
+    skew = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).view(-1, 3, 3)  # [a]ₓ, from device tensors
     outer = axis.unsqueeze(-1) * axis.unsqueeze(-2)
     return ca * torch.eye(3, dtype=vec.dtype, device=vec.device) + sa * skew + (1 - ca) * outer
 
@@ -39,7 +37,8 @@ def transformation_from_parameters(axisangle: torch.Tensor, translation: torch.T
     elif invert:
         r = r.transpose(1, 2)
         t = -(r @ t)
-    last_row = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=r.dtype, device=r.device).expand(r.shape[0], 1, 4)
+    last_row = torch.zeros_like(r[:, :1, :]).expand(-1, 1, 3)
+    last_row = torch.cat([last_row, torch.ones_like(last_row[..., :1])], -1)  # [0, 0, 0, 1], made on the device
     return torch.cat([torch.cat([r, t], -1), last_row], 1)
 
 
@@ -93,5 +92,5 @@ class PoseNet(nn.Module):
         mantissa) would shift far points by pixels."""
         feature = self.encoder((pairs - self.mean) / self.std)[-1]
         axisangle, translation = self.decoder(feature)
-        with torch.autocast(pairs.device.type, enabled=False):
+        with fp32(pairs.device.type):
             return transformation_from_parameters(at_least_fp32(axisangle), at_least_fp32(translation), invert)

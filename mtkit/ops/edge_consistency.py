@@ -158,6 +158,12 @@ class Detector:
     def measures(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def measures_and_prediction(self, model: torch.nn.Module, images: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``measures`` and, when the detector predicts the segmentation on its way, the predicted labels
+        (B, H, W), so that the evaluation needs no second pass of the network; None when it does not."""
+        return self.measures(model, images), None
+
     def score(self, measures: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -184,12 +190,17 @@ class EdgeConsistency(Detector):
         self.columns = [MEASURES.index(m) for m in self.options.measures]  # type: ignore[attr-defined]
 
     def measures(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return self.measures_and_prediction(model, images)[0]
+
+    def measures_and_prediction(self, model: torch.nn.Module, images: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not hasattr(model, "predict") or getattr(model, "depth_head", None) is None:
             raise MtkitError("the edge_consistency detector needs a multi-task model with a depth head (tasks "
                              "[segmentation, depth]); a single-task or external segmenter has no depth to compare")
         with torch.no_grad():
             logits, depth = model.predict(images)
-        return consistency_measures(images, logits.argmax(1), depth)
+        labels = logits.argmax(1)
+        return consistency_measures(images, labels, depth), labels
 
     def score(self, measures: torch.Tensor) -> torch.Tensor:
         return -measures[:, self.columns].mean(1)

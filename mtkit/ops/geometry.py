@@ -71,8 +71,8 @@ def _normalise(cam: torch.Tensor, height: int, width: int, eps: float) -> torch.
     """Camera points (..., 3, H*W) → pixel coordinates divided by depth, scaled to [-1, 1], (..., H, W, 2)."""
     pix = cam[..., :2, :] / (cam[..., 2:3, :] + eps)
     pix = pix.reshape(*pix.shape[:-1], height, width).movedim(-3, -1)
-    scale = torch.tensor([width - 1, height - 1], dtype=pix.dtype, device=pix.device)
-    return (pix / scale - 0.5) * 2
+    # divide by (W - 1, H - 1) without a tensor made on the host: python scalars are kernel arguments, not copies
+    return torch.stack([pix[..., 0] / (width - 1), pix[..., 1] / (height - 1)], -1).sub(0.5).mul(2)
 
 
 def project(points: torch.Tensor, k: torch.Tensor, t: torch.Tensor, height: int, width: int,

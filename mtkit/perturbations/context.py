@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..core.errors import MtkitError
+from ..core.runtime import fp32
 from ..ops.losses import weighted_cross_entropy, weighted_cross_entropy_per_image
 
 
@@ -96,7 +97,7 @@ class AttackContext:
         """∇_x loss_fn(model(x)) (one forward and one backward pass): the one place attacks differentiate. It runs
         in fp32 even inside an autocast region: the sign of a bf16 gradient flips on small values."""
         x = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+        with torch.enable_grad(), fp32(x.device.type):
             (grad,) = torch.autograd.grad(loss_fn(self.model(x)), x)
         return grad
 
@@ -105,7 +106,7 @@ class AttackContext:
         """∇_x of each scalar ``objectives(x)`` returns, from one forward pass (an attack with several objectives,
         as O-PGD); fp32 outside autocast like ``gradient``, one backward pass per objective."""
         x = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+        with torch.enable_grad(), fp32(x.device.type):
             values = objectives(x)
             return tuple(torch.autograd.grad(v, x, retain_graph=i < len(values) - 1)[0] for i, v in enumerate(values))
 
@@ -145,7 +146,7 @@ class AttackContext:
         """``image_losses`` of the model's prediction for ``x`` (no gradient; fp32, in passes of ``pass_images``)."""
         labels = repeat_labels(y, x.shape[0])
         n = self.pass_images or x.shape[0]
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        with torch.no_grad(), fp32(x.device.type):
             return torch.cat([self.image_losses(self.model(xs), ys) for xs, ys in zip(x.split(n), labels.split(n))])
 
     def input_gradient(self, x: torch.Tensor, y: torch.Tensor, copies: int = 1) -> torch.Tensor:

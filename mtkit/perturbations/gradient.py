@@ -110,8 +110,9 @@ def strongest(ctx: AttackContext, candidates: list[torch.Tensor], y: torch.Tenso
     if len(candidates) == 1:
         return candidates[0]
     losses = torch.stack([ctx.image_losses_of(c, y) for c in candidates])  # one pass per candidate
-    best = losses.argmax(0)
-    return torch.stack([candidates[int(k)][i] for i, k in enumerate(best)])
+    best = losses.argmax(0)  # (B,) on the device: the selection is an index, never read back
+    stacked = torch.stack(candidates)
+    return stacked[best, torch.arange(stacked.shape[1], device=best.device)]
 
 
 @register("perturbation", "pgd")

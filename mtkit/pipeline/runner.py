@@ -89,7 +89,8 @@ class LazyModel:
 def _depth_stage(loaded, recipe: Recipe, key: str, seed: int, name: str, device: str, progress: bool) -> DepthRow:
     ds = build_dataset(recipe.data.depth_eval[key], where=f"data.depth_eval.{key}")
     return evaluate_depth_model(loaded.model, ds, recipe.depth_evaluation, device=device, progress=progress,
-                                label=f"{name}/{key} depth", model_name=name, seed=seed, dataset_name=key)
+                                label=f"{name}/{key} depth", model_name=name, seed=seed, dataset_name=key,
+                                tf32=recipe.robustness.tf32)
 
 
 def _write_json(path: Path, value) -> None:

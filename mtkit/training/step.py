@@ -19,6 +19,9 @@ from ..models import MultiTaskNet
 from ..ops.edge_consistency import edge_consistency_loss
 from ..recipe.build import build_depth_loss, build_model, build_segmentation_loss
 
+#: the devices with a fused Adam kernel (torch.optim.Adam(fused=True)); elsewhere (the meta stand-in) it is unfused
+FUSED_ADAM_DEVICES = frozenset({"cuda", "cpu", "xpu", "mps", "hpu"})
+
 
 class StepEngine:
     """The model of one spec of a recipe, built for its device and precision, and its training step."""
@@ -50,8 +53,10 @@ class StepEngine:
             self.model.to(memory_format=torch.channels_last)
         self.depth_loss = build_depth_loss(r) if self.multitask else None
         self.seg_loss = build_segmentation_loss(r.loss.segmentation, self.weights).to(self.device)
-        # fused Adam: one kernel for all parameters, its step counts on the device (no read-back in a step)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=r.train.lr, fused=True)
+        # fused Adam: one kernel for all parameters, its step counts on the device (no read-back in a step); the
+        # meta device of the tests' device stand-in has no fused kernel (FUSED_ADAM_DEVICES: the one seam)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=r.train.lr,
+                                          fused=self.device.type in FUSED_ADAM_DEVICES)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, r.train.lr_drop_epochs,
                                                               r.train.lr_drop_factor)
         # fp16 needs loss scaling (bf16 has fp32's range); the scaler's state is part of last.pt
@@ -105,8 +110,9 @@ class StepEngine:
                 terms["edge"] = (edge_consistency_loss(x, seg_probs).mean()
                                  + edge_consistency_loss(frames[:, 1], disp[0]).mean())
                 total = total + self.recipe.loss.edge_consistency * terms["edge"]
-        if not self.scaler.is_enabled():  # a non-finite loss must not reach the weights: fused Adam skips such a
-            # step on the device (GradScaler's found_inf protocol), and the loop reports it at the next read-back
+        # a non-finite loss must not reach the weights: fused Adam skips such a step on the device (GradScaler's
+        # found_inf protocol), and the loop reports it at the next read-back
+        if not self.scaler.is_enabled() and self.optimizer.defaults.get("fused"):
             found_inf = (~torch.isfinite(total.detach())).float()
             if self.dist.enabled:  # every rank skips alike (the gradients are all-reduced: a NaN reaches all)
                 dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
