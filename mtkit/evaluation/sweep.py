@@ -175,7 +175,7 @@ def _outcomes(model: nn.Module, s: SweepSettings, x: torch.Tensor, y: torch.Tens
         t0 = time.perf_counter()
         with contextlib.nullcontext() if pert.needs_gradient else torch.no_grad():
             advs = pert.sweep(ctx, x, y, list(plan.epsilons))
-            tg = pert.targets(ctx, x, y) if pert.targeted else None
+            tg = pert.targets_of(ctx, x, y) if pert.targeted else None  # the sweep's own, reused
         preds, losses = _predict(model, s, torch.cat([advs[e] for e in plan.levels[name]]),
                                  ctx if name in plan.attacks and plan.worst else None, y)
         r2 = torch.stack([((advs[e] - x).double() ** 2).flatten(1).sum(1) for e in plan.levels[name]]).tolist()

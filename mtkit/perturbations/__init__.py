@@ -34,10 +34,19 @@ from .gradient import (
     random_start_point,
     strongest,
 )
-from .noise import Gaussian, SaltPepper, gaussian_noise, salt_and_pepper, salt_and_pepper_per_image
+from .noise import (
+    Gaussian,
+    SaltPepper,
+    gaussian_noise,
+    salt_and_pepper,
+    salt_and_pepper_keyed,
+    salt_and_pepper_ordered,
+    salt_and_pepper_per_image,
+)
 
 __all__ = ["APGD", "FGSM", "OPGD", "PGD", "APGDOptions", "AttackContext", "Gaussian", "OPGDOptions", "PGDOptions",
            "Perturbation", "PerturbationOptions", "SaltPepper", "Unbounded", "apgd_checkpoints", "apgd_sweep",
            "clip_image", "draw", "fgsm", "fgsm_direction", "gaussian_noise", "image_generator", "measured_epsilon",
            "opgd", "pgd", "pgd_iterations", "pgd_sweep", "project", "random_start_point", "repeat_labels",
-           "salt_and_pepper", "salt_and_pepper_per_image", "strongest", "Targets", "wrong_class_probability"]
+           "salt_and_pepper", "salt_and_pepper_keyed", "salt_and_pepper_ordered", "salt_and_pepper_per_image",
+           "strongest", "Targets", "wrong_class_probability"]

@@ -61,3 +61,12 @@ class Perturbation:
     def targets(self, ctx: AttackContext, x: torch.Tensor, y: torch.Tensor | None) -> Targets:
         """A targeted attack's targets for this batch (the same its ``sweep`` aims at)."""
         raise NotImplementedError
+
+    def targets_of(self, ctx: AttackContext, x: torch.Tensor, y: torch.Tensor | None) -> Targets:
+        """``targets`` once per batch: the first caller (the attack's own ``sweep``) computes them, the next (the
+        evaluation, which counts how many pixels took them) reuses them from ``ctx.memo``, without a second
+        forward pass. ``ctx`` is one batch's context; a loop over batches calls ``targets``."""
+        key = ("targets", id(self))
+        if key not in ctx.memo:
+            ctx.memo[key] = self.targets(ctx, x, y)
+        return ctx.memo[key]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from torch import nn
 from ..core.errors import MtkitError
 from ..core.runtime import fp32
 from ..ops.losses import weighted_cross_entropy, weighted_cross_entropy_per_image
+from ..ops.philox import image_keys, normal, random_words, uniform
 
 
 def image_generator(seed: int, index: int, *salt: Any) -> torch.Generator:
@@ -68,6 +69,8 @@ class AttackContext:
     #: the multi-task network ``model`` belongs to, when it has a depth head (``MultiTaskNet.predict`` gives the
     #: logits and the depth): attacks on the attack detector use it; None for single-task and external models
     multitask: nn.Module | None = None
+    #: what a perturbation computed once for this batch and may reuse (``Perturbation.targets_of``)
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def objective(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.loss_fn is not None:
@@ -82,12 +85,24 @@ class AttackContext:
             raise ValueError(f"AttackContext has {len(indices)} image indices for a batch of {batch}")
         return [image_generator(self.seed, i, *salt) for i in indices]
 
+    def image_words(self, batch: int, n: int, device: torch.device | str, *salt: Any) -> torch.Tensor:
+        """(B, n) random 32-bit words (int64 in [0, 2³²)) per image, drawn on ``device`` by Philox-4x32-10
+        (``mtkit.ops.philox``) from a stream keyed by the evaluation seed, the salt and the image's dataset index:
+        the same integers on every device, batch size and rank count, with no generator on the host."""
+        indices = self.indices if self.indices is not None else list(range(batch))
+        if len(indices) != batch:
+            raise ValueError(f"AttackContext has {len(indices)} image indices for a batch of {batch}")
+        return random_words(image_keys(self.seed, indices, device, *salt), n)
+
     def image_noise(self, x: torch.Tensor, kind: str, *salt: Any) -> torch.Tensor:
-        """Random numbers of ``x``'s shape, dtype and device (``kind`` as ``draw``), each image's from its own
-        generator (``image_generators(len(x), *salt)``): the same values whatever the batch, the ranks or the
-        device. Salt with the perturbation's name and ε (and a restart's number) so that draws differ."""
-        gens = self.image_generators(x.shape[0], *salt)
-        return torch.stack([draw(kind, x.shape[1:], g, "cpu", x.dtype) for g in gens]).to(x.device)
+        """Random numbers of ``x``'s shape, dtype and device (``kind`` "rand": uniform [0, 1), "randn": standard
+        normal), each image's from its own Philox stream (``image_words``), drawn on ``x``'s device: the same
+        values whatever the batch, the ranks or the device (a normal value may differ in its last bit between
+        devices: log and cos round there). Salt with the perturbation's name and ε (and a restart's number) so
+        that draws differ."""
+        words = self.image_words(x.shape[0], x[0].numel(), x.device, *salt)
+        values = uniform(words, x.dtype) if kind == "rand" else normal(words, x.dtype)
+        return values.view_as(x)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The attacked loss (J^ce of eq. 1 by default) against the ground truth (void ignored)."""

@@ -33,19 +33,36 @@ def salt_and_pepper(x: torch.Tensor, eps: float, generator: torch.Generator | No
 def salt_and_pepper_per_image(x: torch.Tensor, eps: float, generators: list[torch.Generator | None]
                               ) -> torch.Tensor:
     """``salt_and_pepper`` with one generator per image (an image's result does not depend on its batch), the
-    whole batch in one pass on ``x``'s device: each image's salt-or-pepper values and pixel order are drawn on its
-    generator's device (the CPU: the same numbers everywhere), then the running sums, the cut where they reach
-    ε²·N, the best-matching last pixel (the first in the image's order among equals) and the result are batched
-    tensor operations, in float64, without reading anything back."""
-    b, c, h, w = x.shape
-    n = h * w
+    whole batch in one pass on ``x``'s device (``salt_and_pepper_ordered``): each image's salt-or-pepper values and
+    pixel order are drawn on its generator's device (the CPU: the same numbers everywhere). The evaluation draws
+    on the device instead (``salt_and_pepper_keyed``)."""
+    n = x.shape[-2] * x.shape[-1]
     values, orders = [], []
     for g in generators:  # per image: its values, then its order, as the per-image algorithm draws them
         where = g.device if g is not None else "cpu"
         values.append(torch.randint(0, 2, (n, 1), generator=g, device=where))
         orders.append(torch.randperm(n, generator=g, device=where))
-    values = torch.stack(values).to(x.device).double() * 255.0  # (B, n, 1)
-    order = torch.stack(orders).to(x.device)  # (B, n): the pixels in the order they are taken
+    return salt_and_pepper_ordered(x, eps, torch.stack(values).to(x.device), torch.stack(orders).to(x.device))
+
+
+def salt_and_pepper_keyed(x: torch.Tensor, eps: float, words: torch.Tensor) -> torch.Tensor:
+    """``salt_and_pepper`` from random words (B, 3·H·W) drawn on ``x``'s device (``AttackContext.image_words``):
+    pixel p is salt or pepper by the lowest bit of word p, and the pixels are taken in the order of the 63-bit
+    keys that words H·W + p and 2·H·W + p make (a stable sort: the order is the same on every device)."""
+    n = x.shape[-2] * x.shape[-1]
+    values = (words[:, :n] & 1).unsqueeze(-1)
+    keys = ((words[:, n:2 * n] >> 1) << 32) | words[:, 2 * n:3 * n]
+    return salt_and_pepper_ordered(x, eps, values, torch.sort(keys, dim=1, stable=True).indices)
+
+
+def salt_and_pepper_ordered(x: torch.Tensor, eps: float, values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The batched salt and pepper of ``salt_and_pepper`` once each image's salt-or-pepper bits (B, H·W, 1) and
+    the order its pixels are taken in (B, H·W) are drawn, all on ``x``'s device: the running sums, the cut where
+    they reach ε²·N, the best-matching last pixel (the first in the image's order among equals) and the result
+    are tensor operations in float64, without reading anything back."""
+    b, c, h, w = x.shape
+    n = h * w
+    values = values.double() * 255.0  # (B, n, 1)
     flat = x.permute(0, 2, 3, 1).reshape(b, n, c).double()
     contrib = ((values - flat) ** 2).sum(2)  # each pixel's Σ r² if taken
     cum = contrib.gather(1, order).cumsum(1)
@@ -79,5 +96,6 @@ class SaltPepper(Perturbation):
     """Salt and pepper noise with the fraction of pixels chosen per image so that its measured ε hits the request."""
 
     def sweep(self, ctx, x, y, epsilons):
-        return {e: salt_and_pepper_per_image(x, e, ctx.image_generators(x.shape[0], "salt_pepper", e))
+        n = x.shape[-2] * x.shape[-1]
+        return {e: salt_and_pepper_keyed(x, e, ctx.image_words(x.shape[0], 3 * n, x.device, "salt_pepper", e))
                 for e in epsilons}

@@ -33,7 +33,8 @@ def cospgd_loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | N
     valid = y != IGNORE_INDEX
     target = F.one_hot(torch.where(valid, y, 0), logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
     scale = F.cosine_similarity(logits.softmax(1), target, dim=1).detach()
-    return (scale * per_pixel)[valid].sum() / valid.sum().clamp_min(1)
+    # void pixels masked, not indexed out: boolean indexing reads the count back (a sync per iteration)
+    return torch.where(valid, scale * per_pixel, 0.0).sum() / valid.sum().clamp_min(1)
 
 
 def cospgd(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, eps: float, step: float = 1.0,

@@ -19,7 +19,6 @@ from mtkit.plugin_api import (
     Perturbation,
     PerturbationOptions,
     Targets,
-    draw,
     project,
 )
 
@@ -40,7 +39,7 @@ def dag_objective(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Ten
 class DAGOptions(PerturbationOptions):
     gamma: float = Field(0.5, gt=0, description="γ: the largest change of a pixel per step, in gray values "
                                                 "(Xie et al. use 0.5)")
-    iterations: PositiveInt = Field(50, description="the most steps; an image stops earlier when no pixel is "
+    iterations: PositiveInt = Field(50, description="the steps; an image takes none after no pixel is "
                                                     "active (Xie et al. allow 200)")
 
 
@@ -60,19 +59,15 @@ class DAG(Perturbation):
         # Xie et al. permute the label set at random: here each image's own random cycle through the classes,
         # label → the next class of the cycle, so that no class keeps its label (a permutation without fixed
         # points) and every pixel of a class shares its target
-        maps = []
-        for g in ctx.image_generators(x.shape[0], "dag"):
-            order = draw("rand", (c,), g).argsort()
-            following = torch.empty(c, dtype=torch.long)
-            following[order] = order.roll(-1)
-            maps.append(following)
-        cycle = torch.stack(maps).to(x.device)  # (B, C): class → target class
+        # (each image's cycle: the classes sorted by its own random words, drawn on the device; a stable sort)
+        order = torch.sort(ctx.image_words(x.shape[0], c, x.device, "dag"), dim=1, stable=True).indices
+        cycle = torch.empty_like(order).scatter_(1, order, order.roll(-1, 1))  # (B, C): class → target class
         safe = y.clamp(0, c - 1)
         t = torch.where(y == IGNORE_INDEX, IGNORE_INDEX, cycle.gather(1, safe.flatten(1)).view_as(y))
         return Targets(t, "per_pixel")
 
     def sweep(self, ctx, x, y, epsilons):
-        tg = self.targets(ctx, x, y)
+        tg = self.targets_of(ctx, x, y)
         return {e: dag(ctx, x, y, tg.labels, e, self.options.gamma, self.options.iterations) for e in epsilons}
 
 
@@ -89,9 +84,9 @@ def dag(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, targets: torch.Ten
             box.append(active)
             return value.sum()
         r = ctx.gradient(adv, objective)
-        done |= ~box[0].flatten(1).any(1)  # an image whose active set emptied has terminated (for good)
-        if bool(done.all()):
-            break
+        # an image whose active set emptied has terminated (for good): it takes no more steps. The loop runs its
+        # iterations without asking whether every image is done (that answer is a read-back, a sync per step)
+        done |= ~box[0].flatten(1).any(1)
         norm = r.flatten(1).abs().amax(1).clamp_min(1e-20).view(-1, 1, 1, 1)
         adv = project(adv + torch.where(done.view(-1, 1, 1, 1), 0.0, gamma * r / norm), x, eps)
     return adv

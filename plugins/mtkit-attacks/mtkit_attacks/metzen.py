@@ -103,7 +103,7 @@ class _Metzen(Perturbation):
         return ctx.gradient(x, lambda logits: self.loss(logits, tg).sum())
 
     def sweep(self, ctx, x, y, epsilons):
-        tg = self.targets(ctx, x, y)
+        tg = self.targets_of(ctx, x, y)
         o = self.options
         out = {}
         for e in epsilons:
