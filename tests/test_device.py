@@ -302,3 +302,31 @@ def test_training_and_evaluation_run_under_their_own_policy(trained, tmp_path, m
 
     train(recipe, "single", tmp_path, progress=False)
     assert seen[1:] == [(True, False), (True, True)]
+
+
+def test_the_other_ranks_wait_for_rank_0s_preparation_with_a_timeout_of_their_own(monkeypatch):
+    """Under torchrun the other ranks wait while rank 0 prepares the data, on the process group's store with
+    ``MTKIT_PREPARE_TIMEOUT`` (24 h by default), not at a collective bound by NCCL's 10 minutes: here rank 0 works
+    longer than a short timeout allows and the waiting rank stops with the store's timeout, and with a longer one
+    it finds rank 0's work done."""
+    import threading
+    import time
+
+    from torch.distributed import HashStore
+
+    store, done = HashStore(), []
+
+    def rank0():
+        runtime.after_rank0(runtime.Dist(0, 2, 0), "prepare", lambda: time.sleep(1.0) or done.append(0), store=store)
+
+    threading.Thread(target=rank0).start()
+    monkeypatch.setenv("MTKIT_PREPARE_TIMEOUT", "0.2")
+    with pytest.raises(Exception, match="(?i)timeout|timed out"):
+        runtime.after_rank0(runtime.Dist(1, 2, 0), "prepare", lambda: done.append(1), store=store)
+    # the next wait (a key of its own) with a timeout that fits the work
+    threading.Thread(target=rank0).start()
+    monkeypatch.setenv("MTKIT_PREPARE_TIMEOUT", "30")
+    t0 = time.perf_counter()
+    assert runtime.after_rank0(runtime.Dist(1, 2, 0), "prepare", lambda: done.append(1) or "found", store=store) \
+        == "found"
+    assert time.perf_counter() - t0 > 0.5 and done[-2:] == [0, 1]

@@ -300,3 +300,73 @@ def test_several_seeds_end_to_end_with_the_phase_hooks(tmp_path, monkeypatch):
     report = (res.run_dir / "report.md").read_text()
     assert "over 2 seeds" in report and "Holm-adjusted over the 2 primary tests" in report
     assert len(list((res.run_dir / "train").glob("*/done.json"))) == 4
+
+
+class _FakeJob:
+    """A stand-in for a job's process: done after ``polls`` polls, with exit code 0."""
+
+    started: list = []
+
+    def __init__(self, cmd, stdout=None, stderr=None, env=None):
+        unit = cmd[cmd.index("--unit") + 1]
+        self.env, self.returncode = env, None
+        self.polls = {"single:0": 6, "multi:0": 1}.get(unit, 1)
+        _FakeJob.started.append((unit, env))
+
+    def poll(self):
+        self.polls -= 1
+        if self.polls <= 0:
+            self.returncode = 0
+        return self.returncode
+
+    def terminate(self):
+        pass
+
+
+def test_jobs_on_gpus_take_a_free_inherited_gpu_and_their_share(first_run, tmp_path, monkeypatch):
+    """--jobs on a machine with GPUs (simulated: two visible, named by the scheduler's CUDA_VISIBLE_DEVICES): each
+    job gets one of the inherited names (not an index of its own), the least busy GPU when it starts (a free
+    slot, not its unit's number), its share of that GPU's memory and of the cores, and the number of jobs for
+    its loader workers."""
+    from mtkit.pipeline import jobs
+
+    _, recipe, _ = first_run
+    recipe = recipe.model_copy(update={"device": "auto"})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-3f2a,5")
+    monkeypatch.setattr(jobs.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(jobs.subprocess, "Popen", _FakeJob)
+    monkeypatch.setattr(jobs.os, "cpu_count", lambda: 16)
+    _FakeJob.started = []
+    units = [("single", 0), ("multi", 0), ("single", 1)]
+    lines = []
+    jobs.run_jobs(recipe, tmp_path, units, 2, False, lines.append)
+    got = [(unit, env["CUDA_VISIBLE_DEVICES"]) for unit, env in _FakeJob.started]
+    # single:0 runs long on the first GPU; multi:0 ends first, so single:1 takes its GPU, not unit 2 % 2 = 0's
+    assert got == [("single:0", "GPU-3f2a"), ("multi:0", "5"), ("single:1", "5")]
+    for _, env in _FakeJob.started:
+        assert env["MTKIT_MEMORY_SHARE"] == "1" and env["OMP_NUM_THREADS"] == "8" and env["MTKIT_JOBS"] == "2"
+    assert "[job] multi seed 0 started on GPU 5" in " ".join(lines)
+    # four jobs on the two GPUs: each gets half of its GPU
+    _FakeJob.started = []
+    jobs.run_jobs(recipe, tmp_path, [("single", s) for s in range(4)], 4, False, lines.append)
+    assert {env["MTKIT_MEMORY_SHARE"] for _, env in _FakeJob.started} == {"0.5"}
+    assert {env["OMP_NUM_THREADS"] for _, env in _FakeJob.started} == {"4"}
+
+
+def test_a_jobs_share_bounds_its_attack_passes_and_its_workers(monkeypatch):
+    """A --jobs process on a GPU sizes its attack passes to its share of the free memory (two jobs asked for
+    half of an 80 GB card each, not both for 40 GB), and its loader workers to its share of the cores."""
+    import torch
+
+    from mtkit.evaluation import sweep
+    from mtkit.recipe.prepare import default_workers
+
+    monkeypatch.setattr(sweep, "activation_bytes", lambda *a: 1 << 30)  # 1 GB per image
+    monkeypatch.setattr(sweep, "available_memory", lambda device: 80 << 30)
+    cuda = torch.device("cuda")
+    assert sweep.pass_size(torch.nn.Identity(), (3, 8, 8), cuda) == 40  # half the free memory, alone
+    monkeypatch.setenv("MTKIT_MEMORY_SHARE", "0.25")
+    assert sweep.pass_size(torch.nn.Identity(), (3, 8, 8), cuda) == 10  # one of four jobs on the GPU
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setenv("MTKIT_JOBS", "4")
+    assert default_workers(None) == 4

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import itertools
 import os
 import random
 import warnings
@@ -39,6 +41,19 @@ def local_rank() -> int:
 def local_world() -> int:
     """Processes on this node (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def node_jobs() -> int:
+    """``mtkit run --jobs`` processes running at once on this node (``MTKIT_JOBS``, set for each job; 1 otherwise):
+    each takes its share of the cores for loader and prepare workers."""
+    return max(1, int(os.environ.get("MTKIT_JOBS", "1")))
+
+
+def memory_share() -> float:
+    """This process's share of its GPU's memory (``MTKIT_MEMORY_SHARE``, set for each ``--jobs`` process: one
+    over the jobs on that GPU; 1 otherwise): what the attack passes size themselves to."""
+    share = float(os.environ.get("MTKIT_MEMORY_SHARE", "1"))
+    return share if 0 < share <= 1 else 1.0
 
 
 def backend_for(device: torch.device) -> str:
@@ -234,6 +249,31 @@ def barrier(d: Dist) -> None:
     """Wait for every rank (a no-op in a single process)."""
     if d.enabled:
         dist.barrier()
+
+
+_WAITS: dict[int, itertools.count] = {}
+#: how long the other ranks wait for rank 0 to prepare the data (``MTKIT_PREPARE_TIMEOUT`` seconds, default 24 h):
+#: a first paper-size run decodes Cityscapes and KITTI for far longer than NCCL's 10-minute collective timeout
+PREPARE_TIMEOUT_S = 24 * 3600
+
+
+def after_rank0(d: Dist, name: str, work, others: bool = True, store=None):
+    """``work()`` on rank 0 while the other ranks wait, then (``others``) ``work()`` on them, which then finds rank
+    0's result, a complete cache; without ``others`` they return None. The wait is on the process group's store
+    with its own timeout (``PREPARE_TIMEOUT_S``, or ``MTKIT_PREPARE_TIMEOUT``), not a collective bound by the
+    backend's timeout (NCCL's default: 10 minutes). A single process just works."""
+    if not d.enabled:
+        return work()
+    store = store if store is not None else dist.distributed_c10d._get_default_store()
+    key = f"mtkit/{name}/{next(_WAITS.setdefault(d.rank, itertools.count()))}"  # each rank counts its waits alike
+    if d.main:
+        try:
+            return work()
+        finally:  # released also when rank 0 fails, so that the others stop with their own error
+            store.set(key, "1")
+    seconds = float(os.environ.get("MTKIT_PREPARE_TIMEOUT", PREPARE_TIMEOUT_S))
+    store.wait([key], datetime.timedelta(seconds=seconds))
+    return work() if others else None
 
 
 def collective_device() -> torch.device:

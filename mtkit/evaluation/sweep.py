@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from ..core.progress import progress_bar
 from ..core.results import UNBOUNDED
-from ..core.runtime import Dist, Precision, available_memory, current_dist
+from ..core.runtime import Dist, Precision, available_memory, current_dist, memory_share
 from ..core.schema import SanityConfig
 from ..data.sampling import evaluation_batches
 from ..perturbations import AttackContext, Perturbation, Unbounded, repeat_labels
@@ -70,6 +70,8 @@ def pass_size(segmenter: nn.Module, shape: tuple[int, ...], device: torch.device
     ``activation_bytes`` per image (between 1 and ``limit``), and on a CPU no more than ``CPU_PASS_BYTES``."""
     per_image = max(activation_bytes(segmenter, shape, device), 1)
     budget = fraction * available_memory(device)
+    if device.type == "cuda":  # a --jobs process has its share of the GPU (``MTKIT_MEMORY_SHARE``)
+        budget *= memory_share()
     if device.type == "cpu":
         budget = min(budget, CPU_PASS_BYTES)
     return int(max(1, min(limit, budget // per_image)))

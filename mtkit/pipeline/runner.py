@@ -22,7 +22,7 @@ import yaml
 from ..core.errors import DatasetError, MtkitError
 from ..core.io import atomic_write_text
 from ..core.results import DataRow, DepthRow, ModelInfo, RunResults, strict
-from ..core.runtime import barrier, init_distributed, resolve_device
+from ..core.runtime import after_rank0, init_distributed, resolve_device
 from ..core.schema import ModelSpec, Recipe
 from ..evaluation.depth import evaluate_depth_model
 from ..evaluation.detection import evaluate_detection
@@ -164,11 +164,10 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                          f"{names}, its seeds {seeds}")
     started = time.perf_counter()
     cache = StageCache(d, force, log)
-    if not d.main:
-        barrier(d)  # rank 0 prepares; the others then find the cache complete
-    data = PreparedData(prepare_recipe(recipe, skip_bad=skip_bad, force=force and d.main, progress=progress, log=log))
-    if d.main:
-        barrier(d)
+    # rank 0 prepares while the others wait on the store (a timeout of its own, not NCCL's 10 minutes), then they
+    # find the cache complete
+    data = PreparedData(after_rank0(d, "prepare", lambda: prepare_recipe(
+        recipe, skip_bad=skip_bad, force=force and d.main, progress=progress, log=log)))
     for p in data.prepared:
         (cache.cached if p.cached else cache.ran).append(f"prepare {p.key}")
         m = p.manifest

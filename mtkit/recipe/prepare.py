@@ -14,11 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.distributed as dist
-
 from ..core.errors import DatasetError
 from ..core.io import cache_dir
-from ..core.runtime import local_world
+from ..core.runtime import after_rank0, current_dist, local_world, node_jobs
 from ..core.schema import DatasetConfig, Recipe, config_hash
 from ..data.base import SegmentationDataset, VideoDataset
 from ..data.cache import (
@@ -48,10 +46,10 @@ class Prepared:
 
 def default_workers(recipe_workers: int | None) -> int:
     """Loader and prepare processes per rank: the recipe's ``data.num_workers``, or the node's cores shared by
-    its processes (torchrun's LOCAL_WORLD_SIZE), at least one."""
+    its processes (torchrun's LOCAL_WORLD_SIZE, times the --jobs processes running at once), at least one."""
     if recipe_workers is not None:
         return recipe_workers
-    return max(1, (os.cpu_count() or 1) // local_world())
+    return max(1, (os.cpu_count() or 1) // (local_world() * node_jobs()))
 
 
 def dataset_folder(cfg: DatasetConfig, train: bool) -> Path:
@@ -141,9 +139,6 @@ def prepared_dataset(recipe: Recipe, key: str, progress: bool = True,
     """A recipe's dataset (``data.segmentation``, ``data.eval.CS``, ...) from the cache, preparing it first when
     needed; under torchrun rank 0 prepares while the others wait."""
     cfg, train = recipe_datasets(recipe)[key]
-    distributed = dist.is_available() and dist.is_initialized()
-    if not distributed or dist.get_rank() == 0:
-        prepare_dataset(cfg, train, key, default_workers(recipe.data.num_workers), progress=progress, log=log)
-    if distributed:
-        dist.barrier()
+    after_rank0(current_dist(), f"prepare {key}", lambda: prepare_dataset(
+        cfg, train, key, default_workers(recipe.data.num_workers), progress=progress, log=log), others=False)
     return open_prepared(dataset_folder(cfg, train))
