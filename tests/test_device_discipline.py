@@ -7,7 +7,10 @@ device is counted, which on a GPU is a blocking host-to-device copy (PyTorch fol
 Seams, each in the code and said where it is: autocast has no meta backend (``mtkit.core.runtime.fp32`` is a
 no-op there), and the optimizer is built non-fused on meta (``StepEngine.build``: fused Adam only on devices that
 run it). Everything else runs the production code unchanged: the model, its losses and the batch live on meta,
-with every warp of the depth loss batched as on a GPU (``scales_per_pass`` = all)."""
+with every warp of the depth loss batched as on a GPU (``scales_per_pass`` = all). Covered: one single-task and
+one multi-task training step, one iteration of every gradient attack (FGSM, PGD, APGD, MI-FGSM, SegPGD, CosPGD,
+O-PGD, Metzen static and dynamic, DAG) and the attack detector's measures; the noise draws are in
+``tests/test_philox.py``."""
 
 from __future__ import annotations
 
@@ -103,3 +106,60 @@ def test_a_training_step_copies_nothing_from_the_host(model):
         terms = engine.train_step(seg, dep)
     assert all(t.device == META for t in terms.values())
     assert spy.copies == []
+
+
+ATTACKS = {"fgsm": {}, "pgd": {"iterations": 1}, "apgd": {"iterations": 1}, "mifgsm": {"iterations": 1},
+           "segpgd": {"iterations": 1}, "cospgd": {"iterations": 1}, "opgd": {"iterations": 1},
+           "metzen_static": {"iterations": 1}, "metzen_dynamic": {"iterations": 1}, "dag": {"iterations": 1}}
+
+
+@pytest.fixture(scope="module")
+def meta_model():
+    from mtkit.recipe.build import build_model
+
+    recipe = validate(tiny_recipe())
+    torch.manual_seed(0)
+    model = build_model(recipe.model, ("segmentation", "depth"), 0.1).eval().to(META)
+    return model, model.segmenter().eval()
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_an_attack_iteration_copies_nothing_from_the_host(name, meta_model, tmp_path):
+    """One iteration of every gradient attack (the built-in ones and mtkit-attacks'), at two ε batched as the
+    sweep batches them, on the stand-in device: nothing raises and nothing is copied from the CPU. The targets of
+    Metzen's attacks are made before the iterations, once per batch (``Perturbation.targets_of``): the static
+    target from its file once per model and size, the dynamic one by a Euclidean distance transform on the CPU
+    (the one host step left, outside the iterations); here they are given on the device."""
+    import numpy as np
+
+    from mtkit.perturbations import AttackContext, Targets
+    from mtkit.recipe.build import build_perturbation
+
+    model, segmenter = meta_model
+    options = dict(ATTACKS[name])
+    if name == "metzen_static":
+        np.save(tmp_path / "target.npy", np.zeros((32, 64), dtype=np.int64))
+        options["target_file"] = str(tmp_path / "target.npy")
+    pert = build_perturbation(name, options)
+    x = torch.zeros(2, 3, 32, 64, device=META)
+    y = torch.zeros(2, 32, 64, dtype=torch.long, device=META)
+    ctx = AttackContext(segmenter, None, torch.Generator(), 0, [0, 1], None, 4, model)
+    if name.startswith("metzen"):
+        labels = torch.zeros(2, 32, 64, dtype=torch.long, device=META)
+        hidden = pert.options.hidden_class if name == "metzen_dynamic" else None
+        ctx.memo[("targets", id(pert))] = Targets(labels, "dynamic" if hidden else "static", hidden, labels.clone())
+    with HostCopies() as spy:
+        out = pert.sweep(ctx, x, y, [1.0, 4.0])
+    assert sorted(out) == [1.0, 4.0] and out[4.0].device == META
+    assert spy.copies == []
+
+
+def test_the_detectors_measures_copy_nothing_from_the_host(meta_model):
+    """The attack detector's edge-consistency measures (and the labels it predicts on the way) on the device."""
+    from mtkit.recipe.build import build_detector
+
+    model, _ = meta_model
+    with HostCopies() as spy:
+        measures, labels = build_detector("edge_consistency", {}).measures_and_prediction(
+            model, torch.zeros(2, 3, 32, 64, device=META))
+    assert measures.shape == (2, 3) and labels.device == META and spy.copies == []

@@ -140,7 +140,7 @@ def test_dag_stops_on_pixels_that_have_their_target_and_breaks_more_pixels_with_
     assert few.success <= many.success <= 1 and many.miou <= few.miou + 1e-3, (few, many)
 
 
-def test_universal_targets_are_cached_and_transfer_better_than_noise(setup, tmp_path):
+def test_universal_targets_are_cached_and_transfer_better_than_noise(setup, tmp_path, monkeypatch):
     loaded, ds, cfg = setup
     train = {"name": "synthetic", "split": "train", "options": {"domain": "city", "sequences": 2, "frames": 8}}
     options = {"target_dataset": cfg, "target_index": 3, "dataset": train, "epochs": 3, "images": 16,
@@ -161,9 +161,18 @@ def test_universal_targets_are_cached_and_transfer_better_than_noise(setup, tmp_
     with torch.no_grad():
         noisy = loaded.segmenter((x + noise).clamp(0, 255)).argmax(1)
     assert row.success > targeted_rates(targeted_counts(noisy, target, "static"))[0]
-    dyn = build_perturbation("metzen_dynamic_uap", {"hidden_class": 0, "dataset": train, "epochs": 1, "images": 8,
-                                                    "folder": str(tmp_path)})
+    # the dynamic targets of the training images are filled once per image, not in every learning step (the
+    # fill is a distance transform on the CPU): 2 epochs over the 16 training images fill 16, and the sweep's
+    # batch once
+    import mtkit_attacks.metzen as metzen
+
+    filled, real_fill = [], metzen.fill_hidden
+    monkeypatch.setattr(metzen, "fill_hidden", lambda pred, hidden: filled.append(pred.shape[0]) or real_fill(
+        pred, hidden))
+    dyn = build_perturbation("metzen_dynamic_uap", {"hidden_class": 0, "dataset": train, "epochs": 2,
+                                                    "images": 16, "folder": str(tmp_path)})
     assert _sweep(loaded, ds, {"metzen_dynamic_uap": dyn}, [16.0]).targeted[0].kind == "dynamic"
+    assert sum(filled) == 16 + len(ds), filled
 
 
 def test_gd_uap_needs_no_data_and_works_with_any_timm_backbone(tmp_path):

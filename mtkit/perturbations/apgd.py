@@ -12,7 +12,7 @@ from pydantic import Field, PositiveInt
 from ..core.registry import register
 from ..ops.losses import IGNORE_INDEX
 from .base import Perturbation, PerturbationOptions
-from .context import AttackContext
+from .context import AttackContext, epsilon_column
 from .gradient import pgd_iterations, project, random_start_point, strongest
 
 
@@ -45,7 +45,7 @@ def apgd_sweep(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, epsilons: l
     b, copies = x.shape[0], len(epsilons)
     shape = (-1, *([1] * (x.dim() - 1)))
     x0 = x.repeat(copies, *([1] * (x.dim() - 1)))
-    eps = torch.tensor(epsilons, dtype=x.dtype, device=x.device).repeat_interleave(b).view(shape)
+    eps = epsilon_column(epsilons, b, x)
     if random_start:  # each image's own draw per ε (``random_start_point``)
         x_cur = torch.cat([random_start_point(ctx, x, e, "apgd", e, restart) for e in epsilons])
     else:

@@ -26,6 +26,14 @@ def image_generator(seed: int, index: int, *salt: Any) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1)
 
 
+def epsilon_column(epsilons: list[float], batch: int, like: torch.Tensor) -> torch.Tensor:
+    """(len(epsilons) · batch, 1, 1, 1) of ``like``'s dtype and device: each ε repeated for the ``batch`` images of
+    its copy in a batched sweep, made on the device by fills (``torch.tensor(list, device=…)`` would be a blocking
+    copy from the host on a GPU)."""
+    column = torch.cat([torch.full((batch,), float(e), dtype=like.dtype, device=like.device) for e in epsilons])
+    return column.view(-1, *([1] * (like.dim() - 1)))
+
+
 def repeat_labels(y: torch.Tensor, rows: int) -> torch.Tensor:
     """The labels of a batch for ``rows`` stacked images: ``y`` repeated once per copy of the batch that a batched
     sweep stacks (one copy per ε), in the stacking order of ``torch.cat``."""

@@ -11,7 +11,7 @@ from pydantic import Field, PositiveInt
 
 from ..core.registry import register
 from .base import Perturbation, PerturbationOptions
-from .context import AttackContext, clip_image
+from .context import AttackContext, clip_image, epsilon_column
 
 
 def fgsm_direction(gradient: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,7 @@ def pgd_sweep(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, epsilons: li
     starts = [random_start_point(ctx, x, e, "pgd", e, restart) if random_start else x.clone() for e in epsilons]
     x_adv = torch.cat(starts)
     x0 = x.repeat(len(epsilons), *([1] * (x.dim() - 1)))
-    eps = torch.tensor(epsilons, dtype=x.dtype, device=x.device).repeat_interleave(b).view(-1, *([1] * (x.dim() - 1)))
+    eps = epsilon_column(epsilons, b, x)
     for it in range(max(counts)):
         active = [i for i, n in enumerate(counts) if n > it]
         rows = torch.cat([torch.arange(i * b, (i + 1) * b, device=x.device) for i in active])

@@ -191,8 +191,21 @@ class _MetzenUAP(UniversalPerturbation):
         return self.attack.targets(ctx, x, y)
 
     def learn(self, ctx, dataset, eps):
+        # the clean images' targets, made once per image (the model does not change while ξ is learnt): the dynamic
+        # fill (a distance transform on the CPU) runs once per image, not in every learning step
+        cache: dict[int, Targets] = {}  # image index -> its targets (a batch of one)
+
         def direction(ctx, x, x_xi, y):  # descend J^ω towards the clean images' targets (learn_uap ascends)
-            return -self.attack.direction(ctx, x_xi, self.attack.targets(ctx, x, y))
+            missing = [k for k, i in enumerate(ctx.indices) if i not in cache]
+            if missing:
+                tg = self.attack.targets(ctx, x[missing], None if y is None else y[missing])
+                for j, k in enumerate(missing):
+                    cache[ctx.indices[k]] = Targets(tg.labels[j:j + 1], tg.kind, tg.hidden,
+                                                    None if tg.reference is None else tg.reference[j:j + 1])
+            parts = [cache[i] for i in ctx.indices]
+            reference = None if parts[0].reference is None else torch.cat([p.reference for p in parts])
+            tg = Targets(torch.cat([p.labels for p in parts]), parts[0].kind, parts[0].hidden, reference)
+            return -self.attack.direction(ctx, x_xi, tg)
         return learn_uap(ctx, dataset, eps, self.epochs, self.batch_size, self.options.step, self.images, direction)
 
     def extra_key(self):

@@ -5,6 +5,7 @@ fingerprinted by the model and cached.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,8 @@ def learn_uap(ctx: AttackContext, dataset, eps: float, epochs: int = 5, batch_si
             y = torch.stack([b["label"] for b in batch]).to(device)
             if xi is None:
                 xi = torch.zeros(x.shape[1:], device=device)
-            grad = (ctx.input_gradient(clip_image(x + xi), y) if direction is None
-                    else direction(ctx, x, clip_image(x + xi), y)).sum(0)
+            grad = (ctx.input_gradient(clip_image(x + xi), y) if direction is None  # the batch's indices: the
+                    else direction(replace(ctx, indices=order[i:i + batch_size]), x, clip_image(x + xi), y)).sum(0)
             xi = (xi + step * fgsm_direction(grad)).clamp(-eps, eps)
     assert xi is not None
     return xi
