@@ -20,7 +20,7 @@ spec.loader.exec_module(gpu_check)
 def test_help_says_what_it_runs():
     out = subprocess.run(["bash", str(ROOT / "tools" / "gpu-check.sh"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for part in ("tests", "quickstart", "bench", "torchrun", "--python", "--wheels", "summary.json"):
+    for part in ("tests", "quickstart", "bench", "torchrun", "jobs", "plan", "--python", "--wheels", "summary.json"):
         assert part in out.stdout
 
 

@@ -306,12 +306,14 @@ class _FakeJob:
     """A stand-in for a job's process: done after ``polls`` polls, with exit code 0."""
 
     started: list = []
+    commands: list = []
 
     def __init__(self, cmd, stdout=None, stderr=None, env=None):
         unit = cmd[cmd.index("--unit") + 1]
         self.env, self.returncode = env, None
         self.polls = {"single:0": 6, "multi:0": 1}.get(unit, 1)
         _FakeJob.started.append((unit, env))
+        _FakeJob.commands.append(cmd)
 
     def poll(self):
         self.polls -= 1
@@ -336,10 +338,12 @@ def test_jobs_on_gpus_take_a_free_inherited_gpu_and_their_share(first_run, tmp_p
     monkeypatch.setattr(jobs.torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(jobs.subprocess, "Popen", _FakeJob)
     monkeypatch.setattr(jobs.os, "cpu_count", lambda: 16)
-    _FakeJob.started = []
+    _FakeJob.started, _FakeJob.commands = [], []
     units = [("single", 0), ("multi", 0), ("single", 1)]
     lines = []
-    jobs.run_jobs(recipe, tmp_path, units, 2, False, lines.append)
+    jobs.run_jobs(recipe, tmp_path, units, 2, False, lines.append, seeds=[0, 1])
+    # each job is told the run's seeds (--seeds 0,1): a unit of seed 1 is one of its run's
+    assert all(cmd[cmd.index("--seeds") + 1] == "0,1" for cmd in _FakeJob.commands)
     got = [(unit, env["CUDA_VISIBLE_DEVICES"]) for unit, env in _FakeJob.started]
     # single:0 runs long on the first GPU; multi:0 ends first, so single:1 takes its GPU, not unit 2 % 2 = 0's
     assert got == [("single:0", "GPU-3f2a"), ("multi:0", "5"), ("single:1", "5")]
@@ -370,3 +374,19 @@ def test_a_jobs_share_bounds_its_attack_passes_and_its_workers(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     monkeypatch.setenv("MTKIT_JOBS", "4")
     assert default_workers(None) == 4
+
+
+def test_without_matplotlib_the_report_is_written_without_figures(first_run, tmp_path, monkeypatch):
+    """A GPU image without matplotlib: the run's report is still written, tables and all, without the figures,
+    and says how to get them, instead of a traceback after the whole run."""
+    import importlib.util
+
+    from mtkit.report import write_report
+
+    _, _, res = first_run
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    paths = write_report(res.results, tmp_path)
+    report = paths["report"].read_text()
+    assert "figure5" not in paths and not list(tmp_path.glob("*.png"))
+    assert "No figures: matplotlib is not installed" in report and "## Results" in report

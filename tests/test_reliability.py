@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
+
+pytest.importorskip("hypothesis", reason="the fuzzing needs hypothesis (a test extra)")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import run_cli, tiny_recipe, with_plugins_on_path

@@ -7,7 +7,7 @@ usage() {
 usage: bash tools/gpu-check.sh [--python PY] [--install WHEELS] [--out DIR] [--parts LIST] [--allow-cpu]
        bash tools/gpu-check.sh --wheels DIR
 
-On a CUDA machine, in about 8 minutes on one H100, it runs:
+On a CUDA machine, in at most 20 minutes on one H100 (each part has its limit), it runs:
   tests       the GPU subset of the test suite (pytest -m gpu --device cuda: every perturbation and plugin
               attack, warping and the depth loss, batched augmentation, the precision/compile modes, a tiny
               train -> evaluate -> mtkit run pipeline, each on the GPU)
@@ -16,6 +16,9 @@ On a CUDA machine, in about 8 minutes on one H100, it runs:
               640x192, attack sweeps, the depth loss), against the GPU's own bf16 matmul peak
   torchrun    a 2-process torchrun: DDP training, sharded evaluation of its checkpoint, and the same evaluation
               in one process; the rows must be equal (NCCL with >= 2 GPUs, else gloo, two ranks on one GPU)
+  jobs        mtkit run --jobs 2 of a tiny recipe against --jobs 1 (each job on a GPU with its share of the
+              memory and cores); the rows must be equal
+  plan        mtkit run --plan of the tiny recipe on the GPU, each stage timed under its phase's math policy
 It writes DIR/summary.json (device, torch, timings, pass/fail per part), DIR/bench-<card>.json (pytest-benchmark's
 JSON, for benchmarks/baselines/gpu-<card>.json) and a log per part (DIR default runs/gpu-check), prints a table
 and exits 1 when a part failed (2: no GPU).
@@ -29,7 +32,7 @@ Options:
                    cityscapesScripts, imagecorruptions, torchattacks and their small dependencies; CPython 3.12,
                    manylinux x86-64) and build mtkit's and the plugins' wheels, then stop
   --out DIR        where the summary and logs go
-  --parts LIST     comma-separated subset of tests,quickstart,bench,torchrun
+  --parts LIST     comma-separated subset of tests,quickstart,bench,torchrun,jobs,plan
   --allow-cpu      run without a GPU (checks the check itself; the tests part runs tests/test_device.py)
 TXT
 }
@@ -47,8 +50,11 @@ done
 if [ -n "$wheels" ]; then
   mkdir -p "$wheels"
   # pins from constraints.txt; --no-deps: each dependency the GPU image lacks is named here
-  pkgs=(pydantic pydantic_core annotated-types typing-inspection segmentation_models_pytorch cityscapesScripts
-        coloredlogs humanfriendly pyquaternion appdirs imagecorruptions torchattacks)
+  # typing_extensions: pydantic_core 2.50 imports typing_extensions.Sentinel (>= 4.14), which older images lack;
+  # hypothesis, sortedcontainers, pytest-timeout: the test extras the suite's collection and its timeouts need
+  pkgs=(pydantic pydantic_core annotated-types typing-inspection typing_extensions segmentation_models_pytorch
+        cityscapesScripts coloredlogs humanfriendly pyquaternion appdirs imagecorruptions torchattacks
+        hypothesis sortedcontainers pytest-timeout)
   PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= python3 -m pip download -q --no-deps --only-binary=:all: \
     --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -c "$repo/constraints.txt" -d "$wheels" "${pkgs[@]}"

@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("tests", "quickstart", "bench", "torchrun")
-# seconds each part may take (the whole check is meant to fit 8 minutes on one H100)
-LIMITS = {"tests": 240, "quickstart": 150, "bench": 240, "torchrun": 180}
+PARTS = ("tests", "quickstart", "bench", "torchrun", "jobs", "plan")
+# seconds each part may take (the whole check is meant to fit 20 minutes on one H100: the quickstart includes
+# rendering and preparing its data from an empty cache, the bench compiles the step with inductor at 640x192)
+LIMITS = {"tests": 300, "quickstart": 300, "bench": 420, "torchrun": 180, "jobs": 240, "plan": 120}
 # gray values of an attack row's mIoU two runs may differ by on CUDA: the backward passes of bilinear upsampling
 # and grid_sample accumulate with atomics, so a gradient's sign can flip where it is about zero
 ATTACK_MIOU_TOL = 1e-3
@@ -119,6 +120,22 @@ def compare_rows(one: Path, two: Path) -> tuple[bool, str]:
     return True, f"{rows} rows equal (attacks within {worst:.1e} mIoU)"
 
 
+def jobs_part(python: str, work: Path, env: dict, log: Path, device: str) -> dict:
+    """``mtkit run --jobs 2`` of the tiny recipe against ``--jobs 1``: two units at once on the GPU(s), each with
+    its share of the memory and cores; the rows must be those of one process (attacks within ATTACK_MIOU_TOL)."""
+    recipe = tiny_recipe(work, device)
+    t0 = time.perf_counter()
+    for jobs in (1, 2):
+        cmd = [python, "-m", "mtkit", "run", str(recipe), "--out", str(work / f"jobs-{jobs}"), "--no-progress",
+               "--jobs", str(jobs), "--seeds", "0,1"]  # two (model, seed) units
+        res = run_part("jobs", cmd, log, env, LIMITS["jobs"] - (time.perf_counter() - t0))
+        if not res["passed"]:
+            return {**res, "seconds": round(time.perf_counter() - t0, 1)}
+    ok, detail = compare_rows(work / "jobs-1" / "results.json", work / "jobs-2" / "results.json")
+    return {"passed": ok, "seconds": round(time.perf_counter() - t0, 1), "rc": 0 if ok else 1,
+            "detail": f"--jobs 2 vs 1: {detail}", "tail": ""}
+
+
 def torchrun_part(python: str, work: Path, env: dict, gpus: int, log: Path, device: str) -> dict:
     """2-process torchrun: DDP training, then sharded evaluation of its checkpoint; the same evaluation in one
     process; rows compared. NCCL with ≥ 2 GPUs (each rank its own), else gloo with two ranks sharing one GPU."""
@@ -191,12 +208,16 @@ def main(argv: list[str] | None = None) -> int:
                        "--out", str(work / "quickstart"), "-o", f"device={device}"],
         "bench": [python, "-m", "mtkit", "bench", "-k", "train_step or pgd_sweep or fgsm_sweep or photometric",
                   "--save", str(bench_json)],
+        # the projection on the device, each stage under its phase's math policy (the tiny recipe: no datasets)
+        "plan": [python, "-m", "mtkit", "run", str(tiny_recipe(work / "plan", device)), "--plan", "--jobs", "2"],
     }
     for part in parts:
         log = out / f"{part}.log"
         print(f"gpu-check: {part} …", flush=True)
         if part == "torchrun":
             res = torchrun_part(python, work / "torchrun", env, info["gpus"], log, device)
+        elif part == "jobs":
+            res = jobs_part(python, work / "jobs", env, log, device)
         else:
             if part == "quickstart":
                 shutil.rmtree(work / "cache", ignore_errors=True)

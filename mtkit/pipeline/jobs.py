@@ -39,14 +39,15 @@ def job_env(gpu: str | None, per_gpu: int, concurrent: int) -> dict[str, str]:
             "OMP_NUM_THREADS": str(max(1, cores // concurrent))}
 
 
-def run_jobs(recipe: Recipe, run_dir: Path, units: list[tuple[str, int]], jobs: int, force: bool, log=print
-             ) -> None:
+def run_jobs(recipe: Recipe, run_dir: Path, units: list[tuple[str, int]], jobs: int, force: bool, log=print,
+             seeds: list[int] | None = None) -> None:
     """Run the stages of independent (model, seed) units in up to ``jobs`` processes at once (``mtkit run --unit``
     on the resolved recipe, into the same run folder and stage cache): several models share one GPU, or spread
     over several (each process sees one GPU through ``CUDA_VISIBLE_DEVICES``: the least busy one when it starts,
     named as the inherited variable names it), or share the CPU. Each process trains and evaluates exactly as
     one process would (the same seeds and data), with its share of the GPU's memory and of the cores
-    (``job_env``); a failed unit stops the others and names its log."""
+    (``job_env``); a failed unit stops the others and names its log. ``seeds``: the run's (``--seeds``), which
+    each process is given, so that its unit is one of its run's."""
     folder = run_dir / "jobs"
     folder.mkdir(parents=True, exist_ok=True)
     recipe_file = folder / "recipe.yaml"
@@ -65,7 +66,8 @@ def run_jobs(recipe: Recipe, run_dir: Path, units: list[tuple[str, int]], jobs: 
                     load[gpu] += 1
                 logfile = folder / f"{name}-s{seed}.log"
                 cmd = [sys.executable, "-m", "mtkit", "run", str(recipe_file), "--out", str(run_dir), "--no-progress",
-                       "--unit", f"{name}:{seed}", *(["--force"] if force else [])]
+                       "--unit", f"{name}:{seed}", *(["--force"] if force else []),
+                       *(["--seeds", ",".join(map(str, seeds))] if seeds else [])]
                 with open(logfile, "w") as fh:
                     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
                                             env={**os.environ, **job_env(gpu, per_gpu, concurrent)})

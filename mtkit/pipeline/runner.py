@@ -180,7 +180,7 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
         todo = [unit for unit, fs in files.items() if force or not all(f.is_file() for f in fs)]
         if todo:  # the stages these jobs are to run count as run, not cached
             cache.by_jobs = {f for unit in todo for f in files[unit] if force or not f.is_file()}
-            run_jobs(recipe, run_dir, todo, jobs, force, log)
+            run_jobs(recipe, run_dir, todo, jobs, force, log, seeds)
         cache.force = False  # what force asked for has just run
     for seed in seeds:
         for spec in recipe.models:

@@ -4,6 +4,7 @@ their own module)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from pathlib import Path
@@ -60,9 +61,15 @@ def write_report(results: RunResults, run_dir: Path) -> dict[str, Path]:
     paths = {"json": run_dir / "results.json", "csv": run_dir / "results.csv", "report": run_dir / "report.md"}
     results.write(paths["json"])
     write_csv(results, paths["csv"])
-    fig5 = plot_figure5(results, run_dir / "figure5_robustness.png") if results.robustness else None
-    fig6 = plot_figure6(results, run_dir / "figure6_fgsm_lambda.png") if results.robustness else None
-    figc = plot_other_levels(results, run_dir / "figure_corruptions.png")
+    # without matplotlib (a slim GPU image) the report is written without its figures, and says so
+    plots = importlib.util.find_spec("matplotlib") is not None
+
+    def plot(fn, name: str) -> Path | None:
+        return fn(results, run_dir / name) if plots else None
+
+    fig5 = plot(plot_figure5, "figure5_robustness.png") if results.robustness else None
+    fig6 = plot(plot_figure6, "figure6_fgsm_lambda.png") if results.robustness else None
+    figc = plot(plot_other_levels, "figure_corruptions.png")
     seeds = results.seeds
     md = [f"# mtkit report: {results.recipe_name}", "", *([results.recipe_description, ""]
                                                           if results.recipe_description else []),
@@ -80,14 +87,14 @@ def write_report(results: RunResults, run_dir: Path) -> dict[str, Path]:
         paths["figure_corruptions"] = figc
         md += ["## Corruptions on the same SNR axis", "", f"![Corruptions]({figc.name})", ""]
     md += targeted_markdown(results)
-    png = plot_targeted(results, run_dir / "figure_targeted.png")
+    png = plot(plot_targeted, "figure_targeted.png")
     if png:
         paths["figure_targeted"] = png
         md += ["### Targeted attacks: success over ε", "", f"![Targeted attacks]({png.name})", ""]
     md += detection_markdown(results)
-    for key, plot, title in (("figure_detection", plot_detection, "Detection rate over ε"),
-                             ("figure_roc", plot_roc, "ROC curves at the smallest ε")):
-        png = plot(results, run_dir / f"{key}.png")
+    for key, fn, title in (("figure_detection", plot_detection, "Detection rate over ε"),
+                           ("figure_roc", plot_roc, "ROC curves at the smallest ε")):
+        png = plot(fn, f"{key}.png")
         if png:
             paths[key] = png
             md += [f"### {title}", "", f"![{title}]({png.name})", ""]
@@ -96,7 +103,9 @@ def write_report(results: RunResults, run_dir: Path) -> dict[str, Path]:
                *(f"| {d.key} | {d.name} | {d.split} | {d.samples} | {d.width}x{d.height} | {d.skipped}"
                  + (f" ({', '.join(d.skipped_items[:3])})" if d.skipped_items else "") + " |" for d in results.data),
                ""]
-    md += ["## Notes", "",
+    md += ["## Notes", "", *([] if plots else ["- No figures: matplotlib is not installed here (`pip install "
+                                                "matplotlib`, then `mtkit run` again redraws them from the cache); "
+                                                "the tables hold every number."]),
            "- ε is the RMS of the perturbation in gray values (eq. 7); 'measured ε' is the RMS after clipping "
            "the perturbed image to [0, 255], over the whole evaluation set.",
            "- mIoU sums TP, FP and FN over all images before dividing (eq. 9); Q = mIoU_adv / mIoU_clean "
