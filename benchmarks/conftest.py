@@ -49,7 +49,7 @@ def _device_info(request):
     if "benchmark" not in request.fixturenames:
         yield
         return
-    from mtkit.core.runtime import math_mode
+    from mtkit.core.precision import math_mode
 
     info = request.getfixturevalue("benchmark").extra_info
     info["device"] = device_name()

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from mtkit.core import checkpoint, runtime
+from mtkit.core import checkpoint, precision, runtime
 from mtkit.core.schema import ModelConfig
 from mtkit.perturbations import AttackContext, draw, image_generator
 from mtkit.recipe.build import build_model, build_perturbation
@@ -263,18 +263,18 @@ def _answers(getters: dict[str, object]) -> dict[str, object]:
 
 def test_math_mode_sets_the_tf32_policy_and_restores_it():
     def policy():
-        return runtime.tf32_flags(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+        return precision.tf32_flags(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
 
     before, getters = policy(), _answers(_tf32_getters())
-    with runtime.math_mode(tf32=True) as mode:
+    with precision.math_mode(tf32=True) as mode:
         got = _tf32_getters()  # every getter answers inside the policy
         assert got["matmul.allow_tf32"] and got["cudnn.allow_tf32"] and got["float32_matmul_precision"] == "high"
         assert got["matmul.fp32_precision"] == got["conv.fp32_precision"] == "tf32"
-        assert runtime.tf32_flags() == (True, True)
+        assert precision.tf32_flags() == (True, True)
         assert torch.backends.cudnn.benchmark and mode == {"tf32": True, "cudnn_benchmark": True,
                                                             "deterministic": False}
     assert policy() == before and _answers(_tf32_getters()) == getters  # restored (what each getter means)
-    with runtime.math_mode(tf32=False, deterministic=True):
+    with precision.math_mode(tf32=False, deterministic=True):
         got = _tf32_getters()
         assert not got["matmul.allow_tf32"] and not got["cudnn.allow_tf32"]
         assert got["float32_matmul_precision"] == "highest" and got["matmul.fp32_precision"] == "ieee"
@@ -292,7 +292,7 @@ def test_training_and_evaluation_run_under_their_own_policy(trained, tmp_path, m
     from mtkit.recipe.load import validate
 
     seen = []
-    real = runtime.math_mode
+    real = precision.math_mode
 
     def spy(tf32, deterministic=False):
         seen.append((tf32, deterministic))

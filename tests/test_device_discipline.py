@@ -4,7 +4,7 @@ meta"); a value read back (``.item()``, ``bool(t)``, ``nonzero``) raises; and ev
 device is counted, which on a GPU is a blocking host-to-device copy (PyTorch follows it with
 ``cudaStreamSynchronize``) that drains the launch queue.
 
-Seams, each in the code and said where it is: autocast has no meta backend (``mtkit.core.runtime.fp32`` is a
+Seams, each in the code and said where it is: autocast has no meta backend (``mtkit.core.precision.fp32`` is a
 no-op there), and the optimizer is built non-fused on meta (``StepEngine.build``: fused Adam only on devices that
 run it). Everything else runs the production code unchanged: the model, its losses and the batch live on meta,
 with every warp of the depth loss batched as on a GPU (``scales_per_pass`` = all). Covered: one single-task and

@@ -175,10 +175,10 @@ def _masking(r: Recipe) -> list:
 def _math_modes(r: Recipe, c, where: str) -> list[tuple[bool, bool]]:
     """The (tf32, deterministic) policies ``math_mode`` is entered with while training (``where`` "train") or
     evaluating ("evaluate") under recipe ``r``."""
-    import mtkit.core.runtime
+    import mtkit.core.precision
 
     seen = []
-    real = mtkit.core.runtime.math_mode
+    real = mtkit.core.precision.math_mode
     module = {"train": "mtkit.training.trainer", "evaluate": "mtkit.evaluation.robustness"}[where]
     c.mp.setattr(f"{module}.math_mode", lambda tf32, deterministic=False: seen.append((tf32, deterministic))
                  or real(tf32, deterministic))
@@ -258,6 +258,7 @@ PROBES: dict[str, tuple[Any, Any, Callable[..., Any]]] = {
     "train.amp": ("off", "bf16", lambda r, c: str(_trainer(r, c.tmp).precision.dtype)),
     "train.channels_last": (False, True, lambda r, c: _trainer(r, c.tmp).precision.channels_last),
     "train.compile": (False, True, lambda r, c: type(_trainer(r, c.tmp).net).__name__),
+    "train.cuda_graphs": (False, "auto", lambda r, c: _trainer(r, c.tmp).cuda_graphs_reason),
     "train.tf32": (True, False, lambda r, c: (_trainer(r, c.tmp).precision.tf32, _math_modes(r, c, "train"))),
     "train.deterministic": (False, True, lambda r, c: _math_modes(r, c, "train")),
     "train.grad_clip": (None, 1e-6, lambda r, c: _one_step_update(r, c)),

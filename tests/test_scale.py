@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from support import tiny_recipe
 
-from mtkit.core.runtime import Precision
+from mtkit.core.precision import Precision
 from mtkit.evaluation.robustness import evaluate_checkpoint, load_model
 from mtkit.evaluation.sweep import activation_bytes, pass_size, robustness_sweep
 from mtkit.perturbations import (
@@ -58,7 +58,7 @@ def _step(tr: StepEngine, batch) -> tuple[float, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, device):
     """The fp32 eager step on the device under test (CUDA: IEEE fp32, no TF32)."""
-    from mtkit.core.runtime import math_mode
+    from mtkit.core.precision import math_mode
 
     with math_mode(tf32=False):
         return _step(_trainer(tmp_path_factory.mktemp("fp32"), device, amp="off", channels_last=False), _batch())
@@ -66,7 +66,7 @@ def reference(tmp_path_factory, device):
 
 @pytest.mark.parametrize("mode", ["bf16", "fp16", "channels_last"])
 def test_a_training_step_in_each_precision_matches_fp32(mode, reference, tmp_path, device):
-    from mtkit.core.runtime import math_mode
+    from mtkit.core.precision import math_mode
 
     settings = {"bf16": dict(amp="bf16"), "fp16": dict(amp="fp16"), "channels_last": dict(channels_last=True)}[mode]
     tr = _trainer(tmp_path, device, **{"amp": "off", "channels_last": False, **settings})
@@ -88,7 +88,7 @@ def test_compiled_training_matches_eager_and_does_not_recompile_every_step(refer
     """inductor (gcc on this machine; triton on a GPU): the first step compiles, the next two reuse the graphs."""
     from torch._dynamo.utils import counters
 
-    from mtkit.core.runtime import math_mode
+    from mtkit.core.precision import math_mode
 
     torch._dynamo.reset()
     tr = _trainer(tmp_path, device, amp="off", channels_last=False, compile=True)

@@ -121,3 +121,48 @@ def test_a_nan_between_log_steps_stops_at_its_step_before_any_checkpoint(tmp_pat
     with pytest.raises(TrainingDiverged, match=r"loss term 'seg' is nan at step 3 \(epoch 1\).*none written yet"):
         train(recipe, "multi", tmp_path / "run", progress=False)
     assert calls["n"] == 4 and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_cuda_graphs_switch_and_its_fallbacks():
+    """``train.cuda_graphs``: auto is on for one CUDA process (static training shapes), off under DDP and on the
+    CPU; true on a CPU is a one-line error; false is off. (The capture itself and its speed are measured on a GPU
+    by tools/gpu-check.sh's bench: owed where no GPU was lent.)"""
+    from mtkit.core.errors import MtkitError
+    from mtkit.core.precision import resolve_cuda_graphs
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_cuda_graphs("auto", cuda, False)[0] and not resolve_cuda_graphs("auto", cuda, True)[0]
+    assert "DDP" in resolve_cuda_graphs(True, cuda, True)[1]
+    assert not resolve_cuda_graphs("auto", cpu, False)[0] and not resolve_cuda_graphs(False, cuda, False)[0]
+    with pytest.raises(MtkitError, match="needs a CUDA device"):
+        resolve_cuda_graphs(True, cpu, False)
+
+
+def test_a_captured_step_gives_the_eager_steps_losses(monkeypatch, tmp_path):
+    """With the capture on, the step's forward and losses go through torch.compile(mode="reduce-overhead") and
+    each step marks a new graph iteration; its losses (and the weights after the update) equal the eager step's.
+    On the CPU the compiler is replaced by the identity, so this proves the wiring, not the graphs."""
+    import mtkit.training.step as step_module
+
+    compiled = []
+    monkeypatch.setattr(step_module.torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
+    marks = []
+    monkeypatch.setattr(step_module.torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    results = []
+    for graphs in (False, True):
+        monkeypatch.setattr(step_module, "resolve_cuda_graphs", lambda s, d, ddp, g=graphs: (g, "test"))
+        recipe = validate(tiny_recipe(**{"train.amp": "off", "train.channels_last": False}))
+        engine = StepEngine(recipe, recipe.models[1])
+        engine.build(torch.ones(19))
+        g = torch.Generator().manual_seed(0)
+        seg = {"image": torch.rand(2, 3, 32, 64, generator=g) * 255,
+               "label": torch.randint(0, 19, (2, 32, 64), generator=g)}
+        frames = torch.rand(2, 3, 3, 32, 64, generator=g) * 255
+        k = torch.eye(4).repeat(2, 1, 1)
+        k[:, 0, 0], k[:, 1, 1], k[:, 0, 2], k[:, 1, 2] = 37.0, 61.0, 32.0, 16.0
+        terms = engine.train_step(seg, {"frames": frames, "frames_raw": frames, "K": k})
+        results.append((terms, next(engine.model.seg_head.parameters()).detach().clone()))
+    assert compiled == [{"mode": "reduce-overhead"}] and marks == [1]
+    (eager, w0), (captured, w1) = results
+    assert eager.keys() == captured.keys() and all(torch.equal(eager[n], captured[n]) for n in eager)
+    assert torch.equal(w0, w1)

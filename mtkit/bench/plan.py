@@ -10,7 +10,8 @@ from functools import partial
 
 import torch
 
-from ..core.runtime import math_mode, resolve_device, resolve_precision
+from ..core.precision import math_mode, resolve_precision
+from ..core.runtime import resolve_device
 from ..evaluation.robustness import evaluation_sets
 from ..evaluation.sweep import robustness_sweep
 from ..recipe.build import build_dataset, build_perturbations, build_segmentation_loss

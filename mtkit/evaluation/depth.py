@@ -19,9 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..core.errors import MtkitError
+from ..core.precision import math_mode
 from ..core.progress import progress_bar
 from ..core.results import DepthRow
-from ..core.runtime import math_mode
 from ..core.schema import DepthEvaluationConfig
 from ..ops.metrics import DEPTH_METRICS, evaluate_depth
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from ..core.errors import MtkitError
+from ..core.precision import math_mode, resolve_precision
 from ..core.progress import progress_bar
 from ..core.results import DetectionRow
-from ..core.runtime import math_mode, resolve_precision
 from ..core.schema import Recipe
 from ..ops.edge_consistency import fit_threshold, roc_auc, roc_points
 from ..ops.metrics import confusion_counts, confusion_from_counts, miou

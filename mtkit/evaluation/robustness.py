@@ -16,8 +16,8 @@ from torch import nn
 
 from ..core.checkpoint import load_checkpoint
 from ..core.errors import CheckpointError, MtkitError
+from ..core.precision import math_mode, resolve_pin_memory, resolve_precision
 from ..core.results import ModelInfo, RunResults
-from ..core.runtime import math_mode, resolve_pin_memory, resolve_precision
 from ..core.schema import ModelSpec, Recipe
 from ..recipe.build import build_model, build_perturbations, build_segmentation_loss
 from ..recipe.load import validate

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..core.precision import Precision
 from ..core.progress import progress_bar
 from ..core.results import UNBOUNDED
-from ..core.runtime import Dist, Precision, available_memory, current_dist, memory_share
+from ..core.runtime import Dist, available_memory, current_dist, memory_share
 from ..core.schema import SanityConfig
 from ..data.sampling import evaluation_batches
 from ..perturbations import AttackContext, Perturbation, Unbounded, repeat_labels

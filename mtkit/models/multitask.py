@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..core.errors import MtkitError
-from ..core.runtime import fp32
+from ..core.precision import fp32
 from ..core.schema import ModelConfig
 from .decoders import SmpDecoderHead, at_least_fp32, disp_to_depth
 from .gradscale import scale_features

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.runtime import fp32
+from ..core.precision import fp32
 from .decoders import at_least_fp32
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..core.errors import MtkitError
-from ..core.runtime import fp32
+from ..core.precision import fp32
 from ..ops.losses import weighted_cross_entropy, weighted_cross_entropy_per_image
 from ..ops.philox import image_keys, normal, random_words, uniform
 

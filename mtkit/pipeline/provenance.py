@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from ..core.runtime import resolve_precision
+from ..core.precision import resolve_precision
 from ..core.schema import Recipe
 
 
 def math_policy(recipe: Recipe, device: str) -> dict[str, Any]:
-    """What each phase runs in on ``device`` (``runtime.resolve_precision`` and ``runtime.math_mode``): autocast
+    """What each phase runs in on ``device`` (``precision.resolve_precision`` and ``precision.math_mode``): autocast
     dtype, channels_last, compile, TF32, cudnn.benchmark and determinism."""
     dev = torch.device(device)
     t, r = recipe.train, recipe.robustness

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..core.errors import MtkitError, TrainingDiverged
-from ..core.runtime import init_distributed, resolve_device, resolve_precision
+from ..core.precision import resolve_cuda_graphs, resolve_precision
+from ..core.runtime import init_distributed, resolve_device
 from ..core.schema import ModelSpec, Recipe
 from ..data.augment import AugmentParams, augment_segmentation, augment_video
 from ..models import MultiTaskNet
@@ -67,6 +68,12 @@ class StepEngine:
                                                self.device.type == "cuda" else None)
         if self.precision.compile:
             self.net = torch.compile(self.net, backend=self.precision.compile)
+        self.cuda_graphs, self.cuda_graphs_reason = resolve_cuda_graphs(r.train.cuda_graphs, self.device,
+                                                                        self.dist.enabled)
+        # the captured part: forward and losses (and with them, through AOT autograd, the backward); the optimizer's
+        # fused step is one kernel and stays outside
+        self.losses = torch.compile(self.forward_losses, mode="reduce-overhead") if self.cuda_graphs \
+            else self.forward_losses
 
     def augment(self, seg: dict[str, torch.Tensor], dep: dict[str, torch.Tensor] | None, seg_p: AugmentParams,
                 dep_p: AugmentParams | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
@@ -86,6 +93,30 @@ class StepEngine:
         detached fp32 scalars on the device: nothing in a step reads a value back to the host (the labels are
         checked once at set-up, ``data.stats.check_labels``; the loop reads the terms and checks them for NaN at
         log steps, ``read_back``), so a GPU never waits for the host between steps."""
+        if self.cuda_graphs:  # a new iteration of the captured graphs: the last step's outputs are replaced
+            torch.compiler.cudagraph_mark_step_begin()
+        total, terms = self.losses(seg, dep)
+        # a non-finite loss must not reach the weights: fused Adam skips such a step on the device (GradScaler's
+        # found_inf protocol), and the loop reports it at the next read-back
+        if not self.scaler.is_enabled() and self.optimizer.defaults.get("fused"):
+            found_inf = (~torch.isfinite(total.detach())).float()
+            if self.dist.enabled:  # every rank skips alike (the gradients are all-reduced: a NaN reaches all)
+                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+            self.optimizer.found_inf = found_inf
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.recipe.train.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip)
+        self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
+        self.scaler.update()
+        # a graph replay reuses its output memory: the terms the loop keeps until its read-back are copies then
+        return {k: v.detach().float().clone() if self.cuda_graphs else v.detach().float() for k, v in terms.items()}
+
+    def forward_losses(self, seg: dict[str, torch.Tensor], dep: dict[str, torch.Tensor] | None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The forward pass and the loss of a step: eq. 1 (+ the plugin tasks' losses) and, multi-task, eq. 2-4
+        with eq. 5's gradient scaling inside the network. What ``train.cuda_graphs`` captures."""
         dev = self.device
         x = seg["image"].to(dev, non_blocking=True)
         y = seg["label"].to(dev, non_blocking=True)
@@ -110,21 +141,7 @@ class StepEngine:
                 terms["edge"] = (edge_consistency_loss(x, seg_probs).mean()
                                  + edge_consistency_loss(frames[:, 1], disp[0]).mean())
                 total = total + self.recipe.loss.edge_consistency * terms["edge"]
-        # a non-finite loss must not reach the weights: fused Adam skips such a step on the device (GradScaler's
-        # found_inf protocol), and the loop reports it at the next read-back
-        if not self.scaler.is_enabled() and self.optimizer.defaults.get("fused"):
-            found_inf = (~torch.isfinite(total.detach())).float()
-            if self.dist.enabled:  # every rank skips alike (the gradients are all-reduced: a NaN reaches all)
-                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-            self.optimizer.found_inf = found_inf
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        if self.recipe.train.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip)
-        self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
-        self.scaler.update()
-        return {k: v.detach().float() for k, v in terms.items()}
+        return total, terms
 
     def read_back(self, window: list[dict[str, torch.Tensor]], step: int, epoch: int, hint: str = ""
                   ) -> list[dict[str, float]]:

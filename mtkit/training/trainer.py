@@ -26,8 +26,9 @@ import torch.distributed as dist
 from ..core import checkpoint as ckpt
 from ..core.errors import MtkitError
 from ..core.io import run_lock
+from ..core.precision import math_mode, resolve_pin_memory
 from ..core.progress import progress_bar
-from ..core.runtime import math_mode, resolve_pin_memory, seed_everything
+from ..core.runtime import seed_everything
 from ..core.schema import AugmentConfig, ModelSpec, Recipe, config_hash
 from ..data.augment import AugmentParams, draw_params
 from ..data.cache import CachedSegmentation, CachedVideo, training_keys
@@ -185,6 +186,8 @@ class Trainer:
         self._clear_folder(resume, overwrite)
         t, e = self.recipe.train, self.engine
         log = MetricsLog(self.metrics_path, self.dist.main, t.tensorboard)
+        if self.recipe.train.cuda_graphs is True and not e.cuda_graphs and self.dist.main:
+            print(f"[cuda graphs] {e.cuda_graphs_reason}")
         if e.precision.compile and self.dist.main and self.show_progress:
             print(f"[compile] torch.compile ({e.precision.compile}): the first step compiles the model, which takes "
                   "a minute or more; the steps after it reuse the compiled graphs")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from ..core.runtime import Dist, Precision, all_reduce_sum, current_dist
+from ..core.precision import Precision
+from ..core.runtime import Dist, all_reduce_sum, current_dist
 from ..data.sampling import evaluation_batches
 from ..ops.metrics import confusion_counts, confusion_from_counts
 
