@@ -108,7 +108,8 @@ def test_a_training_step_copies_nothing_from_the_host(model):
     assert spy.copies == []
 
 
-ATTACKS = {"fgsm": {}, "pgd": {"iterations": 1}, "apgd": {"iterations": 1}, "mifgsm": {"iterations": 1},
+ATTACKS = {"fgsm": {}, "pgd": {"iterations": 1, "restarts": 2, "random_start": True}, "apgd": {"iterations": 1},
+           "mifgsm": {"iterations": 1},
            "segpgd": {"iterations": 1}, "cospgd": {"iterations": 1}, "opgd": {"iterations": 1},
            "metzen_static": {"iterations": 1}, "metzen_dynamic": {"iterations": 1}, "dag": {"iterations": 1}}
 

@@ -56,3 +56,12 @@ def test_card_names_give_baseline_file_names():
     assert gpu_check.card_slug("NVIDIA H200") == "h200"
     assert gpu_check.card_slug("NVIDIA A100-SXM4-40GB") == "a100"
     assert gpu_check.card_slug(None) == "cpu"
+
+
+def test_the_wheel_set_carries_what_a_registry_free_gpu_image_lacks():
+    """The --wheels set names typing_extensions (pydantic_core 2.50 imports its Sentinel, >= 4.14) and the test
+    extras the suite's collection and timeouts need (hypothesis with sortedcontainers, pytest-timeout)."""
+    script = (ROOT / "tools" / "gpu-check.sh").read_text()
+    listed = script.split("pkgs=(", 1)[1].split(")", 1)[0].split()
+    for name in ("typing_extensions", "hypothesis", "sortedcontainers", "pytest-timeout", "pydantic_core"):
+        assert name in listed, name
