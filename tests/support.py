@@ -111,3 +111,16 @@ def poison_segmentation_loss(monkeypatch, at_call: int) -> dict[str, int]:
 
     monkeypatch.setattr(WeightedCrossEntropy, "forward", poisoned)
     return calls
+
+
+def multitask_batch(seed: int = 0):
+    """A fixed random batch of one multi-task step at 32x64: (segmentation batch of 2, video batch of 2)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    seg = {"image": torch.rand(2, 3, 32, 64, generator=g) * 255,
+           "label": torch.randint(0, 19, (2, 32, 64), generator=g)}
+    frames = torch.rand(2, 3, 3, 32, 64, generator=g) * 255
+    k = torch.eye(4).repeat(2, 1, 1)
+    k[:, 0, 0], k[:, 1, 1], k[:, 0, 2], k[:, 1, 2] = 37.0, 61.0, 32.0, 16.0
+    return seg, {"frames": frames, "frames_raw": frames, "K": k}

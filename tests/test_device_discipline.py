@@ -98,10 +98,12 @@ def _batch(multitask: bool) -> tuple[dict, dict | None]:
 def test_a_training_step_copies_nothing_from_the_host(model):
     """One optimisation step (forward, eq. 1 + eq. 4 with eq. 5's scaling, backward, Adam) on the stand-in device:
     nothing raises (no CPU tensor meets a device tensor, nothing is read back) and nothing is copied from the CPU.
-    Before the fix it found three copies per multi-task step: the pose net's cross-product constant and its
-    [0, 0, 0, 1] row, and the grid's (W - 1, H - 1) divisor."""
+    Before the fix it found three copies in every multi-task step: the pose net's cross-product constant and its
+    [0, 0, 0, 1] row, and the grid's (W - 1, H - 1) divisor; they are now copied once per device and size, by
+    the first step (``ops.geometry.device_constant``), and the step after it copies nothing."""
     engine = _engine(model)
     seg, dep = _batch(model == 1)
+    engine.train_step(seg, dep)  # the first step copies the geometry's small constants once (device_constant)
     with HostCopies() as spy:
         terms = engine.train_step(seg, dep)
     assert all(t.device == META for t in terms.values())

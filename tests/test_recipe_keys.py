@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 from pydantic import BaseModel
-from support import tiny_recipe
+from support import multitask_batch, tiny_recipe
 
 from mtkit.core.runtime import resolve_device
 from mtkit.core.schema import DatasetConfig, ModelSpec, Recipe
@@ -305,13 +305,7 @@ PROBES: dict[str, tuple[Any, Any, Callable[..., Any]]] = {
 def _multitask_step_terms(r: Recipe, c) -> dict[str, float]:
     """The loss terms of one multi-task step on a fixed random batch."""
     tr = _trainer(r, c.tmp)
-    g = torch.Generator().manual_seed(0)
-    seg = {"image": torch.rand(2, 3, 32, 64, generator=g) * 255,
-           "label": torch.randint(0, 19, (2, 32, 64), generator=g)}
-    frames = torch.rand(2, 3, 3, 32, 64, generator=g) * 255
-    k = torch.eye(4).repeat(2, 1, 1)
-    k[:, 0, 0], k[:, 1, 1], k[:, 0, 2], k[:, 1, 2] = 37.0, 61.0, 32.0, 16.0
-    terms = tr.train_step(seg, {"frames": frames, "frames_raw": frames, "K": k})
+    terms = tr.train_step(*multitask_batch())
     return {name: round(float(v), 6) for name, v in terms.items()}
 
 

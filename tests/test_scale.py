@@ -14,11 +14,11 @@ from support import tiny_recipe
 from mtkit.core.precision import Precision
 from mtkit.evaluation.robustness import evaluate_checkpoint, load_model
 from mtkit.evaluation.sweep import activation_bytes, pass_size, robustness_sweep
+from mtkit.ops.philox import image_keys, random_words, uniform
 from mtkit.perturbations import (
     AttackContext,
     clip_image,
     fgsm_direction,
-    image_generator,
     pgd_iterations,
     pgd_sweep,
     project,
@@ -163,8 +163,9 @@ def test_the_batched_sweep_equals_the_per_epsilon_sweep_exactly(sweep_setup):
     sweep's rows do not depend on how many images a pass holds."""
 
     def per_epsilon(ctx, e):  # the per-ε loop written out: random start, then FGSM steps and projection
-        start = torch.stack([torch.rand(x.shape[1:], generator=image_generator(0, i, "random_start", "pgd", e, 0))
-                             for i in range(x.shape[0])])
+        # each image's uniform start from its own Philox stream (mtkit.ops.philox, checked against its known answers)
+        start = torch.stack([uniform(random_words(image_keys(0, [i], "cpu", "random_start", "pgd", e, 0),
+                                                  x[0].numel()))[0].view(x.shape[1:]) for i in range(x.shape[0])])
         x_adv = clip_image(x + (2 * start - 1) * e)
         for _ in range(pgd_iterations(e, {4.0: 3})):
             x_adv = project(x_adv + fgsm_direction(ctx.input_gradient(x_adv, y)), x, e)

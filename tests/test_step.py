@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import poison_segmentation_loss, tiny_recipe
+from support import multitask_batch, poison_segmentation_loss, tiny_recipe
 
 from mtkit.bench.ops import count_ops
 from mtkit.core.errors import TrainingDiverged
@@ -154,13 +154,7 @@ def test_a_captured_step_gives_the_eager_steps_losses(monkeypatch, tmp_path):
         recipe = validate(tiny_recipe(**{"train.amp": "off", "train.channels_last": False}))
         engine = StepEngine(recipe, recipe.models[1])
         engine.build(torch.ones(19))
-        g = torch.Generator().manual_seed(0)
-        seg = {"image": torch.rand(2, 3, 32, 64, generator=g) * 255,
-               "label": torch.randint(0, 19, (2, 32, 64), generator=g)}
-        frames = torch.rand(2, 3, 3, 32, 64, generator=g) * 255
-        k = torch.eye(4).repeat(2, 1, 1)
-        k[:, 0, 0], k[:, 1, 1], k[:, 0, 2], k[:, 1, 2] = 37.0, 61.0, 32.0, 16.0
-        terms = engine.train_step(seg, {"frames": frames, "frames_raw": frames, "K": k})
+        terms = engine.train_step(*multitask_batch())
         results.append((terms, next(engine.model.seg_head.parameters()).detach().clone()))
     assert compiled == [{"mode": "reduce-overhead"}] and marks == [1]
     (eager, w0), (captured, w1) = results

@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from ..core.precision import fp32
+from ..ops.geometry import device_constant
 from .decoders import at_least_fp32
+
+# skew(a) = a @ CROSS viewed (3, 3): the cross-product matrix [[0, -z, y], [z, 0, -x], [-y, x, 0]]
+CROSS = ((0, 0, 0, 0, 0, -1, 0, 1, 0),
+         (0, 0, 1, 0, 0, 0, -1, 0, 0),
+         (0, -1, 0, 1, 0, 0, 0, 0, 0))
 
 
 def rotation_from_axisangle(vec: torch.Tensor) -> torch.Tensor:
@@ -17,9 +23,7 @@ def rotation_from_axisangle(vec: torch.Tensor) -> torch.Tensor:
     angle = vec.norm(dim=-1, keepdim=True).clamp_min(1e-7)
     axis = vec / angle
     ca, sa = torch.cos(angle).unsqueeze(-1), torch.sin(angle).unsqueeze(-1)
-    x, y, z = axis.unbind(-1)
-    zero = torch.zeros_like(x)
-    skew = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).view(-1, 3, 3)  # [a]ₓ, from device tensors
+    skew = (axis @ device_constant(CROSS, axis)).view(-1, 3, 3)  # the constant copied to the device once
     outer = axis.unsqueeze(-1) * axis.unsqueeze(-2)
     return ca * torch.eye(3, dtype=vec.dtype, device=vec.device) + sa * skew + (1 - ca) * outer
 
@@ -37,8 +41,7 @@ def transformation_from_parameters(axisangle: torch.Tensor, translation: torch.T
     elif invert:
         r = r.transpose(1, 2)
         t = -(r @ t)
-    last_row = torch.zeros_like(r[:, :1, :]).expand(-1, 1, 3)
-    last_row = torch.cat([last_row, torch.ones_like(last_row[..., :1])], -1)  # [0, 0, 0, 1], made on the device
+    last_row = device_constant((0.0, 0.0, 0.0, 1.0), r).expand(r.shape[0], 1, 4)  # copied once per device
     return torch.cat([torch.cat([r, t], -1), last_row], 1)
 
 

@@ -59,6 +59,18 @@ def rotated_rays(p: torch.Tensor, rays: torch.Tensor) -> torch.Tensor:
     return apply_matrix(p[..., :3], rays)
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def device_constant(values: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A small constant tensor of ``values`` on ``like``'s device and dtype, copied there once and reused: a
+    tensor made from host values on every call would be a blocking host-to-device copy per call on a GPU."""
+    key = (values, like.device, like.dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return _CONSTANTS[key]
+
+
 def sampling_grid(depth: torch.Tensor, rays_p: torch.Tensor, p: torch.Tensor, height: int, width: int,
                   eps: float = 1e-7) -> torch.Tensor:
     """Sampling grid (..., B, H, W, 2) in [-1, 1] of camera t' for flat depths (..., B, 1, H*W): the camera-t'
@@ -71,8 +83,8 @@ def _normalise(cam: torch.Tensor, height: int, width: int, eps: float) -> torch.
     """Camera points (..., 3, H*W) → pixel coordinates divided by depth, scaled to [-1, 1], (..., H, W, 2)."""
     pix = cam[..., :2, :] / (cam[..., 2:3, :] + eps)
     pix = pix.reshape(*pix.shape[:-1], height, width).movedim(-3, -1)
-    # divide by (W - 1, H - 1) without a tensor made on the host: python scalars are kernel arguments, not copies
-    return torch.stack([pix[..., 0] / (width - 1), pix[..., 1] / (height - 1)], -1).sub(0.5).mul(2)
+    scale = device_constant((width - 1, height - 1), pix)  # copied to the device once per size, not per call
+    return (pix / scale - 0.5) * 2
 
 
 def project(points: torch.Tensor, k: torch.Tensor, t: torch.Tensor, height: int, width: int,
