@@ -16,7 +16,6 @@ import ast
 import importlib
 import inspect
 import re
-import typing
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -43,7 +42,7 @@ def _default(info) -> str:
         value = info.default
     if isinstance(value, BaseModel):
         return "(section)"
-    return f"`{value!r}`" if value not in ({}, []) else f"`{value!r}`"
+    return f"`{value!r}`"
 
 
 def recipe_schema() -> str:
@@ -65,13 +64,12 @@ def recipe_schema() -> str:
             key = info.alias or name
             sub = model_in(info.annotation)
             desc = (info.description or "").replace("|", "\\|").replace("\n", " ")
-            out.append(f"| `{key}` | `{_type(info.annotation)}` | {_default(info)} | {desc} |".replace("`|`", "|"))
+            out.append(f"| `{key}` | `{_type(info.annotation)}` | {_default(info)} | {desc} |")
             if sub is not None:
-                container = typing.get_origin(info.annotation)
                 inner = f"{path}.{key}" if path else key
-                if container is dict or (sub is not info.annotation and "dict" in str(info.annotation)):
+                if "dict[" in str(info.annotation):
                     inner += ".<key>"
-                elif "list" in str(info.annotation):
+                elif "list[" in str(info.annotation):
                     inner += "[i]"
                 nested.append((sub, inner))
         out.append("")

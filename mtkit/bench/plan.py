@@ -112,12 +112,12 @@ def plan(recipe, steps: int = 3, log=print) -> list[PlanRow]:
             b = rob.batch_size if isinstance(rob.batch_size, int) else 8
             batch = [{"image": x, "label": y} for x, y in zip(
                 images(b, cfg), torch.randint(0, n, (b, cfg.height, cfg.width), generator=g))]
-            sweep = _timed(partial(robustness_sweep, segmenter, batch, perts, rob.epsilons, n, torch.ones(n), b, 0,
-                                   device, loss=loss, precision=precision, pass_images=rob.pass_images,
-                                   sanity=rob.sanity), 1, device, evaluation)
+            sweep, mode = _timed(partial(robustness_sweep, segmenter, batch, perts, rob.epsilons, n, torch.ones(n), b,
+                                         0, device, loss=loss, precision=precision, pass_images=rob.pass_images,
+                                         sanity=rob.sanity), 1, device, evaluation)
             rows.append(PlanRow(spec.name, f"evaluate {spec.name} on {key}",
-                                f"batch of {b}: clean, {len(perts)} perturbations × {len(rob.epsilons)} ε", sweep[0],
-                                math.ceil(size_of(f"data.eval.{key}", cfg) / b) * seeds, sweep[1]))
+                                f"batch of {b}: clean, {len(perts)} perturbations × {len(rob.epsilons)} ε", sweep,
+                                math.ceil(size_of(f"data.eval.{key}", cfg) / b) * seeds, mode))
         if tr.multitask:
             for key, cfg in d.depth_eval.items():
                 x = images(recipe.depth_evaluation.batch_size, cfg).to(device)

@@ -21,7 +21,7 @@ from ..core.results import ModelInfo, RunResults
 from ..core.schema import ModelSpec, Recipe
 from ..recipe.build import build_model, build_perturbations, build_segmentation_loss
 from ..recipe.load import validate
-from ..recipe.prepare import default_workers, prepared_dataset
+from ..recipe.prepare import default_workers, handed_or_prepared
 from .external import has_gradient_path
 from .masking import masking_checks
 from .sweep import robustness_sweep
@@ -61,8 +61,7 @@ def evaluation_sets(recipe: Recipe) -> list[str]:
 
 def eval_dataset(recipe: Recipe, key: str, progress: bool = False, data: dict | None = None):
     """The evaluation set ``data.eval.<key>``: from the run's opened datasets, else opened (prepared when needed)."""
-    where = f"data.eval.{key}"
-    return data[where] if data is not None and where in data else prepared_dataset(recipe, where, progress)
+    return handed_or_prepared(recipe, f"data.eval.{key}", data, progress)
 
 
 def evaluate_checkpoint(loaded: LoadedModel, recipe: Recipe, datasets: list[str], seed: int,

@@ -20,7 +20,7 @@ from ..core.runtime import Dist, available_memory, current_dist, memory_share
 from ..core.schema import SanityConfig
 from ..data.sampling import evaluation_batches
 from ..perturbations import AttackContext, Perturbation, Unbounded, repeat_labels
-from .tally import Outcome, Plan, Sweep, Tally
+from .tally import Outcome, Plan, Sweep, Tally, gradient_attacks
 
 __all__ = ["CPU_PASS_BYTES", "CountingContext", "Sweep", "SweepSettings", "activation_bytes", "pass_size",
            "robustness_sweep"]
@@ -106,9 +106,7 @@ class SweepSettings:
             auto = pass_size(segmenter, tuple(dataset[0]["image"].shape), device)
             pass_images = auto if pass_images == "auto" else pass_images
             batch_size = max(1, int(pass_images) // copies) if batch_size == "auto" else batch_size
-        has_attacks = any(p.needs_gradient and p.level_kind == "epsilon" and not p.targeted
-                          for p in perturbations.values())
-        if sanity is not None and sanity.enabled and has_attacks:
+        if sanity is not None and sanity.enabled and gradient_attacks(perturbations):
             perturbations = {**perturbations, UNBOUNDED: Unbounded(sanity.iterations)}
         return cls(Plan.of(perturbations, epsilons), device, dist or current_dist(),
                    precision or Precision(device_type=device.type), int(batch_size), int(pass_images),

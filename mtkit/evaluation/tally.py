@@ -37,6 +37,13 @@ class Sweep:
     targeted: list[TargetedRow] = field(default_factory=list)
 
 
+def gradient_attacks(perturbations: dict[str, Perturbation]) -> list[str]:
+    """The untargeted gradient attacks on the ε axis: the worst case's ensemble, and what the unbounded attack of
+    the gradient-masking checks accompanies."""
+    return [p for p, pert in perturbations.items() if pert.needs_gradient and pert.level_kind == "epsilon"
+            and not pert.targeted]
+
+
 @dataclass
 class Plan:
     """What a sweep measures, fixed before the first batch: each perturbation's levels, the gradient attacks, the
@@ -52,8 +59,7 @@ class Plan:
 
     @classmethod
     def of(cls, perturbations: dict[str, Perturbation], epsilons: list[float]) -> Plan:
-        attacks = [p for p, pert in perturbations.items() if pert.needs_gradient and pert.level_kind == "epsilon"
-                   and not pert.targeted]
+        attacks = gradient_attacks(perturbations)
         levels = {p: pert.levels(list(epsilons)) for p, pert in perturbations.items()}
         worst = [e for e in epsilons if sum(e in levels[p] for p in attacks) >= 2]
         keys = [(p, e) for p in perturbations for e in levels[p]] + [(WORST_CASE, e) for e in worst]

@@ -190,7 +190,7 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
     if not d.main or units is not None:
         return RunResult(run_dir, results, {}, cache.ran, cache.cached)
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    atomic_write_text(run_dir / "environment.json", json.dumps(strict(results.environment), indent=2, allow_nan=False))
+    _write_json(run_dir / "environment.json", results.environment)
     log(f"[stage] report → {run_dir / 'report.md'}")
     t0 = time.perf_counter()
     paths = save_report(results, run_dir)

@@ -134,6 +134,15 @@ class PreparedData:
         return self._opened
 
 
+def handed_or_prepared(recipe: Recipe, key: str, data: dict | None = None, progress: bool = True,
+                       log: Callable[[str], None] = print) -> CachedSegmentation | CachedVideo:
+    """A recipe's dataset ``key``: the run's opened one (``data``, from ``PreparedData.opened``) when it was handed
+    on, else opened from the cache (``prepared_dataset``, preparing it first when needed)."""
+    if data is not None and key in data:
+        return data[key]
+    return prepared_dataset(recipe, key, progress, log)
+
+
 def prepared_dataset(recipe: Recipe, key: str, progress: bool = True,
                      log: Callable[[str], None] = print) -> CachedSegmentation | CachedVideo:
     """A recipe's dataset (``data.segmentation``, ``data.eval.CS``, ...) from the cache, preparing it first when

@@ -36,7 +36,7 @@ from ..data.sampling import EpochLoader, epoch_batches
 from ..data.stats import build_class_weights
 from ..ops.metrics import miou
 from ..plugins.manager import get_plugins
-from ..recipe.prepare import default_workers, prepared_dataset
+from ..recipe.prepare import default_workers, handed_or_prepared
 from .log import MetricsLog, truncate_log
 from .state import checkpoint_payload, restore
 from .step import StepEngine
@@ -94,10 +94,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ set-up
     def _dataset(self, key: str) -> CachedSegmentation | CachedVideo:
-        if self.datasets is not None and key in self.datasets:
-            return self.datasets[key]
         log = print if self.dist.main and self.show_progress else (lambda *_: None)
-        return prepared_dataset(self.recipe, key, self.show_progress, log)
+        return handed_or_prepared(self.recipe, key, self.datasets, self.show_progress, log)
 
     def _setup(self) -> None:
         r, e = self.recipe, self.engine
