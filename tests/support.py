@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +125,70 @@ def multitask_batch(seed: int = 0):
     k = torch.eye(4).repeat(2, 1, 1)
     k[:, 0, 0], k[:, 1, 1], k[:, 0, 2], k[:, 1, 2] = 37.0, 61.0, 32.0, 16.0
     return seg, {"frames": frames, "frames_raw": frames, "K": k}
+
+
+_FAKE_SLURM = r'''
+import os, pathlib, re, subprocess, sys, time
+
+state = pathlib.Path(os.environ["FAKE_SLURM_STATE"])
+state.mkdir(parents=True, exist_ok=True)
+tool = pathlib.Path(sys.argv[0]).name
+if tool == "sbatch":  # record the array's tasks as PENDING, run them one after the other in the background
+    script = pathlib.Path(sys.argv[-1])
+    counter = state / "next"
+    jid = int(counter.read_text()) if counter.exists() else 4242
+    counter.write_text(str(jid + 1))
+    m = re.search(r"#SBATCH --array=0-(\d+)", script.read_text())
+    ids = [f"{jid}_{i}" for i in range(int(m.group(1)) + 1)] if m else [str(jid)]
+    for i in ids:
+        (state / i).write_text("PENDING")
+    (state / "submissions").open("a").write(f"{jid} {len(ids)}\n")
+    subprocess.Popen([sys.executable, sys.argv[0].replace("sbatch", "srun"), "--fake-run", str(script), *ids],
+                     start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"Submitted batch job {jid}")
+elif tool == "srun" and sys.argv[1] == "--fake-run":  # the node: each task with SLURM's variables
+    time.sleep(0.5)  # submitit names the pickles after the id it reads from sbatch's answer
+    script, ids = sys.argv[2], sys.argv[3:]
+    for n, i in enumerate(ids):
+        array, _, task = i.partition("_")
+        (state / i).write_text("RUNNING")
+        env = {**os.environ, "SLURM_JOB_ID": str(int(array) + 1 + n), "SLURM_ARRAY_JOB_ID": array,
+               "SLURM_ARRAY_TASK_ID": task or "0", "SLURM_NTASKS": "1", "SLURM_JOB_NUM_NODES": "1",
+               "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "localhost"}
+        code = subprocess.call(["bash", script], env=env)
+        (state / i).write_text("COMPLETED" if code == 0 else "FAILED")
+elif tool == "srun":  # srun --unbuffered --output PATTERN COMMAND...
+    args = sys.argv[1:]
+    out = args[args.index("--output") + 1]
+    command = args[args.index("--output") + 2:]
+    env = os.environ
+    for key, value in (("%A", env["SLURM_ARRAY_JOB_ID"]), ("%a", env["SLURM_ARRAY_TASK_ID"]), ("%t", "0"),
+                       ("%j", env["SLURM_JOB_ID"])):
+        out = out.replace(key, value)
+    with open(out, "a") as fh:
+        sys.exit(subprocess.call(command, stdout=fh, stderr=subprocess.STDOUT))
+elif tool == "sacct":  # sacct -o JobID,State,NodeList --parsable2 -j ID,...
+    wanted = sys.argv[sys.argv.index("-j") + 1].split(",")
+    print("JobID|State|NodeList")
+    for f in sorted(state.iterdir()):
+        if any(f.name == w or f.name.startswith(w + "_") for w in wanted):
+            print(f"{f.name}|{f.read_text()}|localhost")
+'''
+
+
+def fake_slurm(folder: Path, monkeypatch) -> Path:
+    """SLURM's sbatch, srun and sacct on PATH, as far as submitit uses them, on this machine: sbatch runs the job
+    array's tasks one after the other in the background, with SLURM's variables, through the real submission
+    script submitit wrote; sacct reports their states. Returns the folder of the states (``submissions`` lists
+    each sbatch call)."""
+    import sys
+
+    bin_dir, state = folder / "bin", folder / "state"
+    bin_dir.mkdir(parents=True)
+    for tool in ("sbatch", "srun", "sacct"):
+        path = bin_dir / tool
+        path.write_text(f"#!{sys.executable}\n{_FAKE_SLURM}")
+        path.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_STATE", str(state))
+    return state

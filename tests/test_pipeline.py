@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 import yaml
@@ -173,23 +174,6 @@ def _comparable(results: RunResults) -> tuple:
     return training, results.clean, robustness, results.depth, results.sanity
 
 
-def test_two_jobs_give_the_results_of_one_process(first_run, device, tmp_path):
-    """mtkit run --jobs 2: the two models train and evaluate in two processes at once (same run folder, same stage
-    cache), and every number equals the one-process run's; run again, nothing is left to do."""
-    if device.type != "cpu":
-        pytest.skip("the CUDA case of --jobs is tools/gpu-check.sh's")
-    recipe_file, recipe, res = first_run
-    lines = []
-    jobs = run(recipe, progress=False, run_dir=tmp_path / "jobs", log=lines.append, jobs=2)
-    assert sorted(line.split(" started")[0] for line in lines if " started" in line) == [
-        "[job] multi seed 0", "[job] single seed 0"]
-    assert _comparable(jobs.results) == _comparable(res.results)
-    assert sorted(jobs.stages_run) == sorted(s for s in res.stages_run if not s.startswith("prepare "))
-    logged = len(lines)
-    again = run(recipe, progress=False, run_dir=tmp_path / "jobs", log=lines.append, jobs=2)
-    assert again.stages_run == [] and not any("[job]" in line for line in lines[logged:])
-
-
 def test_cli_run_uses_the_cache_and_prints_tables(first_run, capsys):
     recipe_file, _, res = first_run
     code, out, err = run_cli(["run", str(recipe_file), "--out", str(res.run_dir), "--no-progress"], capsys)
@@ -302,26 +286,36 @@ def test_several_seeds_end_to_end_with_the_phase_hooks(tmp_path, monkeypatch):
     assert len(list((res.run_dir / "train").glob("*/done.json"))) == 4
 
 
-class _FakeJob:
-    """A stand-in for a job's process: done after ``polls`` polls, with exit code 0."""
+class _FakeExecutor:
+    """A stand-in for submitit's local executor: records each job's environment (its ``setup`` line) and makes
+    jobs that are done after a number of polls (single:0 runs long)."""
 
     started: list = []
-    commands: list = []
 
-    def __init__(self, cmd, stdout=None, stderr=None, env=None):
-        unit = cmd[cmd.index("--unit") + 1]
-        self.env, self.returncode = env, None
-        self.polls = {"single:0": 6, "multi:0": 1}.get(unit, 1)
-        _FakeJob.started.append((unit, env))
-        _FakeJob.commands.append(cmd)
+    def __init__(self, folder):
+        self.folder, self.parameters = folder, {}
 
-    def poll(self):
+    def update_parameters(self, **kwargs):
+        self.parameters.update(kwargs)
+
+    def submit(self, job):
+        env = dict(item.split("=", 1) for item in self.parameters["setup"][0].removeprefix("export ").split())
+        _FakeExecutor.started.append((f"{job.unit[0]}:{job.unit[1]}", env, job.seeds))
+        return _FakeJob({"single:0": 6}.get(f"{job.unit[0]}:{job.unit[1]}", 1), self.folder)
+
+
+class _FakeJob:
+    def __init__(self, polls, folder):
+        self.polls, self.paths = polls, type("Paths", (), {"stdout": folder / "log.out"})
+
+    def done(self):
         self.polls -= 1
-        if self.polls <= 0:
-            self.returncode = 0
-        return self.returncode
+        return self.polls <= 0
 
-    def terminate(self):
+    def result(self):
+        return "ok"
+
+    def cancel(self, check=True):
         pass
 
 
@@ -336,25 +330,27 @@ def test_jobs_on_gpus_take_a_free_inherited_gpu_and_their_share(first_run, tmp_p
     recipe = recipe.model_copy(update={"device": "auto"})
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-3f2a,5")
     monkeypatch.setattr(jobs.torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(jobs.subprocess, "Popen", _FakeJob)
+    monkeypatch.setattr(jobs.submitit, "LocalExecutor", _FakeExecutor)
     monkeypatch.setattr(jobs.os, "cpu_count", lambda: 16)
-    _FakeJob.started, _FakeJob.commands = [], []
+    monkeypatch.setattr(jobs.time, "sleep", lambda s: None)
+    _FakeExecutor.started = []
     units = [("single", 0), ("multi", 0), ("single", 1)]
     lines = []
-    jobs.run_jobs(recipe, tmp_path, units, 2, False, lines.append, seeds=[0, 1])
-    # each job is told the run's seeds (--seeds 0,1): a unit of seed 1 is one of its run's
-    assert all(cmd[cmd.index("--seeds") + 1] == "0,1" for cmd in _FakeJob.commands)
-    got = [(unit, env["CUDA_VISIBLE_DEVICES"]) for unit, env in _FakeJob.started]
+    jobs.launch(recipe, tmp_path, units, 2, False, [0, 1], run, lines.append)
+    # each job is told the run's seeds: a unit of seed 1 is one of its run's
+    assert all(seeds == [0, 1] for *_, seeds in _FakeExecutor.started)
+    got = [(unit, env["CUDA_VISIBLE_DEVICES"]) for unit, env, _ in _FakeExecutor.started]
     # single:0 runs long on the first GPU; multi:0 ends first, so single:1 takes its GPU, not unit 2 % 2 = 0's
     assert got == [("single:0", "GPU-3f2a"), ("multi:0", "5"), ("single:1", "5")]
-    for _, env in _FakeJob.started:
+    for _, env, _ in _FakeExecutor.started:
         assert env["MTKIT_MEMORY_SHARE"] == "1" and env["OMP_NUM_THREADS"] == "8" and env["MTKIT_JOBS"] == "2"
-    assert "[job] multi seed 0 started on GPU 5" in " ".join(lines)
+        assert env["MTKIT_PARENT_PID"] == str(os.getpid())  # the job ends with this process
+    assert "[job] multi seed 0: running on GPU 5" in " ".join(lines)
     # four jobs on the two GPUs: each gets half of its GPU
-    _FakeJob.started = []
-    jobs.run_jobs(recipe, tmp_path, [("single", s) for s in range(4)], 4, False, lines.append)
-    assert {env["MTKIT_MEMORY_SHARE"] for _, env in _FakeJob.started} == {"0.5"}
-    assert {env["OMP_NUM_THREADS"] for _, env in _FakeJob.started} == {"4"}
+    _FakeExecutor.started = []
+    jobs.launch(recipe, tmp_path, [("single", s) for s in range(4)], 4, False, [0, 1, 2, 3], run, lines.append)
+    assert {env["MTKIT_MEMORY_SHARE"] for _, env, _ in _FakeExecutor.started} == {"0.5"}
+    assert {env["OMP_NUM_THREADS"] for _, env, _ in _FakeExecutor.started} == {"4"}
 
 
 def test_a_jobs_share_bounds_its_attack_passes_and_its_workers(monkeypatch):

@@ -51,10 +51,11 @@ if [ -n "$wheels" ]; then
   mkdir -p "$wheels"
   # pins from constraints.txt; --no-deps: each dependency the GPU image lacks is named here
   # typing_extensions: pydantic_core 2.50 imports typing_extensions.Sentinel (>= 4.14), which older images lack;
+  # submitit, cloudpickle: the jobs of `mtkit run --jobs` (the jobs part)
   # hypothesis, sortedcontainers, pytest-timeout: the test extras the suite's collection and its timeouts need
   pkgs=(pydantic pydantic_core annotated-types typing-inspection typing_extensions segmentation_models_pytorch
         cityscapesScripts coloredlogs humanfriendly pyquaternion appdirs imagecorruptions torchattacks
-        hypothesis sortedcontainers pytest-timeout)
+        hypothesis sortedcontainers pytest-timeout submitit cloudpickle)
   PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= python3 -m pip download -q --no-deps --only-binary=:all: \
     --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -c "$repo/constraints.txt" -d "$wheels" "${pkgs[@]}"

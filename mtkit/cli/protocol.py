@@ -71,16 +71,36 @@ def print_plan(rows, recipe, jobs: int) -> None:
               help="measure a few training steps and one batch of every other stage on this device, print each "
                    "stage's projected time and the total, and stop")
 @click.option("--unit", "units", multiple=True, hidden=True, metavar="MODEL:SEED",
-              help="run only this (model, seed) unit's stages, no report (what each --jobs process runs)")
+              help="run only this (model, seed) unit's stages, no report (what each job runs)")
+@click.option("--launcher", type=click.Choice(["local", "slurm"]),
+              help="where the units run: this machine (--jobs at once) or a SLURM job array, both through "
+                   "submitit (default: the recipe's launcher.kind, local)")
+@click.option("--slurm-partition", help="SLURM partition (launcher.slurm_partition)")
+@click.option("--slurm-account", help="SLURM account (launcher.slurm_account)")
+@click.option("--slurm-gpus-per-job", type=click.IntRange(min=0), help="GPUs of each job (launcher.slurm_gpus_per_job)")
+@click.option("--slurm-time", help="each job's time limit, minutes or D-HH:MM:SS (launcher.slurm_time)")
+@click.option("--slurm-extra", multiple=True, metavar="KEY=VALUE",
+              help="a further sbatch option, e.g. constraint=a100 (launcher.slurm_extra; repeatable)")
+@click.option("--detach", is_flag=True, help="with --launcher slurm: submit and exit; the same mtkit run collects")
 def run(recipe: str, overrides: tuple[str, ...], force: bool, seeds: str | None, out_dir: str | None,
-        skip_bad: bool, no_progress: bool, jobs: int, plan_only: bool, units: tuple[str, ...]) -> None:
+        skip_bad: bool, no_progress: bool, jobs: int, plan_only: bool, units: tuple[str, ...],
+        launcher: str | None, slurm_partition: str | None, slurm_account: str | None,
+        slurm_gpus_per_job: int | None, slurm_time: str | None, slurm_extra: tuple[str, ...], detach: bool) -> None:
     """Run the whole protocol of RECIPE: train, evaluate, sweep perturbations, report."""
     from .. import api
     from ..core.io import ensure_writable_dir
     from ..pipeline.runner import run_folder
     from ..report import depth_table, rich_tables
 
-    r = recipe_from(recipe, overrides)
+    given = {"kind": launcher, "slurm_partition": slurm_partition, "slurm_account": slurm_account,
+             "slurm_gpus_per_job": slurm_gpus_per_job, "slurm_time": slurm_time}
+    launch = [f"launcher.{k}={v}" for k, v in given.items() if v is not None]
+    for item in slurm_extra:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"'{item}' is not KEY=VALUE (e.g. constraint=a100)", param_hint="--slurm-extra")
+        launch.append(f"launcher.slurm_extra.{key.strip()}={value}")
+    r = recipe_from(recipe, (*overrides, *launch))
     if plan_only:
         print_plan(api.plan(r, log=lambda m: console.print(m, markup=False)), r, jobs)
         return
@@ -88,7 +108,9 @@ def run(recipe: str, overrides: tuple[str, ...], force: bool, seeds: str | None,
     warn_plugin_failures()
     res = api.run(r, force=force, seeds=parse_seeds(seeds), progress=not no_progress, run_dir=out_dir,
                   log=lambda m: console.print(m, markup=False), skip_bad=skip_bad, jobs=jobs,
-                  units=[parse_unit(u) for u in units] or None)
+                  units=[parse_unit(u) for u in units] or None, detach=detach)
+    if res.detached:
+        return
     if units:
         console.print(f"unit {', '.join(units)}: stages run: {len(res.stages_run)}, cached: {len(res.stages_cached)}")
         return

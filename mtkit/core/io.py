@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -79,12 +80,34 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
+_HELD: set[int] = set()  # the file descriptors of the locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: point the held locks' descriptors at /dev/null, so that the lock is its parent's alone
+    (a flock lives while any descriptor of it is open) and the child's file objects still close cleanly."""
+    if _HELD:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in _HELD:
+            os.dup2(null, fd, inheritable=False)
+        os.close(null)
+        _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextlib.contextmanager
 def run_lock(folder: Path, enabled: bool = True, wait: Callable[[str], None] | None = None) -> Iterator[bool]:
     """Hold ``folder/.lock`` while writing a run there: a second mtkit process writing to the same folder stops at
     once with a message instead of interleaving checkpoints and logs; with ``wait`` (a log function) it says so
     once and waits for the first to finish (what a second ``prepare`` of the same dataset does). Yields whether it
-    waited."""
+    waited.
+
+    A ``flock`` that the loader and prepare workers this process forks do not inherit (``_HELD``): it ends with
+    the process however it ends, so a failed or killed run never leaves its folder locked behind a surviving
+    worker. The file names its holder while held; a name left in it is a holder that died, whose folder is taken
+    over with a notice (``wait``'s log, else a warning)."""
     if not enabled:
         yield False
         return
@@ -104,12 +127,22 @@ def run_lock(folder: Path, enabled: bool = True, wait: Callable[[str], None] | N
             fcntl.flock(fh, fcntl.LOCK_EX)
             waited = True
         fh.seek(0)
+        left = fh.read().strip()
+        if left and not waited:
+            (wait or (lambda m: warnings.warn(m, stacklevel=3)))(
+                f"{folder}: taking over from {left}, which ended without releasing it (killed or crashed)")
+        fh.seek(0)
         fh.truncate()
         fh.write(f"mtkit pid {os.getpid()}")
         fh.flush()
+        _HELD.add(fh.fileno())
         try:
             yield waited
         finally:
+            _HELD.discard(fh.fileno())
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 

@@ -32,7 +32,7 @@ from ..recipe.build import build_dataset
 from ..recipe.prepare import PreparedData, prepare_recipe
 from ..report import save_report
 from ..training.trainer import train
-from .jobs import run_jobs
+from .jobs import check_launcher, launch
 from .provenance import environment
 from .stages import StageCache, UnitFiles, read_detection, read_summary
 
@@ -46,6 +46,8 @@ class RunResult:
     paths: dict[str, Path]
     stages_run: list[str]
     stages_cached: list[str]
+    detached: bool = False
+    """the units were submitted to SLURM and not awaited (``detach``): no report yet"""
 
 
 def check_datasets(recipe: Recipe) -> None:
@@ -99,10 +101,11 @@ def _write_json(path: Path, value) -> None:
 
 def _train_stage(recipe: Recipe, spec: ModelSpec, seed: int, files: UnitFiles, data: PreparedData,
                  progress: bool, force: bool) -> dict:
-    """Train one (model, seed) (resuming from its last.pt) and summarise it for done.json."""
+    """Train one (model, seed) (resuming from its last.pt) and summarise it for done.json. The folder is the
+    stage's own: what an interrupted start left before its first checkpoint is kept in previous-<time>/."""
     t0 = time.perf_counter()
     res = train(recipe, spec, files.train_dir, seed=seed, resume=True, progress=progress, force_statistics=force,
-                datasets=data.opened())
+                overwrite=True, datasets=data.opened())
     return {"model": spec.name, "seed": seed, "epochs": res.epochs, "steps": res.steps, "val_miou": res.val_miou,
             "best_val_miou": res.best_val_miou, "seconds": time.perf_counter() - t0,
             "class_weights": res.class_weights, "class_weights_key": res.class_weights_key, "history": res.history}
@@ -141,15 +144,18 @@ def run_unit(recipe: Recipe, spec: ModelSpec, seed: int, run_dir: Path, cache: S
 
 def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, progress: bool = True,
         run_dir: str | Path | None = None, log=print, skip_bad: bool = False, jobs: int = 1,
-        units: list[tuple[str, int]] | None = None) -> RunResult:
+        units: list[tuple[str, int]] | None = None, detach: bool = False) -> RunResult:
     """Run every stage of ``recipe`` into ``run_dir`` (default ``<output_dir>/<name>``): prepare the data, train,
     evaluate, report. ``skip_bad`` leaves unreadable source files out of the prepared data (counted).
 
-    ``jobs`` > 1 runs the independent (model, seed) units in that many processes at once (``run_jobs``), then
-    reports from the stage cache. ``units`` restricts the run to those (model, seed) pairs and writes no report
-    (what each of those processes runs)."""
+    ``jobs`` > 1, or ``recipe.launcher.kind`` slurm, runs the independent (model, seed) units as jobs of their
+    own (``jobs.launch``: up to ``jobs`` processes on this machine, or a SLURM job array, which ``detach`` only
+    submits), then reports from the stage cache. ``units`` restricts the run to those (model, seed) pairs and
+    writes no report (what each job runs)."""
     seeds = seeds or recipe.run_seeds()
     run_dir = Path(run_dir or run_folder(recipe))
+    if units is None:
+        check_launcher(recipe.launcher, detach)
     check_datasets(recipe)
     device = resolve_device(recipe.device)
     d = init_distributed(device)  # under torchrun: DDP training, sharded evaluation, rank 0 writes
@@ -174,13 +180,14 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
         results.data.append(DataRow(key=p.key, name=m.dataset["name"], split=m.dataset["split"], samples=m.count,
                                     height=m.size[0], width=m.size[1], skipped=len(m.skipped),
                                     skipped_items=m.skipped[:20], folder=str(p.folder)))
-    if jobs > 1 and units is None and not d.enabled:
+    if (jobs > 1 or recipe.launcher.kind == "slurm") and units is None and not d.enabled:
         files = {(spec.name, seed): UnitFiles.of(recipe, run_dir, spec, seed).all()
                  for seed in seeds for spec in recipe.models}
         todo = [unit for unit, fs in files.items() if force or not all(f.is_file() for f in fs)]
         if todo:  # the stages these jobs are to run count as run, not cached
             cache.by_jobs = {f for unit in todo for f in files[unit] if force or not f.is_file()}
-            run_jobs(recipe, run_dir, todo, jobs, force, log, seeds)
+            if not launch(recipe, run_dir, todo, jobs, force, seeds, run, log, detach):
+                return RunResult(run_dir, results, {}, cache.ran, cache.cached, detached=True)
         cache.force = False  # what force asked for has just run
     for seed in seeds:
         for spec in recipe.models:

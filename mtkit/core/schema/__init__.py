@@ -7,9 +7,11 @@ perturbations) are declared by the entries themselves and validated when the rec
 from .base import PAPER_EPSILONS, PlainName, Strict, check_epsilons, config_hash, expand_root, plain_name
 from .data import AugmentConfig, DataConfig, DatasetConfig
 from .evaluation import DepthEvaluationConfig, DetectionConfig, RobustnessConfig, SanityConfig
+from .launcher import LauncherConfig, slurm_minutes
 from .recipe import Recipe
 from .training import LossConfig, ModelConfig, ModelSpec, TrainConfig
 
 __all__ = ["AugmentConfig", "check_epsilons", "config_hash", "DataConfig", "DatasetConfig", "DepthEvaluationConfig",
-           "DetectionConfig", "expand_root", "LossConfig", "ModelConfig", "ModelSpec", "PAPER_EPSILONS", "plain_name",
-           "PlainName", "Recipe", "RobustnessConfig", "SanityConfig", "Strict", "TrainConfig"]
+           "DetectionConfig", "expand_root", "LauncherConfig", "LossConfig", "ModelConfig", "ModelSpec",
+           "PAPER_EPSILONS", "plain_name", "PlainName", "Recipe", "RobustnessConfig", "SanityConfig", "slurm_minutes",
+           "Strict", "TrainConfig"]

@@ -14,6 +14,7 @@ from pydantic import (
 from .base import PlainName, Strict
 from .data import DataConfig, DatasetConfig
 from .evaluation import DepthEvaluationConfig, DetectionConfig, RobustnessConfig
+from .launcher import LauncherConfig
 from .training import LossConfig, ModelConfig, ModelSpec, TrainConfig
 
 
@@ -47,6 +48,8 @@ class Recipe(Strict):
     """the depth evaluation protocol of multi-task models"""
     detection: DetectionConfig = Field(default_factory=DetectionConfig)
     """attack detection by edge consistency (off by default)"""
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    """where the run's (model, seed) units run: this machine or a SLURM cluster (mtkit run --launcher)"""
     source: str | None = Field(None, description="set by the loader: the recipe file")
 
     @field_validator("device")
