@@ -41,6 +41,8 @@ def test_bench_saves_compares_and_catches_a_slowdown(tmp_path, capsys, monkeypat
                             env={"MTKIT_BENCH_INJECT_SLOWDOWN": "3"})
     assert code == 1, out + err
     assert "REGRESSION" in out and "slower than" in " ".join(err.split())
+    # the regression is --fail-over's expected outcome: the table and one line, not pytest-benchmark's traceback
+    assert "Traceback" not in out + err and "PerformanceRegression" not in out + err
 
 
 def test_bench_missing_baseline_is_a_clear_error(tmp_path, capsys, monkeypatch):

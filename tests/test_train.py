@@ -123,28 +123,62 @@ def test_batch_composition_and_gradient_scaling_are_wired(tmp_path, monkeypatch)
     assert scales == [(5, 0.1), (5, pytest.approx(0.9))]
 
 
-def test_ddp_two_processes_match_single_process(tmp_path):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_across_two_nodes_matches_one_process(tmp_path):
+    """``torchrun --nnodes 2`` (two torchrun agents on localhost meeting at a c10d rendezvous, as ``srun torchrun``
+    starts them on two nodes; gloo, one process each) runs ``mtkit run`` as one process at the same global batch:
+    the same training losses and weights (to the all-reduce's float order), and evaluation rows (sharded over the
+    two nodes) equal to the last bit to one process's evaluation of the same checkpoint."""
+    import shutil
+
+    from mtkit.core.results import RunResults
+    from mtkit.pipeline.runner import run
+
     data = tiny_recipe(**{"train.epochs": 1, "train.steps_per_epoch": 3, "train.seg_batch_size": 4,
-                          "train.depth_batch_size": 2})
+                          "train.depth_batch_size": 2, "robustness.datasets": ["CS"],
+                          "robustness.sanity.enabled": False})
+    data["models"] = data["models"][1:]  # multi: both tasks, both batches split over the nodes
+    data["data"]["depth_eval"] = {}
     data["model"]["backbone_kwargs"] = {"norm_layer": "groupnorm"}  # no batch statistics: exact comparison
     data["data"]["augment"] = {"hflip": False, "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0}
     recipe = _write(tmp_path, data)
-    train(validate(data), "multi", tmp_path / "single", progress=False)  # one process: this one
+    one = run(validate(data), progress=False, run_dir=tmp_path / "one", log=lambda m: None)  # this process
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "mtkit", "train", str(recipe), "--model", "multi", "--out", str(tmp_path / "ddp"),
-                          "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    a, b = load_checkpoint(tmp_path / "single" / "last.pt"), load_checkpoint(tmp_path / "ddp" / "last.pt")
-    assert a["step"] == b["step"] == 3
+    port = _free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+                               "1", "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-id", "mtkit-test",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "mtkit", "run", str(recipe), "--out",
+                               str(tmp_path / "two"), "--no-progress"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    two = RunResults.read(tmp_path / "two" / "results.json")
+    (a_hist,), (b_hist,) = one.results.training[0]["history"], two.training[0]["history"]
+    assert one.results.training[0]["steps"] == two.training[0]["steps"] == 3
+    for key in ("train_seg", "train_depth", "train_photometric"):
+        assert a_hist[key] == pytest.approx(b_hist[key], rel=1e-4), key
+    a = load_checkpoint(next((tmp_path / "one" / "train").glob("*/last.pt")))
+    b = load_checkpoint(next((tmp_path / "two" / "train").glob("*/last.pt")))
     diffs = {k: (a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]
              if a["model"][k].is_floating_point()}
     # Adam divides by √v: float differences of the gradient all-reduce order grow to ~1e-4 on the tiny pose weights
     assert max(diffs.values()) < 3e-4, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
-    moved = load_checkpoint(tmp_path / "single" / "last.pt")["model"]["seg_head.out.0.conv.weight"]
-    assert moved.abs().sum() > 0
-    assert a["history"][0]["val_miou"] == pytest.approx(b["history"][0]["val_miou"], abs=1e-6)
-    assert a["history"][0]["train_seg"] == pytest.approx(b["history"][0]["train_seg"], rel=1e-4)
+    assert a["model"]["seg_head.out.0.conv.weight"].abs().sum() > 0
+    # the two nodes' checkpoint evaluated by one process: every row equal to the sharded evaluation's
+    shutil.copytree(tmp_path / "two" / "train", tmp_path / "three" / "train")
+    three = run(validate(data), progress=False, run_dir=tmp_path / "three", log=lambda m: None)
+    assert three.stages_run and all(s.startswith("evaluate") for s in three.stages_run)
+    assert [r.model_copy(update={"seconds_sweep": 0.0}) for r in three.results.robustness] == [
+        r.model_copy(update={"seconds_sweep": 0.0}) for r in two.robustness]
+    assert three.results.clean == two.clean
 
 
 def test_tensorboard_gets_every_loss_term_the_learning_rate_speed_and_validation(tmp_path):

@@ -48,7 +48,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ -n "$wheels" ]; then
-  mkdir -p "$wheels"
+  if ! mkdir -p "$wheels" 2>/dev/null || [ ! -w "$wheels" ]; then
+    echo "gpu-check: cannot write wheels to $wheels (not a writable folder): give --wheels a folder you can write" >&2
+    exit 2
+  fi
   # pins from constraints.txt; --no-deps: each dependency the GPU image lacks is named here
   # typing_extensions: pydantic_core 2.50 imports typing_extensions.Sentinel (>= 4.14), which older images lack;
   # submitit, cloudpickle: the jobs of `mtkit run --jobs` (the jobs part)

@@ -35,9 +35,14 @@ def device_info(python: str) -> dict:
             "'cuda': torch.version.cuda, 'gpus': torch.cuda.device_count(), "
             "'name': torch.cuda.get_device_name(0) if c else None, "
             "'memory_gib': round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if c else None}))")
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+    except OSError as exc:
+        raise SystemExit(f"gpu-check: cannot run --python {python} ({exc.strerror}): name a Python with torch")
     if out.returncode:
-        raise SystemExit(f"gpu-check: {python} cannot import torch:\n{out.stderr[-2000:]}")
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"gpu-check: {python} cannot import torch ({last}): name a Python with torch and "
+                         "torchvision (--python), or install them there")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -192,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = "cuda" if info["gpus"] else "cpu"
     out = args.out.resolve()
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"gpu-check: --out {args.out} is a file: give a folder for the summary and the logs")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     work = Path(tempfile.mkdtemp(prefix="mtkit-gpu-check-"))

@@ -47,6 +47,18 @@ def find_benchmarks(path: str | Path | None = None) -> Path:
                      "of mtkit or pass --path")
 
 
+def check_baseline_name(name: str) -> None:
+    """``--save`` takes a baseline name, stored as benchmarks/baselines/NAME.json (a plain name: letters, digits,
+    - _ ., no folders), or an explicit FILE.json in a folder that exists (nothing else is created)."""
+    if name.endswith(".json"):
+        if not Path(name).parent.is_dir() or Path(name).is_dir():
+            raise MtkitError(f"--save {name}: {Path(name).parent} is not an existing folder; give a file in a folder "
+                             "that exists, or a baseline name (stored as benchmarks/baselines/NAME.json)")
+    elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
+        raise MtkitError(f"--save '{name}' is not a baseline name: give a plain name such as cpu-avx512 (letters, "
+                         "digits, - _ ., no folders), stored as benchmarks/baselines/NAME.json, or a path FILE.json")
+
+
 def baseline_path(bench_dir: Path, name: str) -> Path:
     """A stored baseline by name (benchmarks/baselines/<name>.json) or a path to a JSON file."""
     p = Path(name)
@@ -85,12 +97,31 @@ def history_folder(bench_dir: Path, history: str | Path | None = None) -> Path:
     return Path(history) if history else bench_dir / "history"
 
 
+def _without_regression_traceback(text: str) -> str:
+    """pytest-benchmark reports a regression by raising ``PerformanceRegression`` out of pytest's summary: its
+    traceback is the expected outcome of ``--fail-over``, not an error, and is left out (the comparison table and
+    the regression lines stay)."""
+    if "PerformanceRegression" not in text:
+        return text
+    kept, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        skipping = skipping or line.startswith(("Traceback (most recent call last)", "INTERNALERROR>"))
+        if not skipping:
+            kept.append(line)
+        elif "PerformanceRegression" in line and not line.removeprefix("INTERNALERROR>").lstrip().startswith(
+                ("File", "raise")):
+            skipping = False
+    return "".join(kept)
+
+
 def run_bench(save: str | None = None, compare_with: str | None = None, fail_over: float = 10.0,
               select: str | None = None, path: str | Path | None = None, extra: list[str] | None = None,
               history: str | Path | None = None) -> BenchResult:
     """Run the suite with timing on (in a subprocess, as pytest runs it), then save and/or compare. A saved run
     is also appended to the history (``--benchmark-autosave`` into ``history_folder()/<device>``, where
     pytest-benchmark names each run by its counter, commit and date) that ``trend`` plots."""
+    if save is not None:
+        check_baseline_name(save)
     bench_dir = find_benchmarks(path)
     history_store = (history_folder(bench_dir, history) / device_slug()).resolve() if save else None
     if history_store is not None:
@@ -114,8 +145,8 @@ def run_bench(save: str | None = None, compare_with: str | None = None, fail_ove
         # pytest-benchmark wants its storage below the working folder: the history may be elsewhere
         cwd = os.path.commonpath([str(bench_dir.parent.resolve()), str(store)])
         proc = subprocess.run(cmd, cwd=cwd, env={**os.environ}, capture_output=True, text=True)
-        sys.stdout.write(proc.stdout)
-        sys.stderr.write(proc.stderr)
+        sys.stdout.write(_without_regression_traceback(proc.stdout))
+        sys.stderr.write(_without_regression_traceback(proc.stderr))
         output = proc.stdout + proc.stderr
         regressions = [ln.strip() for ln in output.splitlines() if re.search(r"has failed \w+RegressionCheck", ln)]
         if (proc.returncode != 0 and REGRESSED not in output) or not json_path.is_file():

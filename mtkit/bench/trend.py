@@ -9,6 +9,18 @@ from ..core.errors import MtkitError
 from .runner import find_benchmarks, history_folder
 
 
+def _saved_run(path: Path) -> dict:
+    """One saved run of the history, checked: pytest-benchmark's JSON with a name and a median per benchmark."""
+    try:
+        data = json.loads(path.read_text())
+        for b in data["benchmarks"]:
+            str(b["name"]), float(b["stats"]["median"]), dict(b.get("extra_info", {}))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise MtkitError(f"{path} is not a saved pytest-benchmark run ({type(exc).__name__}: {exc}): move it out of "
+                         "the history folder, or delete it") from None
+    return data
+
+
 def trend(path: str | Path | None = None, history: str | Path | None = None) -> list[Path]:
     """One PNG per device of the history (``history_folder``): each benchmark's fraction of the device's matmul
     peak (measured in the same run, so comparable across machines of different speed) over the saved runs, in
@@ -26,9 +38,9 @@ def trend(path: str | Path | None = None, history: str | Path | None = None) -> 
         series: dict[str, list[tuple[int, float]]] = {}
         labels = []
         for i, run in enumerate(runs):
-            data = json.loads(run.read_text())
-            labels.append((data.get("commit_info") or {}).get("id", "")[:7] or run.stem.split("_")[0])
-            for b in data.get("benchmarks", []):
+            data = _saved_run(run)
+            labels.append(str((data.get("commit_info") or {}).get("id", ""))[:7] or run.stem.split("_")[0])
+            for b in data["benchmarks"]:
                 info, median = b.get("extra_info", {}), b["stats"]["median"]
                 if info.get("flops") and info.get("peak_flop_per_s") and median:
                     series.setdefault(b["name"], []).append((i, info["flops"] / median / info["peak_flop_per_s"]))

@@ -10,11 +10,12 @@ import errno
 import signal
 import sys
 import threading
+import warnings
 
 import click
 
 from .. import __version__
-from ..core.errors import MtkitError
+from ..core.errors import MtkitError, MtkitWarning
 from .benchmarks import bench
 from .common import Context, console, err_console
 from .evaluation import eval_cmd, eval_depth_cmd, export
@@ -66,12 +67,22 @@ def write_error(exc: OSError) -> str:
 RESUME_HINT = "finished stages and the last checkpoint are kept: the same command continues where it stopped"
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """mtkit's own warnings (``MtkitWarning``) as one line; every other warning as Python shows it."""
+    if issubclass(category, MtkitWarning):
+        err_console.print(f"warning: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> None:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         _main(argv)
     finally:
+        warnings.showwarning = shown
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
 

@@ -12,7 +12,8 @@ from .common import console, err_console
 
 
 @click.command()
-@click.option("--save", metavar="NAME", help="store this run as baseline NAME (benchmarks/baselines/NAME.json)")
+@click.option("--save", metavar="NAME", help="store this run as baseline NAME (benchmarks/baselines/NAME.json, a "
+              "plain name), or in FILE.json")
 @click.option("--compare", "compare_with", metavar="BASELINE", help="compare with a stored baseline (name or file)")
 @click.option("--fail-over", type=float, default=10.0, show_default=True, metavar="PCT",
               help="with --compare: exit 1 when a benchmark's median is slower by more than PCT %")

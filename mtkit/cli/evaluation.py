@@ -111,6 +111,8 @@ def export(checkpoint: str, output: str, height: int, width: int) -> None:
     from .. import api
     from ..core.io import ensure_writable_dir
 
+    if Path(output).is_dir():
+        raise MtkitError(f"{output} is a folder: give the ONNX file to write, e.g. {Path(output) / 'model.onnx'}")
     ensure_writable_dir(Path(output).parent, "output folder")
     path = api.export_onnx(checkpoint, output, height, width)
     console.print(f"wrote {path} (onnxruntime matches PyTorch)")

@@ -114,6 +114,8 @@ def run(recipe: str, overrides: tuple[str, ...], force: bool, seeds: str | None,
     if units:
         console.print(f"unit {', '.join(units)}: stages run: {len(res.stages_run)}, cached: {len(res.stages_cached)}")
         return
+    if not res.paths:  # a torchrun rank other than 0: rank 0 writes the report and prints
+        return
     for t in [*rich_tables(res.results), *depth_table(res.results)]:
         console.print(t)
     console.print(f"stages run: {len(res.stages_run)}, cached: {len(res.stages_cached)}, "

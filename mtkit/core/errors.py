@@ -39,3 +39,7 @@ def value_problem(path: str, err: dict[str, Any]) -> str:
     got = err.get("input")
     got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""
     return f"key '{path}': {err['msg'].removeprefix('Value error, ')}{got_s}"
+
+
+class MtkitWarning(UserWarning):
+    """Something accepted that is likely not what was meant (the CLI prints it as one line: ``warning: …``)."""

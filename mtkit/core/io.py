@@ -7,12 +7,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from .errors import MtkitError
+from .errors import MtkitError, MtkitWarning
 
 TMP_MARK = ".tmp"
 
@@ -80,6 +81,20 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
+def clear_tree(path: Path) -> None:
+    """Remove the folder ``path`` and what it holds; a folder reached through a symlink (a run folder on a scratch
+    disk, linked in) keeps the link and its target folder, emptied, instead of ``rmtree``'s refusal."""
+    if path.is_symlink():
+        target = path.resolve()
+        for child in list(target.iterdir()) if target.is_dir() else []:
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
 _HELD: set[int] = set()  # the file descriptors of the locks this process holds
 
 
@@ -129,7 +144,7 @@ def run_lock(folder: Path, enabled: bool = True, wait: Callable[[str], None] | N
         fh.seek(0)
         left = fh.read().strip()
         if left and not waited:
-            (wait or (lambda m: warnings.warn(m, stacklevel=3)))(
+            (wait or (lambda m: warnings.warn(MtkitWarning(m), stacklevel=3)))(
                 f"{folder}: taking over from {left}, which ended without releasing it (killed or crashed)")
         fh.seek(0)
         fh.truncate()

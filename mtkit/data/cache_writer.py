@@ -102,6 +102,9 @@ def prepare_folder(source: SegmentationDataset | VideoDataset, folder: Path, dat
     """Decode ``source`` into ``folder`` (resuming a ``.partial`` folder of the same sources); the manifest.
     ``sources``: the source files' stats and key, as ``source_key`` gives them."""
     stats, skey = sources
+    if folder.is_symlink():  # a prepared folder is replaced whole by a rename, which a link would turn into a mess
+        raise DatasetError(f"{label}: the prepared folder {folder} is a symlink (to {folder.resolve()}) and must be "
+                           "prepared again: remove the link, or set MTKIT_CACHE to the disk it points to")
     partial = folder.with_name(folder.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     with run_lock(partial, wait=log) as waited:  # a second prepare of the same dataset waits for the first

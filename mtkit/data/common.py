@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +15,32 @@ from PIL import Image, UnidentifiedImageError
 from ..core.errors import DatasetError
 from ..core.io import atomic_write
 
+MAX_PIXELS = 8192 * 8192  # 67 MP: 32 Cityscapes frames; a header that claims more is refused before decoding
+
+
+@contextlib.contextmanager
+def opened_image(path: Path) -> Iterator[Image.Image]:
+    """``Image.open`` with mtkit's size limit checked on the header, before anything is decoded (PIL's own bomb
+    check would warn from 89 MP and raise from 179 MP, as a bare warning or a traceback)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as exc:
+            raise DatasetError(f"{path}: {exc}; not decoded (mtkit reads images up to {MAX_PIXELS / 1e6:.0f} MP)"
+                               ) from None
+    with im:
+        if im.width * im.height > MAX_PIXELS:
+            raise DatasetError(f"{path}: its header says {im.width}x{im.height} pixels "
+                               f"({im.width * im.height / 1e6:.0f} MP), over the {MAX_PIXELS / 1e6:.0f} MP mtkit "
+                               "decodes; not decoded (a damaged file, or not one of the dataset's images?)")
+        yield im
+
 
 def read_image(path: Path, mode: str = "RGB") -> np.ndarray:
-    """An image file as a numpy array; an unreadable or truncated file → DatasetError naming it."""
+    """An image file as a numpy array; an unreadable, truncated or oversized file → DatasetError naming it."""
     try:
-        with Image.open(path) as im:
+        with opened_image(path) as im:
             im.load()
             return np.asarray(im.convert(mode))
     except FileNotFoundError:
@@ -26,12 +50,13 @@ def read_image(path: Path, mode: str = "RGB") -> np.ndarray:
 
 
 def image_is_readable(path: Path) -> bool:
-    """Whether an image file opens and decodes (used to leave unreadable images out up front)."""
+    """Whether an image file opens and decodes within the size limit (used to leave unreadable images out up
+    front)."""
     try:
-        with Image.open(path) as im:
+        with opened_image(path) as im:
             im.load()
         return True
-    except (OSError, UnidentifiedImageError, SyntaxError):
+    except (OSError, UnidentifiedImageError, SyntaxError, DatasetError):
         return False
 
 

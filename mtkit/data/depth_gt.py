@@ -24,7 +24,7 @@ from ..core.errors import DatasetError
 from ..core.registry import register
 from ..core.schema import AugmentConfig, DatasetConfig, expand_root
 from .base import DatasetOptions
-from .common import read_image, resize_image, to_image_tensor
+from .common import opened_image, read_image, resize_image, to_image_tensor
 from .kitti import SIDES, frame_path, kitti_root, parse_split_file
 from .kitti_calib import velo_to_image
 
@@ -75,10 +75,8 @@ def project_velodyne(points: np.ndarray, p_velo2im: np.ndarray, shape: tuple[int
 
 def read_improved_gt(path: Path) -> np.ndarray:
     """A KITTI depth benchmark ground-truth PNG (uint16, metres x 256, 0 = none) as float32 metres."""
-    from PIL import Image
-
     try:
-        with Image.open(path) as im:
+        with opened_image(path) as im:
             raw = np.asarray(im, dtype=np.int64)
     except FileNotFoundError:
         raise DatasetError(f"KITTI: improved ground truth not found: {path}. Expected:\n{EIGEN_LAYOUT}") from None

@@ -11,7 +11,6 @@ An interrupted training stage resumes from its last checkpoint, an interrupted e
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -20,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..core.errors import DatasetError, MtkitError
-from ..core.io import atomic_write_text
+from ..core.io import atomic_write_text, clear_tree
 from ..core.results import DataRow, DepthRow, ModelInfo, RunResults, strict
 from ..core.runtime import after_rank0, init_distributed, resolve_device
 from ..core.schema import ModelSpec, Recipe
@@ -117,7 +116,7 @@ def run_unit(recipe: Recipe, spec: ModelSpec, seed: int, run_dir: Path, cache: S
     on each depth set, detection on each detection set; their rows go into ``results``."""
     files = UnitFiles.of(recipe, run_dir, spec, seed)
     if cache.force and files.train_dir.exists():
-        shutil.rmtree(files.train_dir)
+        clear_tree(files.train_dir)
     unit = f"{spec.name} seed {seed}"
     resuming = " (resuming)" if (files.train_dir / "last.pt").is_file() else ""
     results.training.append(cache.result(

@@ -52,11 +52,17 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+MAX_EXTENDS = 32  # recipes that extend recipes: far more than any real chain, far less than Python's recursion
+
+
 def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The recipe's merged mapping (``extends`` resolved), before validation."""
+    """The recipe's merged mapping (``extends`` resolved, at most ``MAX_EXTENDS`` deep), before validation."""
     path = Path(path).resolve()
     if path in _seen:
         raise RecipeError(f"{path}: 'extends' forms a cycle: {' -> '.join(str(p) for p in (*_seen, path))}")
+    if len(_seen) >= MAX_EXTENDS:
+        raise RecipeError(f"{_seen[0]}: its 'extends' chain is more than {MAX_EXTENDS} recipes deep (at {path}): "
+                          "merge some of them into one")
     data = _read_yaml(path)
     parent = data.pop("extends", None)
     if parent is None:

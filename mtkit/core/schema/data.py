@@ -20,9 +20,9 @@ class DatasetConfig(Strict):
     root: str | None = Field(None, description="folder; null: the dataset's environment variable or cache")
     split: str = "train"
     """the split to load (train, val, test, or what the loader defines)"""
-    height: int = Field(192, gt=0)
+    height: int = Field(192, gt=0, le=8192)
     """height in pixels the images are resized to (the network's input)"""
-    width: int = Field(640, gt=0)
+    width: int = Field(640, gt=0, le=8192)
     """width in pixels the images are resized to (the network's input)"""
     limit: int | None = Field(None, gt=0, description="use at most this many samples")
     options: dict[str, Any] = Field(default_factory=dict)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 from pydantic import (
@@ -12,6 +13,7 @@ from pydantic import (
     model_validator,
 )
 
+from ..errors import MtkitWarning
 from .base import PlainName, Strict
 
 
@@ -110,6 +112,16 @@ class TrainConfig(Strict):
     tensorboard: bool = False
     """mirror metrics.jsonl to TensorBoard (pip install mtkit[tensorboard])"""
     checkpoint_every: int = Field(0, ge=0, description="also save every N steps (0: only per epoch)")
+
+    @model_validator(mode="after")
+    def _milestones(self) -> TrainConfig:
+        late = [e for e in self.lr_drop_epochs if e >= self.epochs]
+        if late:
+            warnings.warn(MtkitWarning(
+                f"train.lr_drop_epochs {late} lie at or beyond train.epochs ({self.epochs}): the learning rate never "
+                + (f"drops there (drops happen after epochs 1..{self.epochs - 1})" if self.epochs > 1 else
+                   "drops in a run of one epoch")), stacklevel=2)
+        return self
 
 
 class ModelSpec(Strict):

@@ -128,32 +128,61 @@ class MetzenStatic(_Metzen):
         super().__init__(options)
         self._targets: dict[tuple[int, int, int], torch.Tensor] = {}
 
-    def static_target(self, ctx: AttackContext, size: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """The target segmentation (H, W) at this image size, computed once per model and size."""
+    def static_target(self, ctx: AttackContext, x: torch.Tensor) -> torch.Tensor:
+        """The target segmentation (H, W) at the images' size, computed once per model and size."""
+        size, device = (x.shape[-2], x.shape[-1]), x.device
         key = (id(ctx.model), *size)
         if key not in self._targets:
             o = self.options
             if o.target_file:
-                path = Path(o.target_file)
-                if not path.is_file():
-                    raise MtkitError(f"{type(self).__name__}: options.target_file {path} does not exist")
-                if path.suffix == ".npy":
-                    labels = torch.as_tensor(np.load(path)).long()
-                else:
-                    from PIL import Image
-
-                    labels = torch.as_tensor(np.asarray(Image.open(path))).long()
+                weights = ctx.class_weights
+                classes = weights.numel() if weights is not None else predict(ctx, x[:1])[0].shape[1]
+                labels = read_target_file(Path(o.target_file), classes, type(self).__name__)
                 labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
             else:
                 cfg = o.target_dataset.model_copy(update={"height": size[0], "width": size[1]})
-                image = build_dataset(cfg)[o.target_index]["image"][None].to(device)
+                ds = build_dataset(cfg)
+                if not 0 <= o.target_index < len(ds):
+                    raise MtkitError(f"{type(self).__name__}: options.target_index {o.target_index} is not an image "
+                                     f"of options.target_dataset ({len(ds)} images: 0..{len(ds) - 1})")
+                image = ds[o.target_index]["image"][None].to(device)
                 labels = predict(ctx, image)[1][0]
             self._targets[key] = labels.to(device)
         return self._targets[key]
 
     def targets(self, ctx, x, y):
-        t = self.static_target(ctx, (x.shape[-2], x.shape[-1]), x.device)
+        t = self.static_target(ctx, x)
         return Targets(t.expand(x.shape[0], -1, -1).clone(), "static")
+
+
+def read_target_file(path: Path, classes: int, who: str) -> torch.Tensor:
+    """A target segmentation file (``.npy`` without pickles, or a one-channel PNG) as (H, W) class ids, checked:
+    two dimensions, finite whole numbers, each a class 0..classes-1; else one error naming the file and what was
+    expected."""
+    from PIL import Image, UnidentifiedImageError
+
+    expected = f"a (H, W) map of class ids 0..{classes - 1} (trainIds), as .npy or a one-channel PNG"
+    if not path.is_file():
+        raise MtkitError(f"{who}: options.target_file {path} does not exist (expected {expected})")
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            with Image.open(path) as im:
+                array = np.asarray(im)
+    except (ValueError, OSError, EOFError, UnidentifiedImageError) as exc:
+        raise MtkitError(f"{who}: cannot read options.target_file {path} ({type(exc).__name__}: {exc}); expected "
+                         f"{expected}") from None
+    if array.ndim != 2 or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise MtkitError(f"{who}: options.target_file {path} holds {array.dtype} of shape {array.shape}; expected "
+                         f"{expected}")
+    if np.issubdtype(array.dtype, np.floating) and not (np.isfinite(array).all() and (array == np.round(array)).all()):
+        raise MtkitError(f"{who}: options.target_file {path} holds values that are not whole numbers (NaN, inf or "
+                         f"fractions); expected {expected}")
+    low, high = (array.min(), array.max()) if array.size else (0, -1)
+    if array.size == 0 or low < 0 or high >= classes:
+        raise MtkitError(f"{who}: options.target_file {path} holds ids {low}..{high}; expected {expected}")
+    return torch.as_tensor(array.astype(np.int64))
 
 
 class MetzenDynamic(_Metzen):

@@ -72,8 +72,9 @@ def save_uap(path: Path, xi: torch.Tensor, eps: float, fingerprint: str, meta: d
     return path
 
 
-def load_uap(path: Path, fingerprint: str | None = None) -> torch.Tensor:
-    """A saved perturbation (weights_only load); refuses one learnt on another model."""
+def load_uap(path: Path, fingerprint: str | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A saved perturbation (weights_only load); refuses one learnt on another model, or one that is not a
+    finite (3, H, W) tensor of the images' ``size``."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -83,7 +84,15 @@ def load_uap(path: Path, fingerprint: str | None = None) -> torch.Tensor:
     if fingerprint is not None and data.get("model") != fingerprint:
         raise MtkitError(f"{path} was learnt on another model ({data.get('model')}, this one is {fingerprint}); "
                          "delete it or point options.folder elsewhere")
-    return data["perturbation"]
+    xi = data["perturbation"]
+    expected = f"(3, {size[0]}, {size[1]})" if size else "(3, H, W)"
+    if not isinstance(xi, torch.Tensor) or xi.ndim != 3 or xi.shape[0] != 3 or not xi.is_floating_point() or (
+            size is not None and tuple(xi.shape[1:]) != tuple(size)) or not bool(torch.isfinite(xi).all()):
+        got = tuple(xi.shape) if isinstance(xi, torch.Tensor) else type(xi).__name__
+        raise MtkitError(f"{path}: its perturbation is {got}"
+                         f"{'' if not isinstance(xi, torch.Tensor) else f' {xi.dtype}'}, expected finite floats of "
+                         f"shape {expected} (the images' size); delete it to learn it again")
+    return xi
 
 
 class UAPOptions(PerturbationOptions):
@@ -140,7 +149,7 @@ class UniversalPerturbation(Perturbation):
                 "batch_size": self.batch_size, "step": self.step}
         path = self._folder() / f"{self.prefix}-{fp}-{config_hash(meta, eps, self.extra_key())}.pt"
         if path.is_file():
-            xi = load_uap(path, fp)
+            xi = load_uap(path, fp, size)
         else:
             xi = self.learn(ctx, build_dataset(cfg), eps)
             save_uap(path, xi, eps, fp, meta)
