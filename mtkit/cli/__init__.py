@@ -67,9 +67,16 @@ def write_error(exc: OSError) -> str:
 RESUME_HINT = "finished stages and the last checkpoint are kept: the same command continues where it stopped"
 
 
+_SHOWN: set[str] = set()
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
-    """mtkit's own warnings (``MtkitWarning``) as one line; every other warning as Python shows it."""
+    """mtkit's own warnings (``MtkitWarning``) as one line, each once (a recipe is validated again by later
+    stages); every other warning as Python shows it."""
     if issubclass(category, MtkitWarning):
+        if str(message) in _SHOWN:
+            return
+        _SHOWN.add(str(message))
         err_console.print(f"warning: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     else:
         _default(message, category, filename, lineno, file, line)
