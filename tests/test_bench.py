@@ -36,9 +36,10 @@ def test_bench_saves_compares_and_catches_a_slowdown(tmp_path, capsys, monkeypat
     assert [b["name"] for b in data["benchmarks"]] == ["test_photometric_loss"]
     assert data["machine_info"]["cpu"]  # the machine details are stored with the baseline
 
-    # three times the work per call: +200 % on any machine, against a 100 % threshold
+    # six times the work per call: +500 % on any machine, against a 100 % threshold (a margin for a noisy baseline
+    # median: one run here measured the base at 2.1x its own minimum)
     code, out, err = _bench(capsys, monkeypatch, "--compare", str(base), "--fail-over", "100",
-                            env={"MTKIT_BENCH_INJECT_SLOWDOWN": "3"})
+                            env={"MTKIT_BENCH_INJECT_SLOWDOWN": "6"})
     assert code == 1, out + err
     assert "REGRESSION" in out and "slower than" in " ".join(err.split())
     # the regression is --fail-over's expected outcome: the table and one line, not pytest-benchmark's traceback

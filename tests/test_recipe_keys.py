@@ -299,6 +299,15 @@ PROBES: dict[str, tuple[Any, Any, Callable[..., Any]]] = {
     "detection.epsilons": ([1.0], [2.0], lambda r, c: _detection(r, c)[1]),
     "detection.datasets": (None, ["K"], lambda r, c: detection_datasets(r)),
     "detection.batch_size": (8, 2, lambda r, c: _detection(r, c)[2]),
+    "launcher.kind": ("local", "slurm", lambda r, c: _launcher_refusal(r)),
+    "launcher.slurm_partition": (None, "gpu", lambda r, c: _sbatch(r, c)),
+    "launcher.slurm_account": (None, "lab", lambda r, c: _sbatch(r, c)),
+    "launcher.slurm_gpus_per_job": (1, 2, lambda r, c: _sbatch(r, c)),
+    "launcher.slurm_cpus_per_job": (8, 4, lambda r, c: _sbatch(r, c)),
+    "launcher.slurm_mem_gb": (None, 16, lambda r, c: _sbatch(r, c)),
+    "launcher.slurm_time": (1440, "0-02:00:00", lambda r, c: _sbatch(r, c)),
+    "launcher.slurm_extra": ({}, {"constraint": "a100"}, lambda r, c: _sbatch(r, c)),
+    "launcher.slurm_setup": ([], ["module load cuda"], lambda r, c: _sbatch(r, c)),
 }
 
 
@@ -325,6 +334,36 @@ def _detection(r: Recipe, c) -> tuple[list, list, list]:
     return ([round(rows[0].threshold, 6), rows[0].fpr_target], [(row.perturbation, row.epsilon) for row in rows],
             sizes)
 
+
+
+def _launcher_refusal(r: Recipe) -> str:
+    """What ``mtkit run --detach`` says before any work: local refuses --detach, slurm asks for SLURM's commands."""
+    from mtkit.pipeline.jobs import check_launcher
+
+    try:
+        check_launcher(r.launcher, detach=True)
+    except Exception as exc:  # the observable behaviour is the message
+        return str(exc).split(":")[0]
+    return "accepted"
+
+
+def _sbatch(r: Recipe, c) -> str:
+    """The sbatch script submitit writes for the recipe's launcher (a stand-in srun on PATH: submitit looks for
+    it before it makes an executor)."""
+    import os
+
+    from mtkit.pipeline.jobs import slurm_executor
+
+    bin_dir = c.tmp / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text("#!/bin/sh\n")
+    (bin_dir / "srun").chmod(0o755)
+    path = os.environ["PATH"]
+    os.environ["PATH"] = f"{bin_dir}:{path}"
+    try:
+        return slurm_executor(r.launcher, c.tmp / "jobs", r.name, 1)._make_submission_file_text("mtkit", "uid")
+    finally:
+        os.environ["PATH"] = path
 
 
 def _outcome(fn: Callable[[], Any]) -> str:
@@ -404,7 +443,7 @@ def test_every_schema_key_has_a_probe():
     keys += [f"DatasetConfig.{k}" for k in DatasetConfig.model_fields]
     keys += [f"ModelSpec.{f.alias or n}" for n, f in ModelSpec.model_fields.items()]
     containers = {"model", "data", "loss", "train", "robustness", "depth_evaluation", "data.augment",
-                  "robustness.sanity", "detection"}
+                  "robustness.sanity", "detection", "launcher"}
     missing = [k for k in keys if k not in PROBES and k not in containers]
     assert not missing, f"recipe keys without a probe: {missing}"
 
