@@ -225,3 +225,31 @@ def test_gpu_check_refuses_a_python_without_torch_a_wheels_folder_it_cannot_writ
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--allow-cpu", "--out",
                           str(a_file)], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "is a file" in out.stderr and "Traceback" not in out.stderr
+
+
+hypothesis = pytest.importorskip("hypothesis", reason="the fuzzing needs hypothesis (a test extra)")
+
+
+@hypothesis.settings(max_examples=40, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(blob=hypothesis.strategies.binary(max_size=300),
+                  kind=hypothesis.strategies.sampled_from(["target.npy", "target.png", "uap.pt", "ckpt.pt",
+                                                           "history.json", "baseline.json"]))
+def test_fuzz_every_file_a_recipe_or_an_option_names_fails_only_as_a_clean_error(tmp_path, blob, kind):
+    """Arbitrary bytes (truncated, empty, random) in each kind of file mtkit reads on a user's behalf: the target
+    segmentation, a universal perturbation, a checkpoint, a benchmark history and a baseline either load or
+    raise mtkit's one-line error, never another exception."""
+    from mtkit.bench.runner import _check_baseline
+    from mtkit.bench.trend import _saved_run
+    from mtkit.core.checkpoint import load_checkpoint
+
+    path = tmp_path / kind
+    path.write_bytes(blob)
+    readers = {"target.npy": lambda: read_target_file(path, 19, "metzen_static"),
+               "target.png": lambda: read_target_file(path, 19, "metzen_static"),
+               "uap.pt": lambda: load_uap(path, "fp", (8, 8)), "ckpt.pt": lambda: load_checkpoint(path),
+               "history.json": lambda: _saved_run(path), "baseline.json": lambda: _check_baseline(path)}
+    try:
+        readers[kind]()
+    except MtkitError:
+        pass
