@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 from plugin_utils import BROKEN_PLUGIN, GOOD_PLUGIN, make_dist
 from support import run_cli, with_plugins_on_path
@@ -125,3 +127,33 @@ def mtkit_register(registry):
     assert ("loss", "half_loss") not in plugins.registry
     assert not plugins.manager.has_plugin("mtkit_half")
     assert ("perturbation", "fgsm") in plugins.registry
+
+
+def test_list_is_one_line_per_entry_that_grep_finds_at_any_width(capsys, monkeypatch):
+    """Piped or in 80 columns, `mtkit list` gives one line per entry with its whole name (issue: `monodepth2_d…`),
+    `mtkit list NAME` the whole description and every option with its default, `--json` every entry in full."""
+    from mtkit.plugins.manager import get_registry
+
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = run_cli(["list"], capsys)
+    assert code == 0, err
+    entries = list(get_registry())
+    lines = out.splitlines()
+    assert len(lines) == len(entries) and "…" not in out
+    for e in entries:  # `mtkit list | grep NAME` finds the entry's own line
+        assert any(ln.split()[:2] == [e.name, e.kind] for ln in lines), e.name
+    code, out, err = run_cli(["list", "metzen_dynamic"], capsys)
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert "weighing the two by ω" in flat  # the whole description, not its first line
+    for option, default in (("hidden_class", "11"), ("omega", "0.9"), ("tau", "0.75"), ("iterations", "None")):
+        assert option in out and default in out, option
+    code, out, err = run_cli(["list", "--json"], capsys)
+    data = json.loads(out)
+    assert {(d["kind"], d["name"]) for d in data} == {(e.kind, e.name) for e in entries}
+    opgd = next(d for d in data if d["name"] == "opgd")
+    assert {o["name"]: o["default"] for o in opgd["options"]}["detector_loss"] == "detector"
+    code, out, err = run_cli(["list", "perturbation", "--json"], capsys)
+    assert {d["kind"] for d in json.loads(out)} == {"perturbation"}
+    code, out, err = run_cli(["list", "metzen_dynamc"], capsys)
+    assert code == 2 and "metzen_dynamic" in err and "Traceback" not in err  # did you mean

@@ -139,3 +139,21 @@ def test_pgd_restarts_keep_the_strongest_example_and_bad_options_fail_at_load(tr
             validate(tiny_recipe(**{"robustness.options": {"pgd": options}}))
     with pytest.raises(MtkitError, match="no_such_loss"):
         validate(tiny_recipe(**{"loss.segmentation": "no_such_loss"}))
+
+
+def test_exact_binomial_intervals_by_hand():
+    """Clopper–Pearson from the beta quantiles: 3 of 72 gives [0.87, 11.70] % (scipy's binomtest agrees), where a
+    t-interval over 3 per-seed rates went below zero; 0 of n starts at 0 and n of n ends at 1; the cell pools
+    the seeds' counts."""
+    from scipy.stats import binomtest
+
+    from mtkit.report.stats import exact_interval, rate_cell
+
+    low, high = exact_interval(3, 72)
+    ci = binomtest(3, 72).proportion_ci(confidence_level=0.95, method="exact")
+    assert (low, high) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    assert round(100 * low, 1) == 0.9 and round(100 * high, 1) == 11.7
+    assert exact_interval(0, 24)[0] == 0.0 and exact_interval(24, 24)[1] == 1.0
+    assert exact_interval(0, 24)[1] == pytest.approx(1 - 0.025 ** (1 / 24))  # (α/2)^(1/n) by hand
+    assert rate_cell([(1, 24), (2, 24), (0, 24)]) == "4.2 [0.9, 11.7] (3/72)"
+    assert rate_cell([]) == "–"

@@ -13,18 +13,52 @@ from .common import console, hms, override_opt, parse_seeds, parse_unit, recipe_
 
 
 @click.command("list")
-@click.argument("kind", required=False)
-def list_cmd(kind: str | None) -> None:
-    """List registered backbones, heads, losses, perturbations, datasets, tasks and metrics."""
-    from ..plugins.manager import list_entries
+@click.argument("what", required=False, metavar="[KIND|NAME]")
+@click.option("--json", "as_json", is_flag=True, help="every entry in full as JSON, for scripts")
+def list_cmd(what: str | None, as_json: bool) -> None:
+    """List the registry: one line per entry (name, kind, origin, summary), never cut, so `mtkit list | grep`
+    finds every name. KIND (backbone, head, loss, perturbation, dataset, task, model, detector) lists one kind;
+    NAME shows that entry's whole description and its options."""
+    from ..core.errors import MtkitError, did_you_mean
+    from ..core.registry import KINDS
+    from ..plugins.manager import entry_details, get_registry
 
-    table = Table(title="mtkit registry")
-    for col in ("name", "kind", "origin", "description", "options"):
-        table.add_column(col)
-    for e in list_entries(kind):
-        table.add_row(e["name"], e["kind"], e["origin"], e["doc"], escape(e["options"]))
-    console.print(table)
+    reg = get_registry()
+    if what is None or what in KINDS:
+        entries = [e for e in reg if what is None or e.kind == what]
+        if as_json:
+            click.echo(json.dumps([entry_details(e) for e in entries], indent=1, default=str))
+        else:
+            width = max((len(e.name) for e in entries), default=0)
+            origin = max((len(e.origin) for e in entries), default=0)
+            for e in entries:
+                click.echo(f"{e.name:<{width}}  {e.kind:<12}  {e.origin:<{origin}}  {e.doc}".rstrip())
+    else:
+        entries = [e for e in reg if e.name == what]
+        if not entries:
+            names = sorted({e.name for e in reg})
+            raise MtkitError(f"'{what}' is neither a registry kind ({', '.join(KINDS)}) nor an entry's name"
+                             f"{did_you_mean(what, names, cutoff=0.5)}; `mtkit list` shows every entry")
+        if as_json:
+            click.echo(json.dumps([entry_details(e) for e in entries], indent=1, default=str))
+        for e in [] if as_json else entries:
+            _print_entry(entry_details(e))
     warn_plugin_failures()
+
+
+def _print_entry(d: dict) -> None:
+    console.print(f"[bold]{escape(d['name'])}[/bold] ({d['kind']}, {escape(d['origin'])})", soft_wrap=True)
+    click.echo("")
+    click.echo(d["description"] or "(no description)")
+    if d["options"]:
+        table = Table(title="options", show_lines=False)
+        for col in ("option", "type", "default", "description"):
+            table.add_column(col, overflow="fold")
+        for o in d["options"]:
+            table.add_row(o["name"], escape(o["type"]), "(required)" if o["required"] else escape(repr(o["default"])),
+                          escape(o["description"]))
+        console.print(table)
+    click.echo("")
 
 
 @click.command()

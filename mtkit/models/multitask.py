@@ -132,14 +132,19 @@ class MultiTaskNet(nn.Module):
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Segmentation logits and depth (B, 1, H, W) of images in gray values, from one encoder pass (what the
         attack detector compares)."""
+        logits, sigmas = self.predict_scales(images)
+        with fp32(images.device.type):
+            depth = disp_to_depth(at_least_fp32(sigmas[0]), self.cfg.min_depth, self.cfg.max_depth)[1]
+        return logits, depth
+
+    def predict_scales(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Segmentation logits and the depth decoder's sigmoid output σ at each of its scales (scale s at 1/2^s of
+        the input size), from one encoder pass."""
         if self.depth_head is None:
             raise MtkitError("this model has no depth head")
         feats = self.encoder(self.normalize(images))
         size = tuple(images.shape[-2:])
-        sigma = self.depth_head(feats, size)[0]
-        with fp32(images.device.type):
-            depth = disp_to_depth(at_least_fp32(sigma), self.cfg.min_depth, self.cfg.max_depth)[1]
-        return self.seg_head(feats, size), depth
+        return self.seg_head(feats, size), self.depth_head(feats, size)
 
     def predict_poses(self, frames: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         """T_{t→t'} for frames [x_{t-1}, x_t, x_{t+1}] (gray values): {-1: ..., +1: ...}, both pairs in one pass

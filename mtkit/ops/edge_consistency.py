@@ -18,7 +18,13 @@ Where mtkit differs from the authors' code (said again in the README):
 - *Per-image scaling.* The authors scale each edge map by the minimum and maximum over the whole batch, so an
   image's measures depend on the others in its batch; mtkit scales per image.
 - *Edge maps as theirs:* mean absolute neighbour difference over the channels for the image (in [0, 1]) and for
-  the depth (divided by its mean, as theirs), "unequal" (the label changes) for the segmentation.
+  the disparity aσ+b = 1/depth divided by its mean per image (their harness enters ``disps_scaled_pred``, the
+  scaled disparity, through ``enter_depth``), "unequal" (the label changes) for the segmentation.
+- *A differentiable form of the same score* (``soft_consistency_measures``, ``EdgeConsistency.
+  differentiable_score``): the softmax probabilities in place of the labels, with the "abs" edge map. On one-hot
+  probabilities it equals the detector's score exactly (a label change moves 2 of the C channels by 1, which the
+  per-image scaling maps to 1, as "unequal" does), so the adaptive attack (``perturbations.adaptive``) attacks
+  the detector that is reported. The authors' own attack loss is an option there (``detector_loss: authors``).
 
 The training loss of the same paper (``edge_consistency_loss``) and the adaptive attack against the detector
 (``perturbations.adaptive``) use a differentiable form: monodepth2's 3x3 structural dissimilarity between the
@@ -27,6 +33,7 @@ edge maps of the softmax segmentation (or the disparity) and of the image (the a
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import numpy as np
@@ -81,29 +88,56 @@ def gaussian_ssim(a: torch.Tensor, b: torch.Tensor, size: int = 11, sigma: float
     return ssim_map.mean(dim=(1, 2, 3))
 
 
+def normalised_disparity(depth: torch.Tensor) -> torch.Tensor:
+    """The map the detector compares (B, 1, H, W): the disparity 1/depth (= aσ+b, ``disp_to_depth``) divided by
+    its mean per image, as the authors' ``enter_depth`` divides their scaled disparity."""
+    disp = 1.0 / depth
+    return disp / disp.mean(dim=(1, 2, 3), keepdim=True)
+
+
 def consistency_measures(images: torch.Tensor, labels: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
     """The three edge consistencies (B, 3) of ``MEASURES``: images (B, 3, H, W) in gray values, predicted labels
-    (B, H, W), predicted depth (B, 1, H, W); each the SSIM of the two edge maps, the mean of x and y. 1 for
-    edges in the same places, lower the more they disagree."""
+    (B, H, W), predicted depth (B, 1, H, W), whose disparity the detector compares (``normalised_disparity``);
+    each the SSIM of the two edge maps, the mean of x and y. 1 for edges in the same places, lower the more they
+    disagree."""
+    return _pairwise(images, edge_maps(labels.unsqueeze(1), "unequal"), depth)
+
+
+def soft_consistency_measures(images: torch.Tensor, probabilities: torch.Tensor, depth: torch.Tensor
+                              ) -> torch.Tensor:
+    """``consistency_measures`` made differentiable (B, 3): the softmax ``probabilities`` (B, C, H, W) in place of
+    the labels, through the "abs" edge map. Equal to ``consistency_measures`` of the argmax where the
+    probabilities are one-hot (see the module), and what the adaptive attack differentiates."""
+    return _pairwise(images, edge_maps(probabilities, "abs"), depth)
+
+
+def _pairwise(images: torch.Tensor, segmentation: tuple[torch.Tensor, torch.Tensor], depth: torch.Tensor
+              ) -> torch.Tensor:
     if images.shape[-2] < 12 or images.shape[-1] < 12:
         raise MtkitError(f"edge consistency needs images of at least 12x12 pixels (the 11x11 SSIM window), "
                          f"got {images.shape[-1]}x{images.shape[-2]}")
-    maps = {"image": edge_maps(images.float() / 255.0, "abs"),
-            "segmentation": edge_maps(labels.unsqueeze(1), "unequal"),
-            "depth": edge_maps(depth.float() / depth.float().mean(dim=(1, 2, 3), keepdim=True), "abs")}
+    dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
+    maps = {"image": edge_maps(images.to(dtype) / 255.0, "abs"),
+            "segmentation": (segmentation[0].to(dtype), segmentation[1].to(dtype)),
+            "depth": edge_maps(normalised_disparity(depth.to(dtype)), "abs")}
     pairs = [("image", "segmentation"), ("image", "depth"), ("segmentation", "depth")]
     return torch.stack([(gaussian_ssim(maps[a][0], maps[b][0]) + gaussian_ssim(maps[a][1], maps[b][1])) / 2
                         for a, b in pairs], 1)
 
 
 def edge_consistency_loss(images: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-    """The differentiable edge consistency of a prediction with its image, per image (B,): monodepth2's 3x3
-    structural dissimilarity (1 - SSIM)/2 between the edge maps of ``outputs`` (softmax probabilities
-    (B, C, H, W) or a disparity (B, 1, H, W)) and of the images (gray values), x and y maps summed, averaged over
-    pixels (the authors' ``SSIMGradLoss``). 0 for edges in the same places; the training loss (``loss.
-    edge_consistency``) and the adaptive attack's detector term."""
-    (ox, oy), (ix, iy) = _differences(outputs.float()), _differences(images.float() / 255.0)
-    return dssim(ox, ix).mean(dim=(1, 2, 3)) + dssim(oy, iy).mean(dim=(1, 2, 3))
+    """The differentiable edge consistency of a prediction with its image, per image (B,): ``ssim_grad_loss`` of
+    ``outputs`` (softmax probabilities (B, C, H, W) or a disparity (B, 1, H, W)) and the images in gray values
+    (scaled to [0, 1]). 0 for edges in the same places; the training loss (``loss.edge_consistency``)."""
+    return ssim_grad_loss(outputs.float(), images.float() / 255.0)
+
+
+def ssim_grad_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The authors' ``SSIMGradLoss`` per image (B,): monodepth2's 3x3 structural dissimilarity (1 - SSIM)/2,
+    clamped, between the mean absolute neighbour differences of ``a`` and ``b`` (B, C, H, W); the x and y maps
+    each averaged over pixels, then summed."""
+    (ax, ay), (bx, by) = _differences(a), _differences(b)
+    return dssim(ax, bx).mean(dim=(1, 2, 3)) + dssim(ay, by).mean(dim=(1, 2, 3))
 
 
 def _differences(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,12 +165,29 @@ def roc_points(clean: np.ndarray, perturbed: np.ndarray) -> tuple[list[float], l
     return fpr, tpr
 
 
+def min_fit_images(fpr: float) -> int:
+    """The fewest clean fitting images with which ``fit_threshold`` can meet a false-positive rate ``fpr``: the
+    conformal rank ⌈(n+1)(1 - fpr)⌉ must be a rank of the n scores, so n ≥ (1 - fpr)/fpr (19 for 5 %)."""
+    return math.ceil((1 - fpr) / fpr - 1e-9)
+
+
 def fit_threshold(clean_scores: np.ndarray, fpr: float) -> float:
-    """The threshold that flags (score > threshold) a ``fpr`` share of the clean scores: their (1 - fpr)
-    quantile ("higher" interpolation, so at most that share of the fitting images lies above it)."""
-    if len(clean_scores) == 0:
+    """The threshold that flags (score > threshold) a fresh clean image with probability at most ``fpr``: the
+    score of rank k = ⌈(n+1)(1 - fpr)⌉ among the n fitting scores (split conformal; by exchangeability a new
+    clean score exceeds it with probability (n + 1 - k)/(n + 1) ≤ fpr, 1/25 = 4 % with 24 images at 5 %). The
+    plain (1 - fpr) quantile of the fitting scores misses it: rank 23 of 24 is exceeded with probability 2/25 =
+    8 %. Fewer than ``min_fit_images(fpr)`` scores cannot meet ``fpr`` at all: an error says how many."""
+    n = len(clean_scores)
+    if n == 0:
         raise MtkitError("no clean images to fit the detector's threshold on")
-    return float(np.quantile(clean_scores, 1 - fpr, method="higher"))
+    rank = math.ceil((n + 1) * (1 - fpr) - 1e-9)
+    if rank > n:
+        raise MtkitError(f"detection.fpr {fpr:g}: {n} clean fitting image(s) cannot give a false-positive rate of "
+                         f"{100 * fpr:g} % (a fresh clean image exceeds even the largest of n scores with "
+                         f"probability 1/(n+1)); give at least {min_fit_images(fpr)} (the set's even-indexed "
+                         f"images fit the threshold: {2 * min_fit_images(fpr)} images in the set), or raise "
+                         f"detection.fpr")
+    return float(np.sort(np.asarray(clean_scores, dtype=np.float64))[rank - 1])
 
 
 # ----------------------------------------------------------------------------------------------- detectors
@@ -167,6 +218,14 @@ class Detector:
     def score(self, measures: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def differentiable_score(self, model: torch.nn.Module, images: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The segmentation logits and a differentiable form of ``score`` per image (B,), from one pass with
+        gradients: what an adaptive attack (``opgd``) lowers so that its images are not flagged. A detector
+        without one cannot be attacked adaptively."""
+        raise MtkitError(f"the {type(self).__name__} detector has no differentiable score, so the adaptive attack "
+                         "(opgd) cannot attack it; implement Detector.differentiable_score")
+
 
 class EdgeConsistencyOptions(DetectorOptions):
     measures: list[str] = Field(default_factory=lambda: list(MEASURES),
@@ -194,9 +253,7 @@ class EdgeConsistency(Detector):
 
     def measures_and_prediction(self, model: torch.nn.Module, images: torch.Tensor
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not hasattr(model, "predict") or getattr(model, "depth_head", None) is None:
-            raise MtkitError("the edge_consistency detector needs a multi-task model with a depth head (tasks "
-                             "[segmentation, depth]); a single-task or external segmenter has no depth to compare")
+        _needs_depth(model)
         with torch.no_grad():
             logits, depth = model.predict(images)
         labels = logits.argmax(1)
@@ -204,3 +261,17 @@ class EdgeConsistency(Detector):
 
     def score(self, measures: torch.Tensor) -> torch.Tensor:
         return -measures[:, self.columns].mean(1)
+
+    def differentiable_score(self, model: torch.nn.Module, images: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``score`` of ``soft_consistency_measures`` (the softmax in place of the labels): the reported score
+        wherever the softmax is one-hot (see the module), with gradients."""
+        _needs_depth(model)
+        logits, depth = model.predict(images)
+        return logits, self.score(soft_consistency_measures(images, F.softmax(logits.float(), 1), depth))
+
+
+def _needs_depth(model: torch.nn.Module) -> None:
+    if not hasattr(model, "predict") or getattr(model, "depth_head", None) is None:
+        raise MtkitError("the edge_consistency detector needs a multi-task model with a depth head (tasks "
+                         "[segmentation, depth]); a single-task or external segmenter has no depth to compare")

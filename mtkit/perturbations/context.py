@@ -77,6 +77,9 @@ class AttackContext:
     #: the multi-task network ``model`` belongs to, when it has a depth head (``MultiTaskNet.predict`` gives the
     #: logits and the depth): attacks on the attack detector use it; None for single-task and external models
     multitask: nn.Module | None = None
+    #: the attack detector the evaluation reports (``Detector``; the detection stage's), which an adaptive attack
+    #: (``opgd``) attacks through its ``differentiable_score``; None: the registry's ``edge_consistency``
+    detector: Any = None
     #: what a perturbation computed once for this batch and may reuse (``Perturbation.targets_of``)
     memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 

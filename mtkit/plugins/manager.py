@@ -7,9 +7,12 @@ plugins and the CLI keep working.
 
 from __future__ import annotations
 
+import inspect
+import json
 import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
+from typing import Any
 
 import pluggy
 
@@ -132,6 +135,44 @@ def list_entries(kind: str | None = None) -> list[dict[str, str]]:
         reg.names(kind)  # validates the kind
     return [{"kind": e.kind, "name": e.name, "origin": e.origin, "doc": e.doc, "options": options_summary(e.options)}
             for e in reg if kind is None or e.kind == kind]
+
+
+def entry_details(entry) -> dict[str, Any]:
+    """One entry in full, for ``mtkit list NAME`` and ``--json``: kind, name, origin, the one-line summary, the
+    whole description, and each option's name, type, default (None when required), requirement and
+    description."""
+    options = []
+    model = entry.options
+    fields = model.model_fields.items() if model is not None and hasattr(model, "model_fields") else []
+    for name, spec in fields:
+        default = None if spec.is_required() else spec.get_default(call_default_factory=True)
+        options.append({"name": name, "type": _type_name(spec.annotation), "required": spec.is_required(),
+                        "default": default if _is_json(default) else repr(default),
+                        "description": spec.description or ""})
+    return {"kind": entry.kind, "name": entry.name, "origin": entry.origin, "summary": entry.doc,
+            "description": inspect.getdoc(entry.obj) or "", "options": options}
+
+
+def _type_name(annotation: Any) -> str:
+    """A type as a reader writes it: ``int | None``, not ``Optional[Annotated[int, Gt(gt=0)]]``."""
+    import re
+
+    if isinstance(annotation, type):
+        return annotation.__name__
+    text = str(annotation).replace("typing.", "").replace("pydantic.types.", "")
+    while (m := re.search(r"Annotated\[([^\[\],]+(?:\[[^\]]*\])?), [^\[\]]*(?:\[[^\]]*\])?[^\[\]]*\]", text)):
+        text = text[:m.start()] + m.group(1) + text[m.end():]
+    while (m := re.search(r"Optional\[([^\[\]]+(?:\[[^\]]*\])?)\]", text)):
+        text = text[:m.start()] + m.group(1) + " | None" + text[m.end():]
+    return re.sub(r"\b(?:[a-z_]+\.)+([A-Z]\w*)", r"\1", text).replace("NoneType", "None")
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def options_summary(model) -> str:

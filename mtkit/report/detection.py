@@ -11,7 +11,7 @@ from pathlib import Path
 from ..core.results import DetectionRow, RunResults
 from .plots import _save, epsilon_axes
 from .sections import percent_cell
-from .stats import paired_difference, t_interval
+from .stats import paired_difference, rate_cell, t_interval
 
 
 def _by(rows: list[DetectionRow]) -> dict[tuple, dict[int, DetectionRow]]:
@@ -38,26 +38,38 @@ def detection_markdown(results: RunResults) -> list[str]:
           f"the predicted segmentation disagree under attack), threshold fitted per model and set on the clean "
           f"images with an even index for a {100 * first.fpr_target:g} % false-positive rate; every rate below is "
           f"measured on the other {first.images} images of the set, clean and perturbed ({first.fit_images} fitted "
-          f"on). Cells: detection rate [%] (the share of perturbed images flagged), then ROC-AUC [%]"
-          + (f"; mean and 95 % t-interval over {len(seeds)} seeds." if len(seeds) > 1 else "; one seed."), ""]
+          f"on). Cells: detection rate [%] (the share of perturbed images flagged) with its exact 95 % "
+          f"(Clopper–Pearson) interval and the counts, then ROC-AUC [%]"
+          + (f" (mean and 95 % t-interval over {len(seeds)} seeds). Rates pool the seeds' decisions: each (seed, "
+             f"image) counts as a trial. The same images recur under every seed, so the pooled interval is "
+             f"narrower than a bootstrap over images would be where the seeds flag the same images; results.json "
+             f"keeps each seed's counts, not each image's decision, so no such bootstrap is made."
+             if len(seeds) > 1 else " (one seed)."), ""]
     for m in models:
         for d in datasets:
-            fprs = [r.fpr for r in rows if r.model == m and r.dataset == d and r.perturbation == perts[0]
-                    and r.epsilon == eps[0]]
-            md += [f"**{m} on {d}**: false-positive rate on the held-out clean images {percent_cell(fprs)} % "
-                   f"(target {100 * first.fpr_target:g} %).", "",
+            fprs = [_counts(r.fpr, r.images) for r in rows if r.model == m and r.dataset == d
+                    and r.perturbation == perts[0] and r.epsilon == eps[0]]
+            md += [f"**{m} on {d}**: false-positive rate on the held-out clean images {rate_cell(fprs)} % "
+                   f"(target {100 * first.fpr_target:g} %; the threshold is the conformal rank of the fitting "
+                   f"scores, so a fresh clean image exceeds it with probability at most the target).", "",
                    "| perturbation | " + " | ".join(f"ε = {e:g}" for e in eps) + " |",
                    "|---|" + "---|" * len(eps)]
             for p in perts:
                 cells = []
                 for e in eps:
                     got = list(by.get((m, d, p, e), {}).values())
-                    rate, auc = percent_cell([r.detection_rate for r in got]), percent_cell([r.auc for r in got])
+                    rate = rate_cell([_counts(r.detection_rate, r.images) for r in got])
+                    auc = percent_cell([r.auc for r in got])
                     cells.append(f"{rate} (AUC {auc})" if got else "–")
                 md.append(f"| {p} | " + " | ".join(cells) + " |")
             md.append("")
     md += _claims(by, models, datasets, perts, eps, seeds)
     return md
+
+
+def _counts(rate: float, images: int) -> tuple[int, int]:
+    """(flagged, images) of a row's rate: results.json holds the rate over its ``images``, exactly k/n."""
+    return round(rate * images), images
 
 
 def _claims(by, models, datasets, perts, eps, seeds) -> list[str]:

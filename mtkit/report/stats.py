@@ -71,3 +71,26 @@ def holm(pvalues: list[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p))
         out[i] = running
     return out
+
+
+def exact_interval(successes: int, trials: int, level: float = LEVEL) -> tuple[float, float]:
+    """Clopper–Pearson's exact binomial interval of a rate ``successes`` / ``trials`` (scipy's beta quantiles):
+    it stays inside [0, 1] and covers at least ``level`` for every true rate; (nan, nan) without trials."""
+    from scipy.stats import beta
+
+    if trials <= 0:
+        return math.nan, math.nan
+    a = (1 - level) / 2
+    low = 0.0 if successes == 0 else float(beta.ppf(a, successes, trials - successes + 1))
+    high = 1.0 if successes == trials else float(beta.ppf(1 - a, successes + 1, trials - successes))
+    return low, high
+
+
+def rate_cell(pairs: list[tuple[int, int]]) -> str:
+    """Rates over seeds as a table cell in %: the pooled rate Σk/Σn with its exact interval (``exact_interval``)
+    and the counts, "–" without trials."""
+    k, n = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+    if n == 0:
+        return "–"
+    low, high = exact_interval(k, n)
+    return f"{100 * k / n:.1f} [{100 * low:.1f}, {100 * high:.1f}] ({k}/{n})"

@@ -3,6 +3,10 @@ Perturbations" (TPAMI 2018), the data-free objective: maximise Π_i ‖l_i(δ)�
 network's convolutions for the perturbation alone (on a mid-gray image), i.e. minimise −Σ_i log ‖l_i(δ)‖₂, with
 Adam, δ clipped to the ε-ball. It needs no data and hooks every ``nn.Conv2d``, so it works for any model
 (mtkit's timm encoders, external networks).
+
+Beside the authors' ``val-iisc/GD-UAP`` training loop: they hook the ReLU outputs, mtkit the convolutions (a
+timm or external model need not use ``nn.ReLU`` modules); their step is Adam with learning rate 0.1 at
+ξ = 10, and they rescale δ when the objective saturates, which mtkit does not.
 """
 
 from __future__ import annotations

@@ -4,7 +4,16 @@ al.): x ← Clip_ε{x − α sign(∇_x J(f(x), y^target))}, descending the loss
 target is a fixed segmentation (the model's prediction on a chosen image, as theirs, or a label file).
 *Dynamic*: hide class o; the target is the clean prediction with o's pixels filled from the nearest pixel of
 another class (their Sec. 4), and the loss weighs o's pixels I_o against the rest I_bg by ω (their eq. 4):
-J^ω = 1/|I| (ω Σ_{I_o} J_cls + (1 - ω) Σ_{I_bg} J_cls).
+J^ω = 1/|I| (ω Σ_{I_o} J_cls + (1 - ω) Σ_{I_bg} J_cls), leaving out the pixels whose softmax probability of
+their target already exceeds τ = 0.75 (their rule; option ``tau``), in the universal version too.
+
+Beside TUBSRobustCheck's ``metzen.py`` / ``metzen_uap.py`` (the authors' group's implementation):
+- its τ test compares the logits min-max normalised over the whole batch with τ (so a pixel's test depends on
+  the other images); mtkit tests the softmax probability of the target, per pixel;
+- its dynamic fill is a 4-neighbour propagation that wraps around the image edges; mtkit's is the paper's
+  Euclidean nearest neighbour (scipy's distance transform);
+- its universal version learns one periodic tile (512x512 by default) repeated over the image, one step per pass
+  over the data; mtkit's learns a full-size ξ, one step per batch.
 
 ``metzen_static_uap`` / ``metzen_dynamic_uap``: their universal perturbation (eq. 3): ξ ← Clip_ε{ξ − α
 sign(Σ_k ∇J^ω(f(x_k + ξ), y_k^target))} over a training split, fingerprinted by the model and cached like
@@ -40,13 +49,21 @@ from .uap import UAPOptions, UniversalPerturbation, learn_uap
 
 # ------------------------------------------------------------------------------------------------ the losses
 def metzen_loss(logits: torch.Tensor, target: torch.Tensor, hidden_mask: torch.Tensor | None = None,
-                omega: float = 0.5) -> torch.Tensor:
+                omega: float = 0.5, tau: float | None = None) -> torch.Tensor:
     """Metzen et al.'s J^ω per image (B,): 1/|I| (ω Σ_{I_o} J_cls + (1 - ω) Σ_{I_bg} J_cls), J_cls the cross-entropy
     towards the target label, I_o the pixels of ``hidden_mask`` (dynamic) and I_bg the others with a target,
-    |I| the pixels with a target. Without a mask (static) every pixel weighs alike: the mean cross-entropy."""
-    ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
+    |I| the pixels with a target. Without a mask (static) every pixel weighs alike: the mean cross-entropy.
+
+    ``tau`` (their dynamic attack's rule, τ = 0.75): a pixel whose softmax probability of its target already
+    exceeds τ is left out of the sums (J_cls = 0 there; |I| unchanged), so the steps go to the pixels not yet
+    fooled. None: every pixel counts."""
+    logits = logits.float()
+    ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")
     has = target != IGNORE_INDEX
     count = has.flatten(1).sum(1).clamp_min(1)
+    if tau is not None:
+        p = F.softmax(logits.detach(), 1).gather(1, torch.where(has, target, 0).unsqueeze(1)).squeeze(1)
+        ce = torch.where(p > tau, 0.0, ce)
     if hidden_mask is None:
         return ce.flatten(1).sum(1) / count
     w = torch.where(hidden_mask, omega, 1 - omega) * has
@@ -86,6 +103,9 @@ class DynamicOptions(MetzenOptions):
     hidden_class: int = Field(11, ge=0, description="the class to hide (11: person in Cityscapes' trainIds)")
     omega: float = Field(0.9, ge=0, le=1, description="ω: weight of the hidden class's pixels against the rest "
                                                       "(eq. 4; Metzen et al. trade the two numbers off with it)")
+    tau: float | None = Field(0.75, gt=0, le=1, description="τ: pixels whose probability of their target already "
+                                                            "exceeds it leave the loss (Metzen et al.: 0.75); "
+                                                            "null: every pixel stays")
 
 
 class _Metzen(Perturbation):
@@ -196,7 +216,8 @@ class MetzenDynamic(_Metzen):
         return Targets(fill_hidden(pred, self.options.hidden_class), "dynamic", self.options.hidden_class, pred)
 
     def loss(self, logits, tg):
-        return metzen_loss(logits, tg.labels, tg.reference == tg.hidden, self.options.omega)
+        o = self.options
+        return metzen_loss(logits, tg.labels, tg.reference == tg.hidden, o.omega, o.tau)
 
 
 # ----------------------------------------------------------------------------------- universal (Metzen et al.)
