@@ -21,7 +21,7 @@ from ..core.precision import math_mode, resolve_precision
 from ..core.progress import progress_bar
 from ..core.results import DetectionRow
 from ..core.schema import Recipe
-from ..ops.edge_consistency import fit_threshold, min_fit_images, roc_auc, roc_points
+from ..ops.edge_consistency import fit_threshold, require_fit_images, roc_auc, roc_points
 from ..ops.metrics import confusion_counts, confusion_from_counts, miou
 from ..perturbations import AttackContext
 from ..recipe.build import build_detector, build_perturbations, build_segmentation_loss
@@ -72,8 +72,7 @@ def _detect_on(loaded: LoadedModel, recipe: Recipe, key: str, ds, detector, pert
     if not fit or not test:
         raise MtkitError(f"detection on {key}: {len(ds)} image(s); the threshold needs clean images of its own "
                          "and the rates images of theirs: give the set at least 2 images (better 100+)")
-    if len(fit) < min_fit_images(cfg.fpr):  # before any work: the threshold could not meet detection.fpr
-        fit_threshold(np.zeros(len(fit)), cfg.fpr)
+    require_fit_images(len(fit), cfg.fpr)  # before any work: the threshold could not meet detection.fpr
     bs = cfg.batch_size
     batches = [fit[i:i + bs] for i in range(0, len(fit), bs)]
     test_batches = [test[i:i + bs] for i in range(0, len(test), bs)]

@@ -171,6 +171,16 @@ def min_fit_images(fpr: float) -> int:
     return math.ceil((1 - fpr) / fpr - 1e-9)
 
 
+def require_fit_images(n: int, fpr: float) -> None:
+    """Refuse ``n`` fitting images that cannot meet ``fpr`` (fewer than ``min_fit_images``), in one line."""
+    if n < min_fit_images(fpr):
+        raise MtkitError(f"detection.fpr {fpr:g}: {n} clean fitting image(s) cannot give a false-positive rate of "
+                         f"{100 * fpr:g} % (a fresh clean image exceeds even the largest of n scores with "
+                         f"probability 1/(n+1)); give at least {min_fit_images(fpr)} (the set's even-indexed "
+                         f"images fit the threshold: {2 * min_fit_images(fpr)} images in the set), or raise "
+                         f"detection.fpr")
+
+
 def fit_threshold(clean_scores: np.ndarray, fpr: float) -> float:
     """The threshold that flags (score > threshold) a fresh clean image with probability at most ``fpr``: the
     score of rank k = ⌈(n+1)(1 - fpr)⌉ among the n fitting scores (split conformal; by exchangeability a new
@@ -180,13 +190,8 @@ def fit_threshold(clean_scores: np.ndarray, fpr: float) -> float:
     n = len(clean_scores)
     if n == 0:
         raise MtkitError("no clean images to fit the detector's threshold on")
+    require_fit_images(n, fpr)
     rank = math.ceil((n + 1) * (1 - fpr) - 1e-9)
-    if rank > n:
-        raise MtkitError(f"detection.fpr {fpr:g}: {n} clean fitting image(s) cannot give a false-positive rate of "
-                         f"{100 * fpr:g} % (a fresh clean image exceeds even the largest of n scores with "
-                         f"probability 1/(n+1)); give at least {min_fit_images(fpr)} (the set's even-indexed "
-                         f"images fit the threshold: {2 * min_fit_images(fpr)} images in the set), or raise "
-                         f"detection.fpr")
     return float(np.sort(np.asarray(clean_scores, dtype=np.float64))[rank - 1])
 
 
