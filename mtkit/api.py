@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from .training.trainer import TrainResult, train
 __all__ = ["InputSpec", "OutputSpec", "Prepared", "Recipe", "RunResult", "RunResults", "TrainResult", "bench",
            "build_external", "evaluate", "evaluate_depth", "evaluate_model", "export_onnx", "list_entries",
            "load_recipe", "load_segmenter", "plan", "PlanRow",
-           "plugin_failures", "prepare", "report", "run", "train", "trend", "with_overrides"]
+           "plugin_failures", "prepare", "report", "run", "save_predictions", "train", "trend", "with_overrides"]
 
 
 def prepare(recipe: Recipe, workers: int | None = None, skip_bad: bool = False, force: bool = False,
@@ -70,7 +71,8 @@ def evaluate(recipe: Recipe, checkpoints: list[str | Path], perturbations: list[
     keys = evaluation_sets(recipe)
     device = resolve_device(recipe.device)
     init_distributed(device)  # under torchrun each rank evaluates its shard of every set
-    out = RunResults(recipe_name=recipe.name, recipe_source=recipe.source, seeds=[recipe.seed])
+    out = RunResults(recipe_name=recipe.name, recipe_source=recipe.source, seeds=[recipe.seed],
+                     epsilon_axis=recipe.robustness.epsilon_axis)
     for ck in checkpoints:
         loaded = load_model(ck, device)
         out.extend(evaluate_checkpoint(loaded, recipe, keys, recipe.seed, device, progress, str(ck)))
@@ -99,10 +101,30 @@ def evaluate_model(model: nn.Module, recipe: Recipe, name: str = "model", datase
     outputs = outputs if isinstance(outputs, OutputSpec | None) else OutputSpec.model_validate(outputs)
     segmenter = ExternalSegmenter(model, recipe.model.num_classes, inputs, outputs).to(device).eval()
     info = ModelInfo(tasks=["segmentation"], lam=1.0, factory=factory or type(model).__qualname__)
-    out = RunResults(recipe_name=recipe.name, recipe_source=recipe.source, seeds=[recipe.seed])
+    out = RunResults(recipe_name=recipe.name, recipe_source=recipe.source, seeds=[recipe.seed],
+                     epsilon_axis=recipe.robustness.epsilon_axis)
     out.extend(evaluate_segmenter(segmenter, name, info, recipe, evaluation_sets(recipe), recipe.seed, device,
                                   progress, class_weights, on_no_gradient, log))
     return out
+
+
+def save_predictions(recipe: Recipe, checkpoints: list[str | Path], folder: str | Path,
+                     conditions: list[str] | None = None, formats: list[str] | None = None,
+                     label_resolution: str | None = None, progress: bool = True, model: nn.Module | None = None,
+                     name: str = "model", **external: Any) -> RunResults:
+    """``evaluate`` (or ``evaluate_model`` for an external ``model``) that also writes each image's prediction at
+    its original resolution under ``folder``/<model>/<dataset>/<condition>/<format>/ for ``conditions`` ("clean",
+    "fgsm@4", ...) in ``formats`` (labelIds, trainIds, color): the files cityscapesScripts and the benchmark's
+    server read. ``label_resolution`` "original" also scores at that resolution. The rows are returned as usual."""
+    overrides = [f"robustness.predictions.folder={json.dumps(str(folder))}"]
+    overrides += [f"robustness.predictions.{k}={json.dumps(list(v))}" for k, v in (("conditions", conditions),
+                                                                                 ("formats", formats)) if v]
+    if label_resolution:
+        overrides.append(f"robustness.label_resolution={label_resolution}")
+    recipe = with_overrides(recipe, overrides)
+    if model is not None:
+        return evaluate_model(model, recipe, name, progress=progress, **external)
+    return evaluate(recipe, checkpoints, progress=progress)
 
 
 def load_segmenter(checkpoint: str | Path) -> nn.Module:
@@ -129,7 +151,8 @@ def evaluate_depth(recipe: Recipe, checkpoints: list[str | Path], datasets: list
         if k not in recipe.data.depth_eval:
             raise MtkitError(f"no depth evaluation set '{k}' in the recipe; it has {list(recipe.data.depth_eval)}")
     device = resolve_device(recipe.device)
-    out = RunResults(recipe_name=recipe.name, recipe_source=recipe.source, seeds=[recipe.seed])
+    out = RunResults(recipe_name=recipe.name, recipe_source=recipe.source, seeds=[recipe.seed],
+                     epsilon_axis=recipe.robustness.epsilon_axis)
     loaded_models = [(str(ck), load_model(ck, device)) for ck in checkpoints]
     for ck, loaded in loaded_models:
         if "depth" not in loaded.spec.tasks:
@@ -149,8 +172,10 @@ def evaluate_depth(recipe: Recipe, checkpoints: list[str | Path], datasets: list
     return out
 
 
-def export_onnx(checkpoint: str | Path, output: str | Path, height: int, width: int) -> Path:
-    return export_segmenter(checkpoint, output, height, width)
+def export_onnx(checkpoint: str | Path, output: str | Path, height: int, width: int, static: bool = False) -> Path:
+    """The checkpoint's segmenter as ONNX, traced at height x width: any batch size, and any image size unless
+    ``static``; verified with onnxruntime (``mtkit.evaluation.export``)."""
+    return export_segmenter(checkpoint, output, height, width, static=static)
 
 
 def bench(save: str | None = None, compare_with: str | None = None, fail_over: float = 10.0,

@@ -24,7 +24,7 @@ OPTIONS = {"pgd": {"iterations": 2, "random_start": True}, "apgd": {"iterations"
            "gd_uap": {"iterations": 3}, "opgd": {"iterations": 2}}
 #: attacks whose steps follow the gradient's values, not its signs (DAG's γ·r/‖r‖∞): equal across batch sizes up to
 #: the rounding of the convolutions, which differs with the batch size
-CONTINUOUS = {"dag"}
+CONTINUOUS = {"dag", "pgd_rms"}
 RANDOM = ["gaussian", "salt_pepper", "pgd", "apgd", "cospgd", "corrupt_gaussian_noise", "corrupt_shot_noise"]
 EPS = [1.0, 4.0]
 
@@ -76,7 +76,10 @@ def test_every_perturbation_runs_on_the_device_and_does_not_depend_on_the_batch(
     for level, adv in whole.items():
         assert adv.device.type == device.type and adv.shape == x.shape
         assert float(adv.min()) >= 0 and float(adv.max()) <= 255
-        if pert.level_kind == "epsilon" and pert.needs_gradient:
+        if pert.level_kind == "epsilon" and pert.needs_gradient and name == "pgd_rms":  # the ball of RMS ε
+            rms = (adv.cpu() - x).double().pow(2).flatten(1).mean(1).sqrt()
+            assert float(rms.max()) <= level * (1 + 1e-4), (name, level, rms.tolist())
+        elif pert.level_kind == "epsilon" and pert.needs_gradient:
             assert float((adv.cpu() - x).abs().max()) <= level + 1e-3
         split = torch.cat([p[level] for p in parts])
         if name in CONTINUOUS:  # unsigned steps carry the convolutions' batch-size rounding (1e-6 relative)

@@ -15,7 +15,7 @@ from mtkit.recipe.build import build_perturbations
 from mtkit.report import write_report
 
 EPS = [1.0, 4.0, 16.0]
-CHECKS = {"monotone", "iterative_vs_fgsm", "unbounded", "attack_vs_noise"}
+CHECKS = {"monotone", "iterative_vs_fgsm", "unbounded", "attack_vs_noise", "input_dependent"}
 
 
 class ReversedQuantizer(torch.autograd.Function):
@@ -41,6 +41,8 @@ class Masked(nn.Module):
             return self.segmenter(ReversedQuantizer.apply(x))
         if self.mode == "round":  # torch.round: a zero gradient everywhere
             return self.segmenter(torch.round(x / 8) * 8)
+        if self.mode == "ignores":  # the input drowned (as by wrong batch-norm statistics): a gradient, no effect
+            return self.segmenter(x * 1e-6 + 128)
         return self.segmenter(x)
 
 
@@ -50,7 +52,7 @@ def sweeps(trained):
     perts = build_perturbations(["gaussian", "fgsm", "pgd"], {})
     config = SanityConfig(iterations=3)
     out = {}
-    for mode in ("normal", "reversed", "round"):
+    for mode in ("normal", "reversed", "round", "ignores"):
         sweep = robustness_sweep(Masked(loaded.segmenter, mode), ds, perts, EPS, 19, loaded.class_weights,
                                  batch_size=4, model_name=mode, dataset_name="CS", sanity=config)
         out[mode] = (sweep, {c.check: c for c in masking_checks(sweep, config)})
@@ -67,7 +69,9 @@ def test_every_check_passes_on_a_normal_model(sweeps):
 
 def test_every_check_fails_on_a_model_whose_gradient_points_the_wrong_way(sweeps):
     _, checks = sweeps["reversed"]
-    assert all(c.passed is False for c in checks.values()), {c.check: c.detail for c in checks.values()}
+    masking = {k: c for k, c in checks.items() if k != "input_dependent"}  # its predictions do follow the input
+    assert all(c.passed is False for c in masking.values()), {c.check: c.detail for c in checks.values()}
+    assert checks["input_dependent"].passed
     assert "from ε" in checks["monotone"].detail and "> fgsm" in checks["iterative_vs_fgsm"].detail
     assert "> gaussian" in checks["attack_vs_noise"].detail
 
@@ -104,7 +108,7 @@ def test_a_failed_check_is_flagged_in_the_verdict_and_tabled(sweeps, tmp_path):
     assert "Warning: reversed (single-task) failed gradient-masking checks" in verdict
     assert "normal (single-task) failed" not in verdict
     table = report.split("### Gradient-masking sanity checks")[1]
-    assert "| normal (single-task) on CS | pass | pass | pass | pass |" in table
+    assert "| normal (single-task) on CS | pass | pass | pass | pass | pass |" in table
     assert table.count("**FAIL** (1/1 seeds)") == 4
     again = RunResults.read(tmp_path / "results.json")
     assert [c.passed for c in again.sanity] == [c.passed for c in res.sanity]
@@ -121,3 +125,22 @@ def test_the_paper_recipe_checks_with_an_attack_of_known_strength():
     quick = load_recipe(ROOT / "recipes" / "quickstart.yaml")
     assert quick.robustness.sanity.iterations == 10 and "100, AutoAttack's strength" in (
         ROOT / "recipes" / "quickstart.yaml").read_text()
+
+
+def test_a_model_that_ignores_its_input_is_flagged_first_in_the_verdict(sweeps, tmp_path):
+    sweep, checks = sweeps["ignores"]
+    assert all(r.q == pytest.approx(1.0, abs=1e-3) and r.changed < 1e-3 for r in sweep.rows)  # "robust" at any ε
+    assert checks["input_dependent"].passed is False and "do not depend on the input" in \
+        checks["input_dependent"].detail
+    normal = sweeps["normal"][0]
+    assert max(r.changed for r in normal.rows if r.level == 16.0) > 0.05  # a real model: many labels change
+    res = RunResults(seeds=[0], models={m: ModelInfo(tasks=["segmentation"], lam=0.0) for m in ("normal", "ignores")})
+    for mode in ("normal", "ignores"):
+        res.clean.append(sweeps[mode][0].clean)
+        res.robustness += sweeps[mode][0].rows
+        res.sanity += sweeps[mode][1].values()
+    verdict = write_report(res, tmp_path)["report"].read_text().split("## Verdict")[1].split("## Results")[0]
+    assert verdict.lstrip().startswith("**Warning: ignores (single-task) is input-independent: at ε 16")
+    assert "normal (single-task) is input-independent" not in verdict
+    # the unbounded check alone failing is worded as the heuristic it is, with its threshold
+    assert "heuristic's threshold, robustness.sanity.near_zero" in sweeps["round"][1]["unbounded"].detail

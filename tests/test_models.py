@@ -210,8 +210,8 @@ def test_segmenter_has_single_task_parameter_count():
     assert all(any(p is q for q in multi.parameters()) for p in seg.parameters())  # shared, not copied
 
 
-def test_onnx_export_parity(tmp_path):
-    from mtkit.evaluation.export import export_segmenter
+def test_onnx_export_takes_any_size_and_batch_and_declares_its_output(tmp_path):
+    from mtkit.evaluation.export import declared_shape, export_segmenter, onnx_logits
 
     recipe = validate(tiny_recipe())
     spec = recipe.models[1]
@@ -221,15 +221,22 @@ def test_onnx_export_parity(tmp_path):
     torch.save({"model": model.state_dict(), "recipe": recipe.to_dict(), "spec": spec.model_dump(by_alias=True),
                 "class_weights": None}, path)
     out = export_segmenter(path, tmp_path / "seg.onnx", 32, 64, atol=1e-3)
-    assert out.is_file()
-    import numpy as np
+    assert declared_shape(out, "image") == ["batch", 3, "height", "width"]
+    assert declared_shape(out) == ["batch", 19, "height", "width"]  # the height is not the batch's symbol
+    seg = model.eval().segmenter()
+    for b, h, w in ((2, 32, 64), (1, 64, 96), (3, 96, 160)):  # three sizes, none the traced one with its batch
+        x = torch.rand(b, 3, h, w) * 255
+        with torch.no_grad():
+            ref = seg(x)
+        got = torch.from_numpy(onnx_logits(out, x))
+        assert got.shape == (b, 19, h, w) and (got - ref).abs().max() < 1e-3
+        assert (got.argmax(1) == ref.argmax(1)).float().mean() > 0.999
+    fixed = export_segmenter(path, tmp_path / "static.onnx", 32, 64, static=True)
+    assert declared_shape(fixed) == ["batch", 19, 32, 64]
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    x = torch.rand(2, 3, 32, 64) * 255
-    with torch.no_grad():
-        ref = model.eval().segmenter()(x).numpy()
-    assert np.abs(sess.run(None, {"image": x.numpy()})[0] - ref).max() < 1e-3
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument):
+        onnx_logits(fixed, torch.rand(1, 3, 64, 96) * 255)  # --static: only its size
     assert ModelSpec.model_validate(spec.model_dump(by_alias=True)).lam == 0.1
 
 

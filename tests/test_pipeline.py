@@ -78,6 +78,12 @@ def test_every_artefact_exists_and_parses(first_run):
             assert im.size[0] > 400 and im.size[1] > 200
     report = (d / "report.md").read_text()
     assert "Table 2-style" in report and "![Figure 5](figure5_robustness.png)" in report
+    # what ε means for each perturbation, with its measured ε; the Figure 1-style panel of the two models
+    assert "  - pgd: L∞ bound ε (the paper's PGD)" in report and "  - fgsm: every element moved by ±ε" in report
+    figure1 = next((d / "figures").glob("figure1-*.png"))
+    assert f"![Figure 1](figures/{figure1.name})" in report
+    with Image.open(figure1) as im:  # 2 images x 5 conditions (clean, gaussian and fgsm at 2 ε) in rows
+        assert im.size[0] > 800 and im.size[1] > 1000
     assert "Q [%] and mIoU under attack [%]: **pgd** on K" in report and "### Depth on Eigen" in report
     assert "| mIoU (multi (λ=0.1)) |" in report  # the absolute mIoU under attack beside Q
     # every attack's strength is stated: gradient passes per image over its sweep (the tiny recipe's PGD: 2
@@ -86,10 +92,11 @@ def test_every_artefact_exists_and_parses(first_run):
         and "pgd: 4" in report and "fgsm: 1" in report
     assert "one seed, so no claim of significance is possible" in report and "(4 images, 1 seed)" in report
     # the gradient-masking checks: one row per model and dataset, a cell per check
-    assert len(results.sanity) == 2 * 2 * 4
+    assert len(results.sanity) == 2 * 2 * 5
     table = report.split("### Gradient-masking sanity checks")[1].split("\n\n")[1].splitlines()
     assert table[0] == ("| model on dataset | mIoU does not rise with ε | iterative attacks ≥ FGSM "
-                        "| unbounded attack → mIoU ≈ 0 | gradient attacks ≥ Gaussian noise |")
+                        "| unbounded attack → mIoU ≈ 0 (heuristic) | gradient attacks ≥ Gaussian noise "
+                        "| predictions change under perturbation |")
     assert len(table) == 2 + 4 and table[2].startswith("| single (single-task) on CS | ")
     assert validate(yaml.safe_load((d / "recipe.yaml").read_text())).to_dict() == recipe.to_dict()
     env = json.loads((d / "environment.json").read_text())
@@ -219,12 +226,17 @@ def test_the_plan_measures_every_stage_and_counts_what_the_recipe_asks_for(first
     assert rows["train multi"].units == 2 and rows["train multi"].unit == "step (2 + 2 images)"
     assert rows["evaluate single on CS"].units == 1 and rows["validate single"].units == 1
     assert all(r.seconds_per_unit > 0 for r in rows.values())
+    # the cost in FLOPs, machine-independent: a training step (forward and backward of 2 + 2 images, the pose net)
+    # costs more than a forward pass of a validation batch of 4
+    assert all(r.flops_per_unit > 0 for r in rows.values())
+    assert rows["train multi"].flops_per_unit > rows["validate multi"].flops_per_unit
     # each stage timed under its phase's math policy, as the run enters it: training (and its validation) with
     # TF32 allowed (train.tf32), evaluation and depth in IEEE fp32 (robustness.tf32)
     assert {s: r.math["tf32"] for s, r in rows.items()} == {s: s.startswith(("train", "validate")) for s in rows}
     code, out, err = run_cli(["run", str(recipe_file), "--plan", "--jobs", "2"], capsys)
     assert code == 0, err
     assert "projected run of tiny on cpu" in out and "total:" in out and "with --jobs 2" in out
+    assert "TFLOP (matmuls and convolutions" in " ".join(out.split())
 
 
 def test_sigterm_stops_with_one_line_like_ctrl_c(first_run, device, capsys, monkeypatch):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from support import OnePixelSegmenter, tiny_recipe
 
 from mtkit.core.errors import MtkitError
+from mtkit.core.results import SANITY_CHECKS
 from mtkit.evaluation.sweep import CountingContext, robustness_sweep
 from mtkit.ops.losses import IGNORE_INDEX
 from mtkit.perturbations import FGSM, AttackContext, Gaussian, measured_epsilon
@@ -45,7 +46,8 @@ def test_plugin_distributions_are_installed_and_found_through_entry_points():
         bare.get("perturbation", "mifgsm")
     with pytest.raises(MtkitError, match="pip install mtkit-corruptions"):
         bare.get("perturbation", "corrupt_snow")
-    with pytest.raises(MtkitError, match="Installed perturbations: apgd, fgsm, gaussian, opgd, pgd, salt_pepper"):
+    with pytest.raises(MtkitError, match="Installed perturbations: apgd, fgsm, gaussian, opgd, pgd, pgd_rms, "
+                                         "salt_pepper"):
         bare.get("perturbation", "my_own_attack")
 
 
@@ -187,7 +189,7 @@ def test_recipe_sweep_with_plugin_attacks_and_corruptions(tmp_path):
     rows = res.results.robustness
     assert {r.perturbation for r in rows} == {"fgsm", "mifgsm", "segpgd", "cospgd", "uap", "corrupt_fog",
                                                   "corrupt_gaussian_noise", "worst_case"}
-    assert {c.check for c in res.results.sanity} == {"monotone", "iterative_vs_fgsm", "unbounded", "attack_vs_noise"}
+    assert {c.check for c in res.results.sanity} == set(SANITY_CHECKS)
     fog = [r for r in rows if r.perturbation == "corrupt_fog"]
     assert [(r.level_kind, r.level, r.epsilon) for r in fog] == [("severity", 1.0, None),
                                                                          ("severity", 3.0, None)]

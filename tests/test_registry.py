@@ -151,6 +151,9 @@ def test_list_is_one_line_per_entry_that_grep_finds_at_any_width(capsys, monkeyp
     code, out, err = run_cli(["list", "--json"], capsys)
     data = json.loads(out)
     assert {(d["kind"], d["name"]) for d in data} == {(e.kind, e.name) for e in entries}
+    by_name = {d["name"]: d for d in data}  # what ε is, per perturbation: an RMS or a bound
+    assert by_name["pgd_rms"]["epsilon"].startswith("L2 ball of RMS ε") and "L∞" in by_name["pgd"]["epsilon"]
+    assert all(d.get("epsilon") for d in data if d["kind"] == "perturbation")
     opgd = next(d for d in data if d["name"] == "opgd")
     assert {o["name"]: o["default"] for o in opgd["options"]}["detector_loss"] == "detector"
     code, out, err = run_cli(["list", "perturbation", "--json"], capsys)

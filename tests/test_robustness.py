@@ -148,6 +148,48 @@ def test_pgd_stays_in_ball_and_beats_fgsm(trained):
     assert [pgd_iterations(e) for e in (0.25, 0.5, 1, 2, 4, 8, 16)] == [1, 1, 2, 3, 5, 10, 20]
 
 
+def test_the_l2_projection_onto_ball_and_box_is_exact():
+    from mtkit.perturbations.gradient import project_l2
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 4, 5, generator=g) * 255
+    x[1, 0] = 254.0  # a saturating image: a gradient step pushes these up against 255
+    v = torch.randn(2, 3, 4, 5, generator=g) * 40
+    v[1, 0] = 30.0
+    radius = 60.0
+    out = project_l2(x + v, x, radius)
+    r = out - x
+    assert out.min() >= 0 and out.max() <= 255
+    assert r.flatten(1).norm(dim=1) == pytest.approx([radius, radius], rel=1e-5)  # on the sphere after clipping
+    # the projection onto a convex set C is the point p with <z - p, c - p> <= 0 for every c in C: check it
+    # against feasible points of the ball ∩ box (a box point, shrunk towards x into the ball: the box holds 0)
+    for i in range(2):
+        z, p = (x[i] + v[i]).double(), out[i].double()
+        for _ in range(200):
+            c = torch.maximum(torch.minimum(torch.randn(3, 4, 5, generator=g).double() * 50, 255 - x[i].double()),
+                              -x[i].double())
+            c = x[i].double() + c * min(1.0, radius / float(c.norm()))
+            assert float(((z - p) * (c - p)).sum()) <= 1e-2
+    inside = project_l2(x + v / 100, x, radius)  # already in the ball and the box: unchanged
+    assert torch.allclose(inside, x + v / 100)
+
+
+def test_pgd_rms_reaches_its_rms_epsilon_where_pgd_stays_below(trained):
+    loaded, _, x, y = trained
+    ctx = _ctx(loaded)
+    eps = [1.0, 4.0, 16.0]
+    equal_snr = build_perturbation("pgd_rms").sweep(ctx, x, y, eps)
+    paper = PGD().sweep(ctx, x, y, eps)
+    for e in eps:
+        assert measured_epsilon(equal_snr[e], x) == pytest.approx(e, rel=0.01)
+        assert equal_snr[e].min() >= 0 and equal_snr[e].max() <= 255
+        assert measured_epsilon(paper[e], x) < (0.97 * e if e >= 4 else e + 1e-6)  # an L∞ bound: RMS below ε
+    with torch.no_grad():  # an attack: at equal SNR it raises the loss beyond FGSM's one step
+        l_fgsm = ctx.loss(FGSM().sweep(ctx, x, y, [4.0])[4.0], y)
+        assert ctx.loss(equal_snr[4.0], y) > l_fgsm
+    assert build_perturbation("pgd_rms").epsilon_meaning.startswith("L2 ball of RMS ε")
+
+
 def test_confusion_miou_hand_example_and_torchmetrics():
     target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
     pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 2]])

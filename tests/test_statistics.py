@@ -157,3 +157,66 @@ def test_exact_binomial_intervals_by_hand():
     assert exact_interval(0, 24)[1] == pytest.approx(1 - 0.025 ** (1 / 24))  # (α/2)^(1/n) by hand
     assert rate_cell([(1, 24), (2, 24), (0, 24)]) == "4.2 [0.9, 11.7] (3/72)"
     assert rate_cell([]) == "–"
+
+
+def test_bounded_intervals_are_clipped_to_their_range_and_say_so():
+    iv = t_interval([1.0, 2.0, 12.0])  # an mIoU near 0: the unclipped t-interval goes below 0
+    assert iv.low < 0 and not iv.clipped
+    clipped = t_interval([1.0, 2.0, 12.0], bounds=(0.0, 100.0))
+    assert (clipped.low, clipped.high, clipped.clipped) == (0.0, iv.high, True)
+    from mtkit.report.sections import percent_cell
+
+    assert percent_cell([0.99, 1.0, 0.9]).endswith(", 100.0]")  # a share near 100 %
+
+
+def test_the_cluster_bootstrap_resamples_images_not_pixels():
+    import numpy as np
+
+    from mtkit.report.stats import cluster_bootstrap, exact_interval, share_cell
+
+    clusters = [(90, 100), (10, 100), (55, 100), (0, 50), (50, 50)]
+    low, high = cluster_bootstrap(clusters, resamples=500, seed=3)
+    # by hand: the same draws of images, the pooled share of each draw, its 2.5 and 97.5 % quantiles
+    rng = np.random.default_rng(3)
+    shares = []
+    for draw in rng.integers(0, 5, size=(500, 5)):
+        shares.append(sum(clusters[i][0] for i in draw) / sum(clusters[i][1] for i in draw))
+    assert (low, high) == pytest.approx((np.quantile(shares, 0.025), np.quantile(shares, 0.975)))
+    # images that disagree make the interval far wider than a binomial one over their 400 pixels
+    cp = exact_interval(205, 400)
+    assert high - low > 3 * (cp[1] - cp[0])
+    assert cluster_bootstrap([(3, 10), (30, 100)]) == pytest.approx((0.3, 0.3))  # equal shares: no spread
+    assert share_cell([(5, 10)]) == "50.0" and share_cell([(0, 0)]) == "–"
+
+
+def test_the_paper_recipe_puts_the_papers_values_beside_ours(tmp_path):
+    from mtkit.report import write_report
+    from mtkit.report.paper import PAPER_EPS
+
+    models = {"single": ModelInfo(tasks=["segmentation"], lam=1.0),
+              "multi-0.1": ModelInfo(tasks=["segmentation", "depth"], lam=0.1),
+              "multi-0.2": ModelInfo(tasks=["segmentation", "depth"], lam=0.2)}
+    res = RunResults(recipe_name="paper", seeds=[0], models=models)
+    clean = {"single": 0.6, "multi-0.1": 0.70, "multi-0.2": 0.68}
+    for m, v in clean.items():
+        for d in ("CS", "K"):
+            res.clean.append(CleanRow(model=m, seed=0, dataset=d, miou=v if d == "CS" else v - 0.2))
+            for p in ("gaussian", "fgsm"):
+                for e in PAPER_EPS:
+                    adv = v * (1 - e / 32)
+                    res.robustness.append(ResultRow(
+                        model=m, seed=0, dataset=d, perturbation=p, level_kind="epsilon", level=e, epsilon=e,
+                        epsilon_measured=e, epsilon_measured_per_image=Spread(min=e, max=e, mean=e, sd=0.0),
+                        miou=adv, miou_clean=v, q=adv / v, per_class_iou=[], attack=p == "fgsm"))
+    paths = write_report(res, tmp_path)
+    report = paths["report"].read_text()
+    section = report.split("## Paper vs ours")[1]
+    # Table 2: ours 70.0 on CS beside the paper's 67.4 for λ = 0.1, 50.0 on K beside 49.6
+    assert "| multi-0.1 (λ=0.1) | 67.4 | 70.0 (+2.6) | 49.6 | 50.0 (+0.4) |" in section
+    assert "| single (single-task) | 63.5 | 60.0 (−3.5) |".replace("−", "-") in section
+    # Tables 3 and 4: Q at ε = 16 is 50 % for every model here; the paper's FGSM single-task is 2.4
+    fgsm = section.split("Table 4")[1]
+    assert "| single-task: paper | 63.8 |" in fgsm and "50.0 (+47.6) |" in fgsm
+    assert paths["figure4"].stat().st_size > 5000  # Figure 4: mIoU over the two λ
+    res.recipe_name = "quickstart"
+    assert "Paper vs ours" not in write_report(res, tmp_path)["report"].read_text()

@@ -63,7 +63,7 @@ def test_the_targeted_counts_and_rates_by_hand():
     counts = targeted_counts(pred, target, "dynamic", 3, reference)
     # took the target: 3 of 5; hidden pixels removed: (0, 0) now 1, (1, 0) still 3 → 1 of 2; the 4 others kept:
     # (0, 1) 1 = 1, (0, 2) 0 = 0, (1, 1) 3 ≠ 2, (1, 2) 0 = 0 → 3 of 4
-    assert counts.tolist() == [3, 5, 1, 2, 3, 4]
+    assert counts.tolist() == [[3, 5, 1, 2, 3, 4]]  # one row per image
     assert targeted_rates(counts) == (0.6, 0.5, 0.75)
     assert targeted_rates(targeted_counts(pred, target, "static"))[1:] == (None, None)
 
@@ -215,6 +215,10 @@ def test_targeted_rows_reach_results_report_and_list(setup, tmp_path):
     res = api.evaluate(recipe, [ckpt], progress=False)
     assert {(r.perturbation, r.kind) for r in res.targeted} == {("metzen_static", "static"), ("dag", "per_pixel")}
     assert {r.perturbation for r in res.robustness} == {"fgsm", "metzen_static", "dag"}  # no worst case of one
+    for r in res.targeted:  # the per-image counts behind the report's cluster bootstrap add up to the share
+        assert [c[0] for c in r.image_counts] == list(range(res.clean[0].images))
+        assert sum(c[1] for c in r.image_counts) / sum(c[2] for c in r.image_counts) == r.success
+        assert sum(c[1] for c in r.clean_image_counts) / sum(c[2] for c in r.clean_image_counts) == r.success_clean
     from mtkit.report import save_report
 
     paths = save_report(res, tmp_path / "out")

@@ -38,7 +38,8 @@ def device_info(python: str) -> dict:
     try:
         out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
     except OSError as exc:
-        raise SystemExit(f"gpu-check: cannot run --python {python} ({exc.strerror}): name a Python with torch")
+        raise SystemExit(f"gpu-check: cannot run --python {python} ({exc.strerror}): name a Python with "
+                         "torch") from None
     if out.returncode:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise SystemExit(f"gpu-check: {python} cannot import torch ({last}): name a Python with torch and "

@@ -30,28 +30,54 @@ class PlanRow:
     units: int
     #: the CUDA math policy the stage was measured under (``math_mode``'s record): the one its phase runs in
     math: dict = field(default_factory=dict)
+    #: floating-point operations of one unit (``torch.utils.flop_counter``: matmuls and convolutions, forward and
+    #: backward), the machine-independent measure of the stage's cost
+    flops_per_unit: float = 0.0
 
     @property
     def seconds(self) -> float:
         return self.seconds_per_unit * self.units
 
+    @property
+    def flops(self) -> float:
+        return self.flops_per_unit * self.units
 
-def _timed(fn, repeats: int, device, policy: tuple[bool, bool]) -> tuple[float, dict]:
+
+class _GlobalOnly:
+    """Stands in for ``FlopCounterMode``'s module tracker, whose backward hooks ``torch.autograd.grad`` (the attacks'
+    input gradients) cannot run through: every FLOP is counted under "Global", the total the plan reports."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args) -> None:
+        return None
+
+
+def _timed(fn, repeats: int, device, policy: tuple[bool, bool]) -> tuple[float, dict, float]:
     """Seconds per call of ``fn`` on ``device`` under the math policy (tf32, deterministic) of the phase it stands
-    for (``math_mode``), and that policy: one warm-up call (allocation, cudnn autotuning), then the mean of
-    ``repeats`` calls, each ended by a device synchronisation."""
+    for (``math_mode``), that policy, and the FLOPs of one call: one warm-up call (allocation, cudnn autotuning)
+    counted by ``torch.utils.flop_counter.FlopCounterMode``, then the mean of ``repeats`` calls, each ended by a
+    device synchronisation."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     def sync() -> None:
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
 
     with math_mode(*policy) as mode:
-        fn()
+        counter = FlopCounterMode(display=False)
+        counter.mod_tracker = _GlobalOnly()  # type: ignore[assignment]
+        with counter:
+            fn()
         sync()
         t0 = time.perf_counter()
         for _ in range(repeats):
             fn()
         sync()
-        return (time.perf_counter() - t0) / repeats, mode
+        return (time.perf_counter() - t0) / repeats, mode, float(counter.get_total_flops())
 
 
 def plan(recipe, steps: int = 3, log=print) -> list[PlanRow]:
@@ -94,16 +120,16 @@ def plan(recipe, steps: int = 3, log=print) -> list[PlanRow]:
             k[:, 0, 2], k[:, 1, 2] = d.depth.width / 2, d.depth.height / 2
             dep = {"frames": frames.to(device), "frames_raw": frames.to(device), "K": k.to(device)}
         per_epoch = t.steps_per_epoch or max(1, seg_len // tr.seg_batch)
-        step, mode = _timed(lambda tr=tr, seg=seg, dep=dep: tr.train_step(seg, dep), steps, device, training)
+        step, mode, fl = _timed(lambda tr=tr, seg=seg, dep=dep: tr.train_step(seg, dep), steps, device, training)
         rows.append(PlanRow(spec.name, f"train {spec.name}", f"step ({tr.seg_batch} + {tr.depth_batch} images)", step,
-                            per_epoch * t.epochs * seeds, mode))
+                            per_epoch * t.epochs * seeds, mode, fl))
         segmenter = tr.model.segmenter().eval()
         vb = rob.batch_size if isinstance(rob.batch_size, int) else tr.seg_batch
         val = images(vb, d.segmentation_val).to(device)
         with torch.no_grad():  # validation runs inside training, under its policy
-            v, mode = _timed(lambda s=segmenter, x=val: s(x), steps, device, training)
+            v, mode, fl = _timed(lambda s=segmenter, x=val: s(x), steps, device, training)
         rows.append(PlanRow(spec.name, f"validate {spec.name}", f"batch of {vb}", v,
-                            math.ceil(val_len / vb) * t.epochs * seeds, mode))
+                            math.ceil(val_len / vb) * t.epochs * seeds, mode, fl))
         perts = build_perturbations(rob.perturbations, rob.options)
         loss = build_segmentation_loss(recipe.loss.segmentation, torch.ones(n))
         precision = resolve_precision(rob.amp, rob.channels_last, rob.compile, device, "robustness", rob.tf32)
@@ -112,20 +138,20 @@ def plan(recipe, steps: int = 3, log=print) -> list[PlanRow]:
             b = rob.batch_size if isinstance(rob.batch_size, int) else 8
             batch = [{"image": x, "label": y} for x, y in zip(
                 images(b, cfg), torch.randint(0, n, (b, cfg.height, cfg.width), generator=g))]
-            sweep, mode = _timed(partial(robustness_sweep, segmenter, batch, perts, rob.epsilons, n, torch.ones(n), b,
-                                         0, device, loss=loss, precision=precision, pass_images=rob.pass_images,
-                                         sanity=rob.sanity), 1, device, evaluation)
+            run_sweep = partial(robustness_sweep, segmenter, batch, perts, rob.epsilons, n, torch.ones(n), b, 0, device,
+                                loss=loss, precision=precision, pass_images=rob.pass_images, sanity=rob.sanity)
+            sweep, mode, fl = _timed(run_sweep, 1, device, evaluation)
             rows.append(PlanRow(spec.name, f"evaluate {spec.name} on {key}",
                                 f"batch of {b}: clean, {len(perts)} perturbations × {len(rob.epsilons)} ε", sweep,
-                                math.ceil(size_of(f"data.eval.{key}", cfg) / b) * seeds, mode))
+                                math.ceil(size_of(f"data.eval.{key}", cfg) / b) * seeds, mode, fl))
         if tr.multitask:
             for key, cfg in d.depth_eval.items():
                 x = images(recipe.depth_evaluation.batch_size, cfg).to(device)
                 with torch.no_grad():
-                    dt, mode = _timed(lambda m=tr.model, x=x: m.predict_depth(x), steps, device, evaluation)
+                    dt, mode, fl = _timed(lambda m=tr.model, x=x: m.predict_depth(x), steps, device, evaluation)
                 rows.append(PlanRow(spec.name, f"evaluate depth {spec.name} on {key}",
                                     f"batch of {recipe.depth_evaluation.batch_size}", dt,
                                     math.ceil(size_of(f"data.depth_eval.{key}", cfg)
-                                              / recipe.depth_evaluation.batch_size) * seeds, mode))
+                                              / recipe.depth_evaluation.batch_size) * seeds, mode, fl))
         del tr
     return rows

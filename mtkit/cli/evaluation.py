@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -31,15 +32,26 @@ from .common import console, override_opt, parse_numbers, recipe_from
 @click.option("--perturbation", "perturbations", multiple=True, help="perturbation name (repeatable)")
 @click.option("--eps", help="comma-separated ε values in gray values")
 @click.option("--dataset", "datasets", multiple=True, help="key of data.eval (repeatable)")
+@click.option("--save-predictions", "predictions", type=click.Path(), help="write per-image predictions at the "
+              "original resolution to DIR/<model>/<dataset>/<condition>/<format>/ (Cityscapes benchmark names)")
+@click.option("--save-at", "conditions", multiple=True, help="with --save-predictions: 'clean' (the default) or "
+              "'<perturbation>@<ε>', e.g. fgsm@4 (repeatable)")
+@click.option("--save-format", "formats", multiple=True, type=click.Choice(["labelIds", "trainIds", "color"]),
+              help="with --save-predictions: labelIds (the default, what the benchmark reads), trainIds, color "
+              "(repeatable)")
+@click.option("--label-resolution", type=click.Choice(["recipe", "original"]), help="score at the recipe's size "
+              "(the paper's protocol) or against the full-resolution labels (the benchmark's); default: the recipe's")
 @click.option("--out", "out_dir", type=click.Path(), default="runs/eval", show_default=True)
 @click.option("--no-progress", is_flag=True)
 def eval_cmd(recipe: str, overrides: tuple[str, ...], checkpoints: tuple[str, ...], model_factory: str | None,
              model_kwargs: str | None, weights: str | None, model_name: str | None, input_range: str,
              mean: str | None, std: str | None, output_key: str | None, class_map: str | None, no_gradient: str,
-             perturbations: tuple[str, ...], eps: str | None, datasets: tuple[str, ...], out_dir: str,
+             perturbations: tuple[str, ...], eps: str | None, datasets: tuple[str, ...], predictions: str | None,
+             conditions: tuple[str, ...], formats: tuple[str, ...], label_resolution: str | None, out_dir: str,
              no_progress: bool) -> None:
     """Evaluate the robustness of mtkit checkpoints and/or an external network (--model-factory) on RECIPE's
-    evaluation sets, side by side; writes JSON, CSV, tables, plots."""
+    evaluation sets, side by side; writes JSON, CSV, tables, plots, and with --save-predictions the per-image
+    predictions for the Cityscapes benchmark's scripts."""
     from .. import api
     from ..core.io import ensure_writable_dir
     from ..core.runtime import current_dist
@@ -48,10 +60,22 @@ def eval_cmd(recipe: str, overrides: tuple[str, ...], checkpoints: tuple[str, ..
     if not checkpoints and not model_factory:
         raise MtkitError("nothing to evaluate: give --checkpoint PATH (mtkit models) and/or --model-factory "
                          "package.module:function (an external network)")
-    r = recipe_from(recipe, overrides)
+    if (conditions or formats) and not predictions:
+        raise MtkitError("--save-at and --save-format go with --save-predictions DIR")
+    extra = []  # as recipe overrides, validated together (a condition names a perturbation of the sweep)
+    if perturbations:
+        extra.append(f"robustness.perturbations={json.dumps(list(perturbations))}")
+    if predictions:
+        ensure_writable_dir(predictions, "--save-predictions folder")
+        extra.append(f"robustness.predictions.folder={json.dumps(str(predictions))}")
+        extra += [f"robustness.predictions.{k}={json.dumps(list(v))}" for k, v in (("conditions", conditions),
+                                                                                 ("formats", formats)) if v]
+    if label_resolution:
+        extra.append(f"robustness.label_resolution={label_resolution}")
+    r = recipe_from(recipe, (*overrides, *extra))
     ensure_writable_dir(out_dir)
-    common = dict(perturbations=list(perturbations) or None, epsilons=parse_numbers(eps),
-                  datasets=list(datasets) or None, progress=not no_progress)
+    common = dict(perturbations=None, epsilons=parse_numbers(eps), datasets=list(datasets) or None,
+                  progress=not no_progress)
     res = api.evaluate(r, list(checkpoints), **common) if checkpoints else None
     if model_factory:
         model = api.build_external(model_factory, model_kwargs, weights)
@@ -106,15 +130,21 @@ def eval_depth_cmd(recipe: str, overrides: tuple[str, ...], checkpoints: tuple[s
 @click.argument("output", type=click.Path())
 @click.option("--height", type=int, default=192, show_default=True)
 @click.option("--width", type=int, default=640, show_default=True)
-def export(checkpoint: str, output: str, height: int, width: int) -> None:
-    """Export the segmentation network of CHECKPOINT to ONNX (checked with onnxruntime)."""
+@click.option("--static", is_flag=True, help="fix the image size to --height x --width (default: any height and "
+              "width, traced at that size); the batch size stays free")
+def export(checkpoint: str, output: str, height: int, width: int, static: bool) -> None:
+    """Export the segmentation network of CHECKPOINT to ONNX: logits [batch, classes, height, width] for any batch
+    and (unless --static) any image size; checked with onnxruntime (logits, argmax, a second batch size and a
+    second size)."""
     from .. import api
     from ..core.io import ensure_writable_dir
 
     if Path(output).is_dir():
         raise MtkitError(f"{output} is a folder: give the ONNX file to write, e.g. {Path(output) / 'model.onnx'}")
     ensure_writable_dir(Path(output).parent, "output folder")
-    path = api.export_onnx(checkpoint, output, height, width)
-    console.print(f"wrote {path} (onnxruntime matches PyTorch)")
+    path = api.export_onnx(checkpoint, output, height, width, static=static)
+    from ..evaluation.export import declared_shape
+
+    console.print(f"wrote {path}: logits {declared_shape(path)} (onnxruntime matches PyTorch)")
 
 

@@ -50,6 +50,8 @@ def _print_entry(d: dict) -> None:
     console.print(f"[bold]{escape(d['name'])}[/bold] ({d['kind']}, {escape(d['origin'])})", soft_wrap=True)
     click.echo("")
     click.echo(d["description"] or "(no description)")
+    if d.get("epsilon"):
+        click.echo(f"\nε: {d['epsilon']}")
     if d["options"]:
         table = Table(title="options", show_lines=False)
         for col in ("option", "type", "default", "description"):
@@ -75,13 +77,16 @@ def print_plan(rows, recipe, jobs: int) -> None:
     from ..core.runtime import resolve_device
 
     table = Table(title=f"projected run of {recipe.name} on {resolve_device(recipe.device)}")
-    for col in ("stage", "measured unit", "seconds per unit", "units", "projected"):
+    for col in ("stage", "measured unit", "seconds per unit", "GFLOP per unit", "units", "projected"):
         table.add_column(col)
     for row in rows:
-        table.add_row(row.stage, row.unit, f"{row.seconds_per_unit:.3f}", str(row.units), hms(row.seconds))
+        table.add_row(row.stage, row.unit, f"{row.seconds_per_unit:.3f}", f"{row.flops_per_unit / 1e9:.3g}",
+                      str(row.units), hms(row.seconds))
     total = sum(row.seconds for row in rows)
     console.print(table)
-    console.print(f"total: {hms(total)} in one process")
+    flops = sum(row.flops for row in rows)
+    console.print(f"total: {hms(total)} in one process, {flops / 1e12:.3g} TFLOP (matmuls and convolutions, "
+                  "torch.utils.flop_counter: the same on every machine)")
     if jobs > 1:  # the longest (model, seed) chain bounds what N processes can overlap
         chains: dict[str, float] = {}
         for row in rows:

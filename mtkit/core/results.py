@@ -80,6 +80,8 @@ class ResultRow(Record):
     miou: float | None = Field(description="mIoU under the perturbation (eq. 9), same units as the clean mIoU")
     miou_clean: float | None
     q: float | None = Field(description="Q = mIoU_adv / mIoU_clean (eq. 10)")
+    changed: float | None = Field(None, description="share of the pixels whose predicted label differs from the "
+                                                    "clean prediction (0 for a model that ignores its input)")
     per_class_iou: list[float | None] = Field(default_factory=list)
     attack: bool = Field(False, description="a gradient attack (or the worst case over them), not noise")
     seconds_sweep: float = 0.0
@@ -95,8 +97,9 @@ class ResultRow(Record):
 SANITY_CHECKS = {
     "monotone": "mIoU does not rise with ε",
     "iterative_vs_fgsm": "iterative attacks ≥ FGSM",
-    "unbounded": "unbounded attack → mIoU ≈ 0",
+    "unbounded": "unbounded attack → mIoU ≈ 0 (heuristic)",
     "attack_vs_noise": "gradient attacks ≥ Gaussian noise",
+    "input_dependent": "predictions change under perturbation",
 }
 
 
@@ -143,6 +146,12 @@ class TargetedRow(Record):
     removed: float | None = Field(None, description="dynamic: share of the hidden class's pixels removed")
     kept: float | None = Field(None, description="dynamic: share of the other pixels whose label was kept")
     miou: float | None = None
+    image_counts: list[list[int]] = Field(default_factory=list, description=(
+        "per evaluated image, in index order: [image index, pixels that took their target, pixels with a target, "
+        "hidden pixels removed, hidden pixels, other pixels kept, other pixels]: the report's cluster bootstrap "
+        "over images resamples these"))
+    clean_image_counts: list[list[int]] = Field(default_factory=list, description=(
+        "the same counts for the clean prediction (what the target already agreed with)"))
 
 
 class DetectionRow(Record):
@@ -211,9 +220,14 @@ class RunResults(Record):
     training: list[dict[str, Any]] = Field(default_factory=list)
     environment: dict[str, Any] = Field(default_factory=dict)
     seconds: float | None = None
+    epsilon_axis: Literal["requested", "measured", "both"] = Field(
+        "requested", description="Figure 5's x axis (the recipe's robustness.epsilon_axis)")
+    epsilon_meanings: dict[str, str] = Field(default_factory=dict, description=(
+        "perturbation → what its requested ε is (an RMS, a bound: Perturbation.epsilon_meaning)"))
 
     def extend(self, other: RunResults) -> RunResults:
         self.models.update(other.models)
+        self.epsilon_meanings.update(other.epsilon_meanings)
         self.clean += other.clean
         self.robustness += other.robustness
         self.depth += other.depth

@@ -19,11 +19,12 @@ from ..core.errors import CheckpointError, MtkitError
 from ..core.precision import math_mode, resolve_pin_memory, resolve_precision
 from ..core.results import ModelInfo, RunResults
 from ..core.schema import ModelSpec, Recipe
-from ..recipe.build import build_model, build_perturbations, build_segmentation_loss
+from ..recipe.build import build_dataset, build_model, build_perturbations, build_segmentation_loss
 from ..recipe.load import validate
 from ..recipe.prepare import default_workers, handed_or_prepared
 from .external import has_gradient_path
 from .masking import masking_checks
+from .predictions import PredictionWriter, parse_condition, source_files
 from .sweep import robustness_sweep
 
 
@@ -81,6 +82,26 @@ def evaluate_checkpoint(loaded: LoadedModel, recipe: Recipe, datasets: list[str]
                               data=data)
 
 
+def _original(recipe: Recipe, key: str, model: str, count: int, perts: dict) -> dict[str, Any]:
+    """The sweep's original-resolution arguments for set ``key``: its source files when it is scored at their
+    resolution (``robustness.label_resolution``) and the prediction writer (``robustness.predictions``)."""
+    rob = recipe.robustness
+    folder = rob.predictions.folder
+    if rob.label_resolution != "original" and not folder:
+        return {}
+    files = source_files(build_dataset(recipe.data.eval[key], where=f"data.eval.{key}"), count, f"data.eval.{key}")
+    writer = None
+    if folder:
+        conditions = {parse_condition(c) for c in rob.predictions.conditions}
+        levels = {p: pert.levels(list(rob.epsilons)) for p, pert in perts.items()}
+        for name, level in conditions:
+            if name != "clean" and level not in levels.get(name, [level]):
+                raise MtkitError(f"robustness.predictions.conditions '{name}@{level:g}': {name} is swept at "
+                                 f"{levels[name]}, not at {level:g}: add it to robustness.epsilons or pick one of them")
+        writer = PredictionWriter(Path(folder) / model / key, files, conditions, tuple(rob.predictions.formats))
+    return {"original_files": files if rob.label_resolution == "original" else None, "writer": writer}
+
+
 def evaluate_segmenter(segmenter: nn.Module, name: str, info: ModelInfo, recipe: Recipe, datasets: list[str],
                        seed: int, device: torch.device | str = "cpu", progress: bool = False,
                        class_weights: torch.Tensor | None = None, on_no_gradient: str = "error",
@@ -95,12 +116,18 @@ def evaluate_segmenter(segmenter: nn.Module, name: str, info: ModelInfo, recipe:
     rob = recipe.robustness
     perts = build_perturbations(rob.perturbations, rob.options)
     loss = build_segmentation_loss(recipe.loss.segmentation, class_weights)
-    out = RunResults(seeds=[seed], models={name: info})
+    out = RunResults(seeds=[seed], models={name: info},
+                     epsilon_meanings={p: pert.epsilon_meaning for p, pert in perts.items()})
     device = torch.device(device)
     precision = resolve_precision(rob.amp, rob.channels_last, rob.compile, device, "robustness", rob.tf32)
     workers = default_workers(recipe.data.num_workers)
     pin = resolve_pin_memory(recipe.data.pin_memory, device)
     attacks = [p for p, pert in perts.items() if pert.needs_gradient]
+    targeted = [p for p, pert in perts.items() if pert.targeted]
+    if rob.label_resolution == "original" and targeted:
+        raise MtkitError(f"robustness.label_resolution: original scores untargeted perturbations; the targeted "
+                         f"{targeted} count their targets at the recipe's size: evaluate them with "
+                         "label_resolution: recipe")
     with math_mode(precision.tf32):  # IEEE fp32 unless robustness.tf32
         for key in datasets:
             ds = eval_dataset(recipe, key, progress, data)
@@ -118,7 +145,8 @@ def evaluate_segmenter(segmenter: nn.Module, name: str, info: ModelInfo, recipe:
                                      class_weights, rob.batch_size, seed, device, progress,
                                      label=f"{name}/{key}", loss=loss, model_name=name, dataset_name=key,
                                      precision=precision, pass_images=rob.pass_images, workers=workers, pin_memory=pin,
-                                     sanity=rob.sanity, multitask=multitask)
+                                     sanity=rob.sanity, multitask=multitask,
+                                     **_original(recipe, key, name, len(ds), perts))
             out.clean.append(sweep.clean)
             out.robustness += sweep.rows
             out.targeted += sweep.targeted

@@ -20,6 +20,7 @@ from ..core.runtime import Dist, available_memory, current_dist, memory_share
 from ..core.schema import SanityConfig
 from ..data.sampling import evaluation_batches
 from ..perturbations import AttackContext, Perturbation, Unbounded, repeat_labels
+from .predictions import PredictionWriter, original_labels, upsampled_argmax
 from .tally import Outcome, Plan, Sweep, Tally, gradient_attacks
 
 __all__ = ["CPU_PASS_BYTES", "CountingContext", "Sweep", "SweepSettings", "activation_bytes", "pass_size",
@@ -94,6 +95,11 @@ class SweepSettings:
     generator: torch.Generator
     seed: int
     multitask: nn.Module | None
+    #: the (image, label) files of the set when it is scored at their original resolution
+    #: (``robustness.label_resolution: original``), else None
+    files: list | None = None
+    #: writes the predictions of chosen conditions (``robustness.predictions``), else None
+    writer: PredictionWriter | None = None
 
     @classmethod
     def resolve(cls, segmenter: nn.Module, dataset, perturbations: dict[str, Perturbation], epsilons: list[float],
@@ -121,7 +127,8 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
                      model_name: str = "", dataset_name: str = "", precision: Precision | None = None,
                      pass_images: int | str = "auto", workers: int = 0, pin_memory: bool = False,
                      dist: Dist | None = None, sanity: SanityConfig | None = None,
-                     multitask: nn.Module | None = None) -> Sweep:
+                     multitask: nn.Module | None = None, original_files: list | None = None,
+                     writer: PredictionWriter | None = None) -> Sweep:
     """Evaluate one model on one dataset: the clean pass and every (perturbation, ε) (ε validated at recipe load).
 
     Each row holds the requested ε (or, for a perturbation with another ``level_kind`` such as a corruption's
@@ -144,10 +151,15 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
     prediction pass, so it costs nothing more); its mIoU is then taken as the lowest of that ensemble and of each
     attack alone, so it is never above any single attack. With ``sanity`` enabled, the unbounded attack of the
     gradient-masking checks runs too (``Sweep.unbounded``).
+
+    ``original_files`` (the set's (image, label) files): every prediction is made at its image's original size
+    (logits upsampled bilinearly) and scored against the full-resolution labels, the benchmark's protocol.
+    ``writer`` writes the predictions of its conditions at the original size as the loop makes them.
     """
     segmenter.eval()
     s = SweepSettings.resolve(segmenter, dataset, perturbations, epsilons, class_weights, batch_size, seed, device,
                               loss, precision, pass_images, dist, sanity, multitask)
+    s.files, s.writer = original_files, writer
     model = s.precision.apply(segmenter)
     tally = Tally(s.plan, num_classes, s.device)
     batches = evaluation_batches(len(dataset), s.batch_size, s.dist)
@@ -157,15 +169,31 @@ def robustness_sweep(segmenter: nn.Module, dataset, perturbations: dict[str, Per
         for batch, indices in zip(loader, batches):
             x = batch["image"].to(s.device, non_blocking=True)
             y = batch["label"].to(s.device, non_blocking=True)
-            clean = _predict(model, s, x, tally=tally)[0]
+            sizes, scored = None, y  # the attacks take the labels at the recipe's size; the tally the scored ones
+            if s.files is not None:
+                scored, sizes = original_labels(s.files, indices, s.device)
+            elif writer is not None:
+                sizes = writer.sizes_of(indices)
+            clean, _, full = _predict(model, s, x, tally=tally, sizes=sizes if _upsample(s, "clean", [0.0]) else None)
+            if writer is not None and writer.wants("clean", 0.0):
+                writer.write(indices, "clean", 0.0, full)
+            if s.files is not None:
+                clean = full
             advance(description=f"{label} clean")
-            tally.add_batch(indices, x[0].numel(), y, clean, _outcomes(model, s, x, y, indices, advance, label))
+            tally.add_batch(indices, x[0].numel(), scored, clean, _outcomes(model, s, x, y, indices, advance, label,
+                                                                            sizes))
     tally.reduce(s.dist, model_name, dataset_name)
     return tally.rows(model_name, seed, dataset_name, len(dataset))
 
 
+def _upsample(s: SweepSettings, name: str, levels: list[float]) -> bool:
+    """Whether predictions of ``name`` at ``levels`` are needed at the original resolution: always when the set is
+    scored there, else where the writer wants one of them."""
+    return s.files is not None or (s.writer is not None and any(s.writer.wants(name, e) for e in levels))
+
+
 def _outcomes(model: nn.Module, s: SweepSettings, x: torch.Tensor, y: torch.Tensor, indices: list[int], advance,
-              label: str) -> Iterator[Outcome]:
+              label: str, sizes: list[tuple[int, int]] | None = None) -> Iterator[Outcome]:
     """Each perturbation of the plan on one batch, one at a time: its adversarial or noisy images at every level,
     their predictions, each image's Σ r² per level (eq. 7, read back in one transfer) and, for the attacks of a
     worst case, each image's attacked loss."""
@@ -177,19 +205,32 @@ def _outcomes(model: nn.Module, s: SweepSettings, x: torch.Tensor, y: torch.Tens
         with contextlib.nullcontext() if pert.needs_gradient else torch.no_grad():
             advs = pert.sweep(ctx, x, y, list(plan.epsilons))
             tg = pert.targets_of(ctx, x, y) if pert.targeted else None  # the sweep's own, reused
-        preds, losses = _predict(model, s, torch.cat([advs[e] for e in plan.levels[name]]),
-                                 ctx if name in plan.attacks and plan.worst else None, y)
+        levels = plan.levels[name]
+        up = sizes is not None and _upsample(s, name, levels)
+        preds, losses, full = _predict(model, s, torch.cat([advs[e] for e in levels]),
+                                       ctx if name in plan.attacks and plan.worst else None, y,
+                                       sizes=sizes * len(levels) if up and sizes is not None else None)
+        if up and full is not None:
+            b = x.shape[0]
+            for j, e in enumerate(levels):
+                if s.writer is not None and s.writer.wants(name, e):
+                    s.writer.write(indices, name, e, full[j * b:(j + 1) * b])
+            if s.files is not None:
+                preds = full
         r2 = torch.stack([((advs[e] - x).double() ** 2).flatten(1).sum(1) for e in plan.levels[name]]).tolist()
         yield Outcome(name, preds, r2, losses, tg, time.perf_counter() - t0, ctx.backward_passes)
         advance(description=f"{label} {name}")
 
 
 def _predict(model: nn.Module, s: SweepSettings, x: torch.Tensor, ctx: AttackContext | None = None,
-             y: torch.Tensor | None = None, tally: Tally | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             y: torch.Tensor | None = None, tally: Tally | None = None, sizes: list[tuple[int, int]] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """argmax predictions in passes of at most ``pass_images`` images, and with ``ctx`` each image's attacked
-    loss against ``y`` (x stacks copies of y's batch); with ``tally`` (the clean pass) non-finite logits are
-    counted there (read once)."""
-    preds, losses = [], []
+    loss against ``y`` (x stacks copies of y's batch, at the recipe's size: the attack's loss is the one it
+    attacked); with ``tally`` (the clean pass) non-finite logits are counted there (read once). With ``sizes``
+    (one (height, width) per row of x) also the predictions at those original sizes (``upsampled_argmax``)."""
+    preds, losses, full = [], [], []
+    rows = None if sizes is None else [sizes[i:i + s.pass_images] for i in range(0, len(sizes), s.pass_images)]
     labels = None if y is None else repeat_labels(y, x.shape[0]).split(s.pass_images)
     with torch.no_grad(), s.precision.autocast():
         for i, c in enumerate(x.split(s.pass_images)):
@@ -197,6 +238,8 @@ def _predict(model: nn.Module, s: SweepSettings, x: torch.Tensor, ctx: AttackCon
             if tally is not None:
                 tally.nonfinite = tally.nonfinite + (~torch.isfinite(logits)).any().long()
             preds.append(logits.argmax(1))
+            if rows is not None:
+                full.append(upsampled_argmax(logits, rows[i]))
             if ctx is not None and labels is not None:
                 losses.append(ctx.image_losses(logits.float(), labels[i]))
-    return torch.cat(preds), (torch.cat(losses) if losses else None)
+    return torch.cat(preds), (torch.cat(losses) if losses else None), (torch.cat(full) if full else None)

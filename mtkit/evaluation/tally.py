@@ -97,10 +97,14 @@ class Tally:
         self.seconds = dict.fromkeys(plan.perturbations, 0.0)
         self.backward = dict.fromkeys(plan.perturbations, 0.0)
         self.batches = 0
-        zeros = lambda: torch.zeros(6, dtype=torch.int64, device=device)  # noqa: E731
-        self.tcounts = {(p, e): zeros() for p in plan.targeted for e in plan.levels[p]}
-        self.tclean = {p: zeros() for p in plan.targeted}  # what the clean prediction already agreed with
+        # targeted counts per image (``targeted_counts``), on the device until ``reduce``: batches of (indices, (B, 6))
+        self.tcounts: dict[tuple[str, float], list] = {(p, e): [] for p in plan.targeted for e in plan.levels[p]}
+        self.tclean: dict[str, list] = {p: [] for p in plan.targeted}  # what the clean prediction agreed with
+        self.timages: dict[tuple[str, float] | str, dict[int, list[int]]] = {}  # after ``reduce``
         self.tkind: dict[str, str] = {}
+        # per key: pixels whose predicted label differs from the clean prediction (input dependence)
+        self.changed = torch.zeros(len(plan.keys), dtype=torch.int64, device=device)
+        self.pixels = 0
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # batches with NaN/inf clean logits
         self.notes: dict[float, str] = {}
 
@@ -110,6 +114,7 @@ class Tally:
         generator: one perturbation's predictions in memory at a time), then the per-image worst case."""
         plan, b = self.plan, y.shape[0]
         self.conf[0] += confusion_counts(clean, y, self.n)
+        self.pixels += clean.numel()
         per_image = {i: [0.0] * len(plan.keys) for i in indices}
         self.numel.update(dict.fromkeys(indices, numel))
         strongest: dict[float, tuple[torch.Tensor, torch.Tensor, list[float]]] = {}  # ε → loss, pred, Σ r²
@@ -117,12 +122,14 @@ class Tally:
             tg = out.targets
             if tg is not None:  # the clean prediction's agreement with the target (ε-independent)
                 self.tkind[out.name] = tg.kind
-                self.tclean[out.name] += targeted_counts(clean, tg.labels, "static")
+                self.tclean[out.name].append((indices, targeted_counts(clean, tg.labels, "static")))
             for j, (e, pred) in enumerate(zip(plan.levels[out.name], out.preds.split(b))):
                 k = plan.slot[(out.name, e)]
                 self.conf[1 + k] += confusion_counts(pred, y, self.n)
+                self.changed[k] += (pred != clean).sum()
                 if tg is not None:
-                    self.tcounts[(out.name, e)] += targeted_counts(pred, tg.labels, tg.kind, tg.hidden, tg.reference)
+                    self.tcounts[(out.name, e)].append(
+                        (indices, targeted_counts(pred, tg.labels, tg.kind, tg.hidden, tg.reference)))
                 for i, v in zip(indices, out.r2[j]):
                     per_image[i][k] = v
                 if out.losses is not None and e in plan.worst:
@@ -132,6 +139,7 @@ class Tally:
         for e, (_, pred, r2) in strongest.items():
             k = plan.slot[(WORST_CASE, e)]
             self.conf[1 + k] += confusion_counts(pred, y, self.n)
+            self.changed[k] += (pred != clean).sum()
             for i, v in zip(indices, r2):
                 per_image[i][k] = v
         self.sq.update(per_image)
@@ -145,7 +153,8 @@ class Tally:
                              f"'{dataset_name or 'the evaluation set'}': its mIoU and Q would mean nothing. Check its "
                              "weights and the input it expects (an external model: --input-range, --mean/--std)")
         self.conf = confusion_from_counts(all_reduce_sum(self.conf.cpu(), d), self.n)
-        parts = all_gather_objects((self.sq, self.numel, self.seconds, self.backward, self.batches), d)
+        self.changed = all_reduce_sum(self.changed.cpu(), d)
+        parts = all_gather_objects((self.sq, self.numel, self.seconds, self.backward, self.batches, self.pixels), d)
         for p_sq, p_numel, *_ in parts:
             self.sq.update(p_sq)
             self.numel.update(p_numel)
@@ -153,8 +162,12 @@ class Tally:
         self.seconds = {n: max(p[2][n] for p in parts) for n in names}  # wall time: the slowest rank
         self.backward = {n: sum(p[3][n] for p in parts) for n in names}
         self.batches = sum(p[4] for p in parts)
-        self.tcounts = {key: all_reduce_sum(c.cpu(), d) for key, c in self.tcounts.items()}
-        self.tclean = {p: all_reduce_sum(c.cpu(), d) for p, c in self.tclean.items()}
+        self.pixels = sum(p[5] for p in parts)
+        mine = {key: _per_image(batches) for key, batches in [*self.tcounts.items(), *self.tclean.items()]}
+        self.timages = {key: {} for key in mine}
+        for part in all_gather_objects(mine, d):
+            for key, images in part.items():
+                self.timages[key].update(images)
         self._fix_worst_case()
 
     def _fix_worst_case(self) -> None:
@@ -167,6 +180,7 @@ class Tally:
             j = plan.slot[(lowest, e)]
             if miou(conf[1 + j]) < miou(conf[1 + k]):
                 conf[1 + k] = conf[1 + j]
+                self.changed[k] = self.changed[j]
                 for i in order:
                     self.sq[i][k] = self.sq[i][j]
                 self.notes[e] = f"{lowest} alone is lower than the per-image strongest of the attacks"
@@ -186,7 +200,8 @@ class Tally:
                 model=model_name, seed=seed, dataset=dataset_name, perturbation=name, level_kind=kind, level=e,
                 epsilon=e if kind == "epsilon" else None, epsilon_measured=(total / max(elements, 1)) ** 0.5,
                 epsilon_measured_per_image=_spread(per), miou=m, miou_clean=clean,
-                q=q_ratio(m, clean), per_class_iou=_nan_to_none(iou_per_class(conf[1 + k]).tolist()),
+                q=q_ratio(m, clean), changed=int(self.changed[k]) / max(self.pixels, 1),
+                per_class_iou=_nan_to_none(iou_per_class(conf[1 + k]).tolist()),
                 attack=name == WORST_CASE or name in plan.attacks, seconds_sweep=self.seconds.get(name, 0.0),
                 backward_passes_per_batch=self.backward.get(name, 0.0) / max(self.batches, 1),
                 note=NO_LABELS if m != m or clean != clean else self.notes.get(e) if name == WORST_CASE else None))
@@ -194,15 +209,20 @@ class Tally:
                              per_class_iou=_nan_to_none(iou_per_class(conf[0]).tolist()),
                              note=NO_LABELS if clean != clean else None, images=images)
         by_key = {(r.perturbation, r.level): r for r in rows}
-        clean_success = {p: targeted_rates(c)[0] for p, c in self.tclean.items()}
+        def counts(key) -> list[list[int]]:
+            return [[i, *self.timages[key][i]] for i in sorted(self.timages[key])]
+
         target_rows = []
-        for (name, e), counts in self.tcounts.items():
-            success, removed, kept = targeted_rates(counts)
+        for name, e in self.tcounts:
+            per = counts((name, e))
+            success, removed, kept = targeted_rates(torch.tensor([c[1:] for c in per], dtype=torch.int64))
+            clean_per = counts(name)
+            clean_success = targeted_rates(torch.tensor([c[1:] for c in clean_per], dtype=torch.int64))[0]
             target_rows.append(TargetedRow(
                 model=model_name, seed=seed, dataset=dataset_name, perturbation=name, epsilon=e,
                 epsilon_measured=by_key[(name, e)].epsilon_measured, kind=self.tkind.get(name, "static"),
-                success=success, success_clean=clean_success[name], removed=removed, kept=kept,
-                miou=by_key[(name, e)].miou))
+                success=success, success_clean=clean_success, removed=removed, kept=kept,
+                miou=by_key[(name, e)].miou, image_counts=per, clean_image_counts=clean_per))
         unbounded = next((r for r in rows if r.perturbation == UNBOUNDED), None)
         return Sweep(clean_row, [r for r in rows if r.perturbation != UNBOUNDED], images, unbounded, target_rows)
 
@@ -216,6 +236,14 @@ def _stronger(best: tuple[torch.Tensor, torch.Tensor, list[float]] | None, losse
     take = losses > loss0
     return (torch.where(take, losses, loss0), torch.where(take.view(-1, 1, 1), pred, pred0),
             [b if t else a for a, b, t in zip(r0, r2, take.tolist())])
+
+
+def _per_image(batches: list[tuple[list[int], torch.Tensor]]) -> dict[int, list[int]]:
+    """Image index → its six targeted counts, from the (indices, (B, 6)) batches: one read-back per key."""
+    if not batches:
+        return {}
+    rows = torch.cat([c for _, c in batches]).cpu().tolist()
+    return dict(zip((i for idx, _ in batches for i in idx), rows))
 
 
 def _spread(values: list[float]) -> Spread:

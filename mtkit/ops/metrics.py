@@ -130,21 +130,24 @@ def evaluate_depth(gt: torch.Tensor, pred: torch.Tensor, min_depth: float = 1e-3
 
 def targeted_counts(pred: torch.Tensor, labels: torch.Tensor, kind: str, hidden: int | None = None,
                     reference: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Counts (6,) int64 of a targeted attack's outcome on a batch, on the device (summed over a set, then read
-    once): pixels that took their target and pixels with a target; for a dynamic target (Metzen et al.) also the
-    hidden class's pixels of the clean prediction ``reference`` that no longer show it, their number, the other
-    pixels whose label the attack kept, and their number."""
+    """Counts (B, 6) int64 of a targeted attack's outcome per image of a batch (B, H, W), on the device (kept per
+    image for the cluster bootstrap of the report, read back once): pixels that took their target and pixels with
+    a target; for a dynamic target (Metzen et al.) also the hidden class's pixels of the clean prediction
+    ``reference`` that no longer show it, their number, the other pixels whose label the attack kept, and their
+    number."""
     has = labels != ignore_index
-    counts = [((pred == labels) & has).sum(), has.sum()]
+    per = lambda m: m.flatten(1).sum(1)  # noqa: E731
+    counts = [per((pred == labels) & has), per(has)]
     if kind == "dynamic" and reference is not None and hidden is not None:
         was = reference == hidden
-        counts += [(was & (pred != hidden)).sum(), was.sum(), (~was & (pred == reference)).sum(), (~was).sum()]
+        counts += [per(was & (pred != hidden)), per(was), per(~was & (pred == reference)), per(~was)]
     else:
-        counts += [torch.zeros((), dtype=torch.long, device=pred.device)] * 4
-    return torch.stack(counts).long()
+        counts += [torch.zeros(pred.shape[0], dtype=torch.long, device=pred.device)] * 4
+    return torch.stack(counts, 1).long()
 
 
 def targeted_rates(counts: torch.Tensor) -> tuple[float | None, float | None, float | None]:
-    """(success, removed, kept) shares from summed ``targeted_counts``; None where a share has no pixels."""
-    c = counts.tolist()
+    """(success, removed, kept) shares from ``targeted_counts`` summed over their images (any leading dimensions);
+    None where a share has no pixels."""
+    c = counts.reshape(-1, 6).sum(0).tolist()
     return tuple(c[i] / c[i + 1] if c[i + 1] else None for i in (0, 2, 4))  # type: ignore[return-value]

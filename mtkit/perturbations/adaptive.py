@@ -162,6 +162,7 @@ class OPGD(Perturbation):
     Options = OPGDOptions
     needs_gradient = True
     iterative = True
+    epsilon_meaning = "L∞ bound ε, as PGD: RMS ≤ ε, measured below"
 
     def sweep(self, ctx, x, y, epsilons):
         o = self.options

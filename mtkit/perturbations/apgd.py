@@ -123,6 +123,7 @@ class APGD(Perturbation):
     Options = APGDOptions
     needs_gradient = True
     iterative = True
+    epsilon_meaning = "L∞ bound ε, as PGD: RMS ≤ ε, measured below"
 
     def sweep(self, ctx, x, y, epsilons):
         o = self.options

@@ -46,6 +46,9 @@ class Perturbation:
     #: a targeted attack (``targets`` says at what): the evaluation reports its success beside the mIoU, and keeps
     #: it out of the worst case and the gradient-masking checks, which judge attacks that lower the mIoU
     targeted = False
+    #: what ε means for this perturbation, one line for the report's notes and ``mtkit list``: its relation to the
+    #: RMS of eq. 7 (equal RMS ε means equal SNR)
+    epsilon_meaning: ClassVar[str] = "not stated by the perturbation: compare its measured ε (the RMS, eq. 7)"
 
     def __init__(self, options: BaseModel | None = None) -> None:
         self.options = options if options is not None else self.Options()

@@ -84,6 +84,8 @@ def salt_and_pepper_ordered(x: torch.Tensor, eps: float, values: torch.Tensor, o
 class Gaussian(Perturbation):
     """Gaussian noise r ~ N(0, ε²) (eq. 6-7)."""
 
+    epsilon_meaning = "σ = ε: RMS ε in expectation, a little less after clipping to [0, 255] (eq. 6-7)"
+
     def sweep(self, ctx, x, y, epsilons):
         out = {}
         for e in epsilons:
@@ -94,6 +96,8 @@ class Gaussian(Perturbation):
 @register("perturbation", "salt_pepper")
 class SaltPepper(Perturbation):
     """Salt and pepper noise with the fraction of pixels chosen per image so that its measured ε hits the request."""
+
+    epsilon_meaning = "pixels set to 0 or 255 until each image's RMS reaches ε (met to within one pixel)"
 
     def sweep(self, ctx, x, y, epsilons):
         n = x.shape[-2] * x.shape[-1]

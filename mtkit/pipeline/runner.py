@@ -10,6 +10,8 @@ An interrupted training stage resumes from its last checkpoint, an interrupted e
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import time
 from dataclasses import dataclass
@@ -25,9 +27,10 @@ from ..core.runtime import after_rank0, init_distributed, resolve_device
 from ..core.schema import ModelSpec, Recipe
 from ..evaluation.depth import evaluate_depth_model
 from ..evaluation.detection import evaluate_detection
-from ..evaluation.robustness import evaluate_checkpoint, load_model
+from ..evaluation.qualitative import pick_epsilons, qualitative_panel
+from ..evaluation.robustness import eval_dataset, evaluate_checkpoint, evaluation_sets, load_model
 from ..plugins.manager import get_plugins
-from ..recipe.build import build_dataset
+from ..recipe.build import build_dataset, build_perturbations
 from ..recipe.prepare import PreparedData, prepare_recipe
 from ..report import save_report
 from ..training.trainer import train
@@ -71,7 +74,7 @@ def new_results(recipe: Recipe, seeds: list[int], device: str) -> RunResults:
     """The results of a run before its stages: the recipe's name, description, models and the environment."""
     return RunResults(recipe_name=recipe.name, recipe_description=recipe.description, recipe_source=recipe.source,
                       seeds=seeds, models={m.name: ModelInfo(tasks=m.tasks, lam=m.lam) for m in recipe.models},
-                      environment=environment(device, recipe))
+                      environment=environment(device, recipe), epsilon_axis=recipe.robustness.epsilon_axis)
 
 
 class LazyModel:
@@ -92,6 +95,39 @@ def _depth_stage(loaded, recipe: Recipe, key: str, seed: int, name: str, device:
     return evaluate_depth_model(loaded.model, ds, recipe.depth_evaluation, device=device, progress=progress,
                                 label=f"{name}/{key} depth", model_name=name, seed=seed, dataset_name=key,
                                 tf32=recipe.robustness.tf32)
+
+
+def figure1_panel(recipe: Recipe, run_dir: Path, seed: int, data: PreparedData, device: str) -> Path | None:
+    """The report's Figure 1-style panel (``qualitative_panel``) from the first seed's single-task model and its
+    multi-task model (λ = 0.1, the paper's, else the first), on the first evaluation set, under the recipe's
+    first noise and first attack at two ε; named by the checkpoints' training hashes, so it is drawn once per
+    pair. None without such a pair, with ``robustness.qualitative_images: 0`` or without matplotlib."""
+    n = recipe.robustness.qualitative_images
+    single = next((m for m in recipe.models if "depth" not in m.tasks), None)
+    multis = [m for m in recipe.models if "depth" in m.tasks]
+    multi = next((m for m in multis if m.lam == 0.1), multis[0] if multis else None)
+    names = recipe.robustness.perturbations
+    chosen = [p for p in (next((q for q in ("gaussian", "salt_pepper") if q in names), None),
+                          next((q for q in ("fgsm", "pgd", "pgd_rms", "apgd") if q in names), None)) if p]
+    if not n or single is None or multi is None or not chosen or importlib.util.find_spec("matplotlib") is None:
+        return None
+    files = {spec.name: UnitFiles.of(recipe, run_dir, spec, seed) for spec in (single, multi)}
+    key = evaluation_sets(recipe)[0]
+    eps = pick_epsilons(list(recipe.robustness.epsilons))
+    blob = json.dumps([[f.train_dir.name for f in files.values()], key, chosen, eps, n,
+                       recipe.robustness.options], sort_keys=True, default=str)
+    path = run_dir / "figures" / f"figure1-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.png"
+    if path.is_file():
+        return path
+    if not all((f.train_dir / "last.pt").is_file() for f in files.values()):
+        return None
+    loaded = {name: load_model(f.train_dir / "last.pt", device) for name, f in files.items()}
+    ds = eval_dataset(recipe, key, False, data.opened())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return qualitative_panel({name: m.segmenter for name, m in loaded.items()}, loaded[multi.name].model, ds,
+                             build_perturbations(chosen, recipe.robustness.options), eps, path,
+                             {name: m.class_weights for name, m in loaded.items()},
+                             list(range(min(n, len(ds)))), seed, device)
 
 
 def _write_json(path: Path, value) -> None:
@@ -199,7 +235,8 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
     _write_json(run_dir / "environment.json", results.environment)
     log(f"[stage] report → {run_dir / 'report.md'}")
     t0 = time.perf_counter()
-    paths = save_report(results, run_dir)
+    figure1 = figure1_panel(recipe, run_dir, seeds[0], data, str(device))
+    paths = save_report(results, run_dir, {"figure1": figure1} if figure1 else None)
     log(f"[stage] report written in {time.perf_counter() - t0:.1f} s")
     get_plugins().hook.mtkit_after_evaluation(run_dir=str(run_dir),
                                              results=[r.model_dump() for r in results.robustness])

@@ -149,8 +149,11 @@ def entry_details(entry) -> dict[str, Any]:
         options.append({"name": name, "type": _type_name(spec.annotation), "required": spec.is_required(),
                         "default": default if _is_json(default) else repr(default),
                         "description": spec.description or ""})
-    return {"kind": entry.kind, "name": entry.name, "origin": entry.origin, "summary": entry.doc,
-            "description": inspect.getdoc(entry.obj) or "", "options": options}
+    out = {"kind": entry.kind, "name": entry.name, "origin": entry.origin, "summary": entry.doc,
+           "description": inspect.getdoc(entry.obj) or "", "options": options}
+    if entry.kind == "perturbation":  # what its ε is: an RMS (equal SNR) or a bound (``Perturbation.epsilon_meaning``)
+        out["epsilon"] = getattr(entry.obj, "epsilon_meaning", "")
+    return out
 
 
 def _type_name(annotation: Any) -> str:

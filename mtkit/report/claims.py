@@ -13,11 +13,23 @@ from .stats import LEVEL, holm, paired_difference
 
 
 def sanity_warnings(results: RunResults) -> list[str]:
-    """One line per model whose gradient-masking checks failed: its numbers under attack may overstate robustness."""
+    """The verdict's first lines: each model whose predictions do not depend on its input (first: its Q means
+    nothing), then each model whose gradient-masking checks failed (its numbers under attack may overstate
+    robustness); a failure of the unbounded check alone is worded as the heuristic it is."""
     lines = []
     for m in results.models:
-        failed = [r for r in results.sanity if r.model == m and r.passed is False]
-        if failed:
+        ignores = [r for r in results.sanity if r.model == m and r.check == "input_dependent" and r.passed is False]
+        if ignores:
+            lines.append(f"**Warning: {model_label(results, m)} is input-independent: {ignores[0].detail} "
+                         f"({ignores[0].dataset}).** Its Q near 100 % is no robustness: check its weights, its "
+                         "batch-norm statistics (eval mode) and the input it expects.")
+    for m in results.models:
+        failed = [r for r in results.sanity if r.model == m and r.passed is False and r.check != "input_dependent"]
+        if failed and all(r.check == "unbounded" for r in failed):
+            lines.append(f"**Note: {model_label(results, m)} failed the unbounded-attack heuristic "
+                         f"({', '.join(dict.fromkeys(r.dataset for r in failed))}): {failed[0].detail}.** The other "
+                         "gradient-masking checks passed.")
+        elif failed:
             names = ", ".join(dict.fromkeys(f"{SANITY_CHECKS.get(r.check, r.check)} ({r.dataset})"
                                             for r in failed))
             lines.append(f"**Warning: {model_label(results, m)} failed gradient-masking checks: {names}.** Its "

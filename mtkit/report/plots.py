@@ -10,10 +10,11 @@ from ..core.results import RunResults
 from .sections import aggregate, model_label, other_axes, result_axes
 
 
-def plot_figure5(results: RunResults, path: Path) -> Path | None:
+def plot_figure5(results: RunResults, path: Path, measured: bool = False) -> Path | None:
     """One column per perturbation type: Q [%] over ε (log axis) on top, the absolute mIoU under attack [%]
     below (a ratio can make a weaker model look robust), one curve per model and dataset; error bars are the
-    sd over seeds."""
+    sd over seeds. ``measured``: each point at the ε the perturbation measured (the RMS of eq. 7, averaged over
+    the seeds) instead of the requested ε, so that curves of equal SNR lie over each other."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,12 +32,16 @@ def plot_figure5(results: RunResults, path: Path) -> Path | None:
             for mi, m in enumerate(models):
                 for di, d in enumerate(datasets):
                     ys = [agg[key].get((m, d, p, e), (math.nan, 0, 0)) for e in eps]
-                    ax.errorbar(eps, [y[0] for y in ys], yerr=[y[1] for y in ys], marker="o", ms=3,
+                    xs = [agg["eps_measured"].get((m, d, p, e), math.nan) for e in eps] if measured else eps
+                    ax.errorbar(xs, [y[0] for y in ys], yerr=[y[1] for y in ys], marker="o", ms=3,
                                 linestyle=styles[di % len(styles)], color=f"C{mi}", capsize=2,
                                 label=f"{model_label(results, m)} {d}")
             epsilon_axes(ax, eps, ylabel, p)
+            if measured:
+                ax.set_xlabel("measured ε (RMS of the perturbation, gray values)")
     axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("Robustness over perturbation strength (Figure 5): Q, and mIoU under attack")
+    fig.suptitle("Robustness over perturbation strength (Figure 5): Q, and mIoU under attack"
+                 + (", over the measured ε" if measured else ""))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -105,7 +110,7 @@ def epsilon_axes(ax, eps: list[float], ylabel: str, title: str, top: float = 105
     ax.set_xscale("log", base=2)
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
     ax.set_ylim(0, top)
-    ax.set_xlabel("ε (gray values, RMS)")
+    ax.set_xlabel("requested ε (gray values; see the notes for what ε means per perturbation)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)

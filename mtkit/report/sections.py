@@ -28,8 +28,12 @@ def fmt(mean: float, sd: float, n: int, low: float = math.nan, high: float = mat
     return f"{mean:.1f} ± {sd:.1f} [{low:.1f}, {high:.1f}]"
 
 
-def _summary(values: list[float]) -> tuple[float, float, int, float, float]:
-    iv = t_interval(values)
+#: the range of each bounded quantity [%]: its t-intervals are clipped to it (``t_interval``)
+MIOU_RANGE, Q_RANGE, SHARE_RANGE = (0.0, 100.0), (0.0, math.inf), (0.0, 100.0)
+
+
+def _summary(values: list[float], bounds: tuple[float, float]) -> tuple[float, float, int, float, float]:
+    iv = t_interval(values, bounds=bounds)
     return iv.mean, iv.sd, iv.n, iv.low, iv.high
 
 
@@ -38,9 +42,9 @@ def as_percent(value: float | None) -> float:
 
 
 def percent_cell(values: list[float | None]) -> str:
-    """Shares over seeds as a table cell in %: the value (one seed) or the mean and its 95 % t-interval; None
-    values (no pixels to share) left out, "–" without any."""
-    iv = t_interval([100 * v for v in values if v is not None])
+    """Shares over seeds as a table cell in %: the value (one seed) or the mean and its 95 % t-interval clipped
+    to [0, 100]; None values (no pixels to share) left out, "–" without any."""
+    iv = t_interval([100 * v for v in values if v is not None], bounds=SHARE_RANGE)
     if iv.n == 0:
         return "–"
     return f"{iv.mean:.1f}" if iv.n == 1 else f"{iv.mean:.1f} [{iv.low:.1f}, {iv.high:.1f}]"
@@ -48,7 +52,8 @@ def percent_cell(values: list[float | None]) -> str:
 
 def aggregate(results: RunResults) -> dict[str, Any]:
     """Over seeds, as (mean, sd, seeds, 95 % interval low, high): clean mIoU per (model, dataset), and Q and the
-    absolute mIoU under attack per (model, dataset, perturbation, ε) [%]; the measured ε."""
+    absolute mIoU under attack per (model, dataset, perturbation, ε) [%]; the measured ε. The t-intervals are
+    clipped to the quantity's range: mIoU to [0, 100] %, Q to ≥ 0 (Q may exceed 100 % where noise helps)."""
     clean = defaultdict(list)
     for r in results.clean:
         clean[(r.model, r.dataset)].append(as_percent(r.miou))
@@ -60,9 +65,9 @@ def aggregate(results: RunResults) -> dict[str, Any]:
         q[key].append(as_percent(r.q))
         adv[key].append(as_percent(r.miou))
         eps_meas[key].append(r.epsilon_measured)
-    return {"clean": {k: _summary(v) for k, v in clean.items()},
-            "q": {k: _summary(v) for k, v in q.items()},
-            "miou": {k: _summary(v) for k, v in adv.items()},
+    return {"clean": {k: _summary(v, MIOU_RANGE) for k, v in clean.items()},
+            "q": {k: _summary(v, Q_RANGE) for k, v in q.items()},
+            "miou": {k: _summary(v, MIOU_RANGE) for k, v in adv.items()},
             "eps_measured": {k: statistics.fmean(v) for k, v in eps_meas.items()}}
 
 

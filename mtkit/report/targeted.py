@@ -10,15 +10,35 @@ from pathlib import Path
 from ..core.results import RunResults, TargetedRow
 from .plots import _save, epsilon_axes
 from .sections import percent_cell
-from .stats import t_interval
+from .stats import share_cell, t_interval
+
+
+def image_clusters(rows: list[TargetedRow], column: int, clean: bool = False) -> list[tuple[int, int]]:
+    """One (k, n) per image of the rows' per-image counts, summed over the seeds (the same image under every
+    seed is one cluster): ``column`` 0 took the target, 1 hidden removed, 2 others kept."""
+    out: dict[int, list[int]] = {}
+    for r in rows:
+        for c in (r.clean_image_counts if clean else r.image_counts):
+            kn = out.setdefault(c[0], [0, 0])
+            kn[0] += c[1 + 2 * column]
+            kn[1] += c[2 + 2 * column]
+    return [(k, n) for k, n in out.values()]
+
+
+def _share(rows: list[TargetedRow], column: int, clean: bool = False) -> str:
+    if all(r.clean_image_counts if clean else r.image_counts for r in rows):
+        return share_cell(image_clusters(rows, column, clean))
+    # results.json of an earlier mtkit, without per-image counts: the t-interval over seeds
+    field = "success_clean" if clean else ("success", "removed", "kept")[column]
+    return percent_cell([getattr(r, field) for r in rows])
 
 
 def _cell(rows: list[TargetedRow]) -> str:
     if not rows:
         return "–"
     if rows[0].kind == "dynamic":
-        return f"{percent_cell([r.removed for r in rows])} / {percent_cell([r.kept for r in rows])}"
-    return f"{percent_cell([r.success for r in rows])} (clean {percent_cell([r.success_clean for r in rows])})"
+        return f"{_share(rows, 1)} / {_share(rows, 2)}"
+    return f"{_share(rows, 0)} (clean {_share(rows, 0, clean=True)})"
 
 
 def targeted_markdown(results: RunResults) -> list[str]:
@@ -32,8 +52,13 @@ def targeted_markdown(results: RunResults) -> list[str]:
           "Static targets and DAG: the share [%] of the pixels with a target that took it, and in brackets the "
           "share the clean prediction already had (a target scene resembles the attacked one). Dynamic targets (hide a "
           "class, Metzen et al.): the share of the hidden class's pixels removed / of the other pixels whose label "
-          "was kept. The measured ε and the mIoU are in the robustness tables"
-          + ("; mean and 95 % t-interval over seeds." if len({r.seed for r in rows}) > 1 else "."), "",
+          "was kept. Each share pools the pixels of every image"
+          + (" and seed" if len({r.seed for r in rows}) > 1 else "")
+          + "; its 95 % interval is a cluster bootstrap over the images (2000 draws of the images with replacement"
+          + (", an image under every seed one cluster" if len({r.seed for r in rows}) > 1 else "")
+          + "): an image's pixels succeed or fail together, so they are not independent binomial trials and an "
+          "exact interval over pixels would be far too narrow. The measured ε and the mIoU are in the robustness "
+          "tables.", "",
           "| model | dataset | attack | " + " | ".join(f"ε = {e:g}" for e in eps) + " |",
           "|---|---|---|" + "---|" * len(eps)]
     for m, d, p in groups:

@@ -28,14 +28,29 @@ class SanityConfig(Strict):
     near_zero: float = Field(5.0, ge=0, le=100, description="the most mIoU [%] the unbounded attack may leave")
 
 
+class PredictionsConfig(Strict):
+    """Per-image predictions written during the evaluation (``mtkit.evaluation.predictions``), at each image's
+    original resolution (logits upsampled bilinearly), named as the Cityscapes benchmark expects:
+    ``<folder>/<model>/<dataset key>/<condition>/<format>/<city>_<seq>_<frame>_pred.png``. Needs datasets read
+    from files (cityscapes, kitti2015)."""
+
+    folder: str | None = None
+    """where to write them; null: no predictions (`mtkit eval --save-predictions DIR`)"""
+    conditions: list[str] = Field(default_factory=lambda: ["clean"])
+    """'clean' and '<perturbation>@<ε>' (e.g. fgsm@4): a perturbation of robustness.perturbations at an ε of its
+    sweep"""
+    formats: list[Literal["labelIds", "trainIds", "color"]] = Field(default_factory=lambda: ["labelIds"])
+    """labelIds (the benchmark's input), trainIds, color (the Cityscapes colours)"""
+
+
 class RobustnessConfig(Strict):
     """The robustness evaluation (sec. 3.4-3.5): every perturbation at every ε on each evaluation set."""
 
     perturbations: list[str] = Field(default_factory=lambda: ["gaussian", "salt_pepper", "fgsm", "pgd"])
     """registered perturbations to sweep (`mtkit list` shows them); the paper: gaussian, salt_pepper, fgsm, pgd"""
     epsilons: list[float] = Field(default_factory=lambda: list(PAPER_EPSILONS))
-    """strengths ε in gray values (the RMS of the perturbation of eq. 7 for the noises and FGSM; PGD's L∞ bound),
-    sorted, each once"""
+    """strengths ε in gray values (the RMS of the perturbation of eq. 7 for the noises, FGSM and pgd_rms; PGD's L∞
+    bound), sorted, each once"""
     batch_size: PositiveInt | Literal["auto"] = Field(
         8, description="images per loaded batch; auto: what fits the device's memory with every ε of the sweep")
     pass_images: PositiveInt | Literal["auto"] = Field(
@@ -47,6 +62,19 @@ class RobustnessConfig(Strict):
     compile: bool | str = Field(False, description="torch.compile the segmenter: true (inductor) or a backend name")
     tf32: bool = Field(False, description="CUDA: let fp32 matmuls and convolutions use TF32 (off: the evaluation and "
                                           "its attack gradients are IEEE fp32, the paper's numbers)")
+    epsilon_axis: Literal["requested", "measured", "both"] = Field(
+        "requested", description="the x axis of Figure 5: the requested ε, the measured ε (the RMS of eq. 7 each "
+                                 "perturbation reached: PGD's L∞ bound measures well below its ε), or both figures")
+    label_resolution: Literal["recipe", "original"] = Field(
+        "recipe", description="recipe: score at the dataset's size with labels resized nearest-neighbour (the "
+                              "paper's protocol, which trains and evaluates at one size); original: logits upsampled "
+                              "bilinearly to each image's original size and scored against its full-resolution "
+                              "labels (the Cityscapes benchmark's protocol; datasets read from files only)")
+    qualitative_images: int = Field(2, ge=0, le=16, description="images of the report's Figure 1-style panel "
+                                                                  "(mtkit run, with a single- and a multi-task "
+                                                                  "model); 0: none")
+    predictions: PredictionsConfig = Field(default_factory=PredictionsConfig)
+    """per-image predictions to write (for the benchmark's scripts and test server)"""
     datasets: list[str] | None = Field(None, description="keys of data.eval; null: all")
     options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="perturbation -> kwargs")
     sanity: SanityConfig = Field(default_factory=SanityConfig)
@@ -56,6 +84,23 @@ class RobustnessConfig(Strict):
     @classmethod
     def _eps(cls, v: list[float]) -> list[float]:
         return check_epsilons(v)
+
+    @model_validator(mode="after")
+    def _conditions(self) -> RobustnessConfig:
+        for text in self.predictions.conditions:
+            name, _, level = text.partition("@")
+            if text == "clean":
+                continue
+            if name not in self.perturbations:
+                raise ValueError(f"predictions.conditions '{text}': {name or '(empty)'} is not one of "
+                                 f"robustness.perturbations {self.perturbations} (write 'clean' or "
+                                 "'<perturbation>@<ε>', e.g. fgsm@4)")
+            try:
+                float(level)
+            except ValueError:
+                raise ValueError(f"predictions.conditions '{text}': '{level}' is not a number (e.g. fgsm@4)") \
+                    from None
+        return self
 
 
 class DetectionConfig(Strict):

@@ -64,6 +64,7 @@ class CosPGD(Perturbation):
 
     Options = CosPGDOptions
     needs_gradient = True
+    epsilon_meaning = "L∞ bound ε: every element within ±ε, so RMS ≤ ε, measured below"
     iterative = True
 
     def sweep(self, ctx, x, y, epsilons):

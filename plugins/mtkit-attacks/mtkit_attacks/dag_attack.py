@@ -50,6 +50,7 @@ class DAG(Perturbation):
 
     Options = DAGOptions
     needs_gradient = True
+    epsilon_meaning = "L∞ bound ε: every element within ±ε, so RMS ≤ ε, measured below"
     targeted = True
 
     def targets(self, ctx, x, y):

@@ -79,6 +79,7 @@ class GDUAP(Perturbation):
 
     Options = GDUAPOptions
     needs_gradient = True
+    epsilon_meaning = "one universal ξ in the L∞ ε-ball for every image: RMS ≤ ε, measured below"
 
     def __init__(self, options=None) -> None:
         super().__init__(options)

@@ -110,6 +110,7 @@ class DynamicOptions(MetzenOptions):
 
 class _Metzen(Perturbation):
     needs_gradient = True
+    epsilon_meaning = "L∞ bound ε: every element within ±ε, so RMS ≤ ε, measured below"
     targeted = True
 
     def targets(self, ctx: AttackContext, x: torch.Tensor, y: torch.Tensor | None) -> Targets:

@@ -40,6 +40,7 @@ class MIFGSM(Perturbation):
 
     Options = MIFGSMOptions
     needs_gradient = True
+    epsilon_meaning = "L∞ bound ε: every element within ±ε, so RMS ≤ ε, measured below"
     iterative = True
 
     def sweep(self, ctx, x, y, epsilons):

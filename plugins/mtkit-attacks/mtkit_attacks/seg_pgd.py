@@ -57,6 +57,7 @@ class SegPGD(Perturbation):
 
     Options = SegPGDOptions
     needs_gradient = True
+    epsilon_meaning = "L∞ bound ε: every element within ±ε, so RMS ≤ ε, measured below"
     iterative = True
 
     def sweep(self, ctx, x, y, epsilons):

@@ -110,6 +110,7 @@ class UniversalPerturbation(Perturbation):
 
     Options = UAPOptions
     needs_gradient = True
+    epsilon_meaning = "one universal ξ in the L∞ ε-ball for every image: RMS ≤ ε, measured below"
 
     def __init__(self, options: UAPOptions | None = None) -> None:
         if options is None:

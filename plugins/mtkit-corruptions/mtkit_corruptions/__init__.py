@@ -129,6 +129,7 @@ class Corruption(Perturbation):
 
     Options = CorruptionOptions
     level_kind = "severity"
+    epsilon_meaning = "a severity level, not an ε: its RMS is measured and plotted on the same ε axis"
     corruption = ""
 
     def __init__(self, options: CorruptionOptions | None = None) -> None:
