@@ -172,6 +172,65 @@ def _masking(r: Recipe) -> list:
     return [(c.check, c.passed) for c in masking_checks(sweep, r.robustness.sanity)]
 
 
+def _attack_passes(r: Recipe, trained) -> list:
+    """Each row's backward passes per batch: what an attack option (an iteration count) changes on any CPU, where
+    the mIoU of 4 images may not."""
+    from mtkit.evaluation.robustness import evaluate_checkpoint
+
+    return [(x.perturbation, x.level, x.backward_passes_per_batch)
+            for x in evaluate_checkpoint(trained[0], r, ["CS"], 0).robustness]
+
+
+def _figures(r: Recipe, c) -> list[str]:
+    """The PNG files the report of an evaluation under ``r`` draws (its ``epsilon_axis``)."""
+    from mtkit.core.results import RunResults
+    from mtkit.evaluation.robustness import evaluate_checkpoint
+
+    res = RunResults(seeds=[0], epsilon_axis=r.robustness.epsilon_axis)
+    res.extend(evaluate_checkpoint(c.trained[0], r, ["CS"], 0))
+    return sorted(p.name for p in write_report(res, c.tmp / "report").values() if p.suffix == ".png")
+
+
+def _cityscapes_eval(r: Recipe, c, folder: bool = False) -> tuple[float, list[str]]:
+    """The clean mIoU of an evaluation of ``r`` on a Cityscapes tree at 64x128 (evaluated at the recipe's 32x64)
+    and the prediction files it wrote (relative to the predictions folder; ``folder``: one under ``c.tmp``)."""
+    from mtkit.data import layouts, synthetic
+    from mtkit.evaluation.robustness import evaluate_checkpoint
+    from mtkit.recipe.load import apply_overrides
+
+    root = c.tmp / "cityscapes"
+    city = synthetic.generate(synthetic.SyntheticSpec("city", sequences=1, frames=2, height=64, width=128, seed=5))
+    layouts.write_cityscapes(root, city, "val")
+    cs = {"name": "cityscapes", "root": str(root), "split": "val", "height": 32, "width": 64}
+    over = [f"data.eval.CS={json.dumps(cs)}"]
+    if folder:
+        over.append(f"robustness.predictions.folder={json.dumps(str(c.tmp / 'pred'))}")
+    r = validate(apply_overrides(r.to_dict(), over))
+    res = evaluate_checkpoint(c.trained[0], r, ["CS"], 0)
+    out = Path(r.robustness.predictions.folder or c.tmp / "none")
+    return res.clean[0].miou, sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+
+
+def _figure1_calls(r: Recipe, c) -> list:
+    """The images ``mtkit run``'s Figure 1 panel is drawn for under ``r`` (models and drawing stood in for)."""
+    from types import SimpleNamespace
+
+    import mtkit.pipeline.runner as runner
+    from mtkit.pipeline.stages import UnitFiles
+
+    for spec in r.models:
+        folder = UnitFiles.of(r, c.tmp / "run", spec, 0).train_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "last.pt").touch()
+    calls: list = []
+    c.mp.setattr(runner, "load_model", lambda path, device: SimpleNamespace(segmenter=None, model=None,
+                                                                            class_weights=None))
+    c.mp.setattr(runner, "eval_dataset", lambda *a, **k: [None] * 4)
+    c.mp.setattr(runner, "qualitative_panel", lambda *a: calls.append(a[7]) or a[5])
+    runner.figure1_panel(r, c.tmp / "run", 0, SimpleNamespace(opened=lambda: {}), "cpu")
+    return calls
+
+
 def _math_modes(r: Recipe, c, where: str) -> list[tuple[bool, bool]]:
     """The (tf32, deterministic) policies ``math_mode`` is entered with while training (``where`` "train") or
     evaluating ("evaluate") under recipe ``r``."""
@@ -280,7 +339,14 @@ PROBES: dict[str, tuple[Any, Any, Callable[..., Any]]] = {
     "robustness.channels_last": (False, True, lambda r, c: _eval_passes(r, c.trained, c.mp)),
     "robustness.compile": (False, "aot_eager", lambda r, c: _eval_passes(r, c.trained, c.mp)[1]),
     "robustness.tf32": (False, True, lambda r, c: _math_modes(r, c, "evaluate")),
-    "robustness.options": ({}, {"pgd": {"iterations": 1}}, lambda r, c: _robustness_rows(r, c.trained, c.mp)[0]),
+    "robustness.options": ({}, {"pgd": {"iterations": 1}}, lambda r, c: _attack_passes(r, c.trained)),
+    "robustness.epsilon_axis": ("requested", "both", _figures),
+    "robustness.label_resolution": ("recipe", "original", lambda r, c: _cityscapes_eval(r, c)[0]),
+    "robustness.predictions.folder": (None, "PRED", lambda r, c: _cityscapes_eval(r, c)[1]),
+    "robustness.predictions.conditions": (["clean"], ["clean", "fgsm@1"],
+                                          lambda r, c: _cityscapes_eval(r, c, folder=True)[1]),
+    "robustness.predictions.formats": (["labelIds"], ["color"], lambda r, c: _cityscapes_eval(r, c, folder=True)[1]),
+    "robustness.qualitative_images": (0, 1, _figure1_calls),
     "robustness.sanity.enabled": (True, False, lambda r, c: _eval_passes(r, c.trained, c.mp)),
     "robustness.sanity.iterations": (3, 1, lambda r, c: _eval_passes(r, c.trained, c.mp)),
     "robustness.sanity.tolerance": (1.0, 10.0, lambda r, c: _masking(r)),
@@ -445,7 +511,7 @@ def test_every_schema_key_has_a_probe():
     keys += [f"DatasetConfig.{k}" for k in DatasetConfig.model_fields]
     keys += [f"ModelSpec.{f.alias or n}" for n, f in ModelSpec.model_fields.items()]
     containers = {"model", "data", "loss", "train", "robustness", "depth_evaluation", "data.augment",
-                  "robustness.sanity", "detection", "launcher"}
+                  "robustness.sanity", "robustness.predictions", "detection", "launcher"}
     missing = [k for k in keys if k not in PROBES and k not in containers]
     assert not missing, f"recipe keys without a probe: {missing}"
 
@@ -453,6 +519,8 @@ def test_every_schema_key_has_a_probe():
 def _apply(data: dict, key: str, value: Any, tmp: Path) -> dict:
     if value == "FILE":
         value = _weights_file(tmp)
+    if value == "PRED":
+        value = str(tmp / "pred")
     if key.startswith("DatasetConfig."):
         field = key.split(".", 1)[1]
         if value == "ROOT":
