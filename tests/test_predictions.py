@@ -14,7 +14,7 @@ from mtkit import api
 from mtkit.cli import main
 from mtkit.core.errors import MtkitError, RecipeError
 from mtkit.data import layouts, synthetic
-from mtkit.evaluation.predictions import numpy_compat, official_miou, parse_condition
+from mtkit.evaluation.predictions import numpy_compat, official_miou, parse_condition, upsampled_argmax
 from mtkit.recipe.load import validate
 
 
@@ -87,3 +87,15 @@ def test_prediction_conditions_are_checked_before_any_work(cityscapes, trained):
                              model=trained[0].segmenter, progress=False)
     with numpy_compat():
         assert np.in1d(np.array([[1, 2], [3, 4]]), [2, 3]).tolist() == [False, True, True, False]
+
+
+def test_images_of_other_sizes_are_upsampled_each_to_its_own_and_padded_alike():
+    """KITTI's images differ by a few pixels: each prediction is its own image's size, padded (0, void in the
+    labels) to the batch's largest, so that the passes of one batch stack."""
+    logits = torch.randn(2, 19, 4, 6, generator=torch.Generator().manual_seed(0))
+    out = upsampled_argmax(logits, [(8, 12), (6, 10)], pad_to=(9, 13))
+    assert out.shape == (2, 9, 13)
+    for k, (h, w) in enumerate([(8, 12), (6, 10)]):
+        want = torch.nn.functional.interpolate(logits[k:k + 1], size=(h, w), mode="bilinear", align_corners=False)
+        assert torch.equal(out[k, :h, :w].long(), want.argmax(1)[0])
+        assert int(out[k, h:].sum()) == 0 and int(out[k, :, w:].sum()) == 0

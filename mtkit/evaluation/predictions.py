@@ -87,11 +87,13 @@ def original_labels(files: list[tuple[Path, Path]], indices: list[int], device: 
     return out.to(device, non_blocking=True), sizes  # type: ignore[return-value]
 
 
-def upsampled_argmax(logits: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
-    """Each image's logits bilinearly upsampled to its own size, then argmax, padded with 0 to the largest size
-    (the padding is void in ``original_labels``, so it never counts). One image at a time: 19 channels at 2048x1024
-    are 160 MB."""
-    h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+def upsampled_argmax(logits: torch.Tensor, sizes: list[tuple[int, int]],
+                     pad_to: tuple[int, int] | None = None) -> torch.Tensor:
+    """Each image's logits bilinearly upsampled to its own size, then argmax, padded with 0 to ``pad_to`` (default
+    the largest of ``sizes``; a batch split into passes pads every pass to the batch's largest, so they stack); the
+    padding is void in ``original_labels``, so it never counts. One image at a time: 19 channels at 2048x1024 are
+    160 MB."""
+    h, w = pad_to or (max(s[0] for s in sizes), max(s[1] for s in sizes))
     dtype = torch.uint8 if logits.shape[1] <= 256 else torch.int64  # 1 byte a pixel: 7 levels x 8 images fit
     out = torch.zeros(logits.shape[0], h, w, dtype=dtype, device=logits.device)
     for k, (hk, wk) in enumerate(sizes):

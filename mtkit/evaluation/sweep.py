@@ -231,6 +231,7 @@ def _predict(model: nn.Module, s: SweepSettings, x: torch.Tensor, ctx: AttackCon
     (one (height, width) per row of x) also the predictions at those original sizes (``upsampled_argmax``)."""
     preds, losses, full = [], [], []
     rows = None if sizes is None else [sizes[i:i + s.pass_images] for i in range(0, len(sizes), s.pass_images)]
+    pad = None if sizes is None else (max(h for h, _ in sizes), max(w for _, w in sizes))
     labels = None if y is None else repeat_labels(y, x.shape[0]).split(s.pass_images)
     with torch.no_grad(), s.precision.autocast():
         for i, c in enumerate(x.split(s.pass_images)):
@@ -239,7 +240,7 @@ def _predict(model: nn.Module, s: SweepSettings, x: torch.Tensor, ctx: AttackCon
                 tally.nonfinite = tally.nonfinite + (~torch.isfinite(logits)).any().long()
             preds.append(logits.argmax(1))
             if rows is not None:
-                full.append(upsampled_argmax(logits, rows[i]))
+                full.append(upsampled_argmax(logits, rows[i], pad))
             if ctx is not None and labels is not None:
                 losses.append(ctx.image_losses(logits.float(), labels[i]))
     return torch.cat(preds), (torch.cat(losses) if losses else None), (torch.cat(full) if full else None)
