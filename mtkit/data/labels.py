@@ -29,10 +29,22 @@ def labelids_to_trainids(label_ids: np.ndarray) -> np.ndarray:
     return cityscapes_lut()[label_ids]
 
 
-def trainids_to_labelids(train_ids: np.ndarray) -> np.ndarray:
-    """Inverse mapping (for writing synthetic data in the official layouts); void → 0 (unlabeled)."""
-    lut = np.zeros(256, np.uint8)
+def trainid_tables() -> tuple[np.ndarray, np.ndarray]:
+    """trainId → labelId (256,) and trainId → colour (256, 3) uint8 lookup tables from the official table; void
+    and unused trainIds → 0 (unlabeled) and black."""
+    ids, colors = np.zeros(256, np.uint8), np.zeros((256, 3), np.uint8)
     for tid, lab in trainId2label.items():
         if 0 <= tid < 255:
-            lut[tid] = lab.id
-    return lut[train_ids]
+            ids[tid], colors[tid] = lab.id, lab.color
+    return ids, colors
+
+
+def trainids_to_labelids(train_ids: np.ndarray) -> np.ndarray:
+    """Inverse mapping (for writing synthetic data in the official layouts and predictions for the benchmark);
+    void → 0 (unlabeled)."""
+    return trainid_tables()[0][train_ids]
+
+
+def trainids_to_colors(train_ids: np.ndarray) -> np.ndarray:
+    """(H, W) trainIds → (H, W, 3) uint8 in the official Cityscapes colours (void black)."""
+    return trainid_tables()[1][train_ids]

@@ -28,12 +28,15 @@ def export_segmenter(checkpoint: str | Path, output: str | Path, height: int, wi
     with atomic_path(output) as tmp:
         torch.onnx.export(seg, (x,), str(tmp), input_names=["image"], output_names=["logits"],
                           dynamic_axes={"image": axes, "logits": axes}, opset_version=17, dynamo=False)
-        with torch.no_grad():
-            classes = seg(x).shape[1]
-        declare_logits(tmp, ["batch", classes, height, width] if static else ["batch", classes, "height", "width"])
+        declare_logits(tmp, logits_shape(_reference(seg, x).shape[1], height, width, static))
         if verify:
             verify_onnx(seg, tmp, height, width, static, atol)
     return output
+
+
+def logits_shape(classes: int, height: int, width: int, static: bool) -> list[int | str]:
+    """The logits' shape as the graph declares it: a symbol for each free axis, a number for each fixed one."""
+    return ["batch", classes, height, width] if static else ["batch", classes, "height", "width"]
 
 
 def declare_logits(path: str | Path, shape: list[int | str]) -> None:
@@ -82,8 +85,7 @@ def verify_onnx(model: torch.nn.Module, path: str | Path, height: int, width: in
     if worst > atol or agree < 0.999:
         raise MtkitError(f"ONNX export differs from PyTorch: logits by {worst:.2e} (> {atol}) or argmax on "
                          f"{100 * (1 - agree):.2f} % of the pixels")
-    classes = _reference(model, torch.zeros(1, 3, height, width)).shape[1]
-    want = ["batch", classes, height, width] if static else ["batch", classes, "height", "width"]
+    want = logits_shape(ref.shape[1], height, width, static)
     if (got := declared_shape(path)) != want:
         raise MtkitError(f"the ONNX graph declares logits {got}, expected {want}")
     return {"max_abs": worst, "argmax_agreement": agree}

@@ -22,10 +22,8 @@ from PIL import Image
 
 from ..core.errors import MtkitError
 from ..core.io import atomic_write
-from ..data.common import read_image
-from ..data.labels import cityscapes_lut
-
-FORMATS = ("labelIds", "trainIds", "color")
+from ..data.common import opened_image, read_image
+from ..data.labels import cityscapes_lut, trainid_tables
 
 
 def condition_name(name: str, level: float) -> str:
@@ -69,7 +67,7 @@ def prediction_name(image: Path) -> str:
 
 def original_size(path: Path) -> tuple[int, int]:
     """(height, width) of an image file, read from its header."""
-    with Image.open(path) as im:
+    with opened_image(path) as im:
         return im.height, im.width
 
 
@@ -102,17 +100,6 @@ def upsampled_argmax(logits: torch.Tensor, sizes: list[tuple[int, int]],
     return out
 
 
-def _palette() -> tuple[np.ndarray, np.ndarray]:
-    """trainId → labelId and trainId → colour (the official table), 255 → unlabeled (0) and black."""
-    from cityscapesscripts.helpers.labels import trainId2label
-
-    ids, colors = np.zeros(256, np.uint8), np.zeros((256, 3), np.uint8)
-    for tid, lab in trainId2label.items():
-        if 0 <= tid < 255:
-            ids[tid], colors[tid] = lab.id, lab.color
-    return ids, colors
-
-
 @dataclass
 class PredictionWriter:
     """Writes the predictions of chosen conditions of one (model, dataset) sweep at the original resolution."""
@@ -125,7 +112,7 @@ class PredictionWriter:
     written: int = 0
 
     def __post_init__(self) -> None:
-        self._ids, self._colors = _palette()
+        self._ids, self._colors = trainid_tables()
 
     def wants(self, name: str, level: float) -> bool:
         return (name, float(level)) in self.conditions

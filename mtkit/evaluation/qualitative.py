@@ -12,18 +12,8 @@ import torch
 from torch import nn
 
 from ..core.io import atomic_write
+from ..data.labels import trainids_to_colors
 from ..perturbations import AttackContext, Perturbation
-
-
-def cityscapes_colors(train_ids: np.ndarray) -> np.ndarray:
-    """(H, W) trainIds → (H, W, 3) uint8 in the official Cityscapes colours (void black)."""
-    from cityscapesscripts.helpers.labels import trainId2label
-
-    palette = np.zeros((256, 3), np.uint8)
-    for tid, lab in trainId2label.items():
-        if 0 <= tid < 255:
-            palette[tid] = lab.color
-    return palette[train_ids]
 
 
 def pick_epsilons(epsilons: list[float]) -> list[float]:
@@ -85,10 +75,10 @@ def qualitative_panel(segmenters: dict[str, nn.Module], depth_model: nn.Module |
             ax_row = axes[k * len(conditions) + c]
             label = "clean" if p == "clean" else f"{p} ε={e:g}"
             image = inputs[(p, e)][k].permute(1, 2, 0).clamp(0, 255).byte().cpu().numpy()
-            panels = [image, *(cityscapes_colors(preds[(n, p, e)][k].astype(np.uint8)) for n in segmenters)]
+            panels = [image, *(trainids_to_colors(preds[(n, p, e)][k].astype(np.uint8)) for n in segmenters)]
             if depth:
                 panels.append(1.0 / depth[(p, e)][k])  # disparity: near is bright
-            panels.append(cityscapes_colors(labels[k].astype(np.uint8)) if p == "clean" else None)
+            panels.append(trainids_to_colors(labels[k].astype(np.uint8)) if p == "clean" else None)
             for ax, panel in zip(ax_row, panels):
                 ax.set_xticks([])
                 ax.set_yticks([])

@@ -212,12 +212,15 @@ class Tally:
         def counts(key) -> list[list[int]]:
             return [[i, *self.timages[key][i]] for i in sorted(self.timages[key])]
 
+        def rates(per: list[list[int]]) -> tuple[float | None, float | None, float | None]:
+            return targeted_rates(torch.tensor([c[1:] for c in per], dtype=torch.int64).reshape(-1, 6))
+
+        clean_counts = {name: counts(name) for name in self.tclean}  # ε-independent: once per perturbation
         target_rows = []
         for name, e in self.tcounts:
-            per = counts((name, e))
-            success, removed, kept = targeted_rates(torch.tensor([c[1:] for c in per], dtype=torch.int64))
-            clean_per = counts(name)
-            clean_success = targeted_rates(torch.tensor([c[1:] for c in clean_per], dtype=torch.int64))[0]
+            per, clean_per = counts((name, e)), clean_counts[name]
+            success, removed, kept = rates(per)
+            clean_success = rates(clean_per)[0]
             target_rows.append(TargetedRow(
                 model=model_name, seed=seed, dataset=dataset_name, perturbation=name, epsilon=e,
                 epsilon_measured=by_key[(name, e)].epsilon_measured, kind=self.tkind.get(name, "static"),

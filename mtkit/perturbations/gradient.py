@@ -179,10 +179,12 @@ class PGD(Perturbation):
     needs_gradient = True
     iterative = True
     epsilon_meaning = "L∞ bound ε (the paper's PGD): every element within ±ε, so RMS ≤ ε, measured well below"
+    #: the ball it attacks in (``pgd_sweep``'s ``norm``)
+    norm = "linf"
 
     def sweep(self, ctx, x, y, epsilons):
         o = self.options
-        runs = [pgd_sweep(ctx, x, y, list(epsilons), o.step, o.iterations, o.random_start or r > 0, r)
+        runs = [pgd_sweep(ctx, x, y, list(epsilons), o.step, o.iterations, o.random_start or r > 0, r, self.norm)
                 for r in range(o.restarts)]
         return {e: strongest(ctx, [run[e] for run in runs], y) for e in epsilons}
 
@@ -193,19 +195,12 @@ class PGDRMSOptions(PGDOptions):
 
 
 @register("perturbation", "pgd_rms")
-class PGDRMS(Perturbation):
+class PGDRMS(PGD):
     """PGD at equal SNR: the paper's PGD iterations and restarts in the L2 ball of radius ε·√N, which is exactly
     the perturbations of RMS ≤ ε (eq. 7), with normalised gradient steps and the exact projection onto the ball
     and the image box (``pgd_sweep`` with norm "l2"). It ends on the sphere, so its measured ε equals ε where the
     paper's PGD (an L∞ bound ε) measures well below ε: compare it with FGSM and the noises at equal SNR."""
 
     Options = PGDRMSOptions
-    needs_gradient = True
-    iterative = True
     epsilon_meaning = "L2 ball of RMS ε (radius ε·√N): RMS ≤ ε, = ε on the sphere where it ends"
-
-    def sweep(self, ctx, x, y, epsilons):
-        o = self.options
-        runs = [pgd_sweep(ctx, x, y, list(epsilons), o.step, o.iterations, o.random_start or r > 0, r, norm="l2")
-                for r in range(o.restarts)]
-        return {e: strongest(ctx, [run[e] for run in runs], y) for e in epsilons}
+    norm = "l2"
