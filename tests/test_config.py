@@ -25,9 +25,15 @@ def test_paper_and_quickstart_recipes_validate():
     assert lams == [0.1, 0.2, 0.3, 0.5, 0.6, 0.9]
     assert paper.robustness.epsilons == [0.25, 0.5, 1, 2, 4, 8, 16]
     assert (paper.data.segmentation.height, paper.data.segmentation.width) == (192, 640)
-    quick = load_recipe(ROOT / "recipes" / "quickstart.yaml")
-    assert quick.data.segmentation.name == "synthetic"
-    assert quick.loss.ssim_alpha == 0.85 and quick.train.seg_batch_size == 6  # inherited from paper.yaml
+    base = load_recipe(ROOT / "recipes" / "synthetic.yaml")
+    assert base.data.segmentation.name == "synthetic"
+    assert base.loss.ssim_alpha == 0.85 and base.train.seg_batch_size == 6  # inherited from paper.yaml
+    quick = load_recipe(ROOT / "recipes" / "quickstart.yaml")  # synthetic.yaml at a third of its FLOPs
+    assert quick.loss.ssim_alpha == 0.85 and quick.robustness.epsilons == paper.robustness.epsilons
+    assert (quick.train.seg_batch_size, quick.train.depth_batch_size, quick.data.eval["CS"].height) == (3, 3, 48)
+    for name in ("detection", "targeted", "quickstart-seeds"):  # the studies keep the models they were measured on
+        study = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+        assert (study.train.batch_size, study.train.lr, study.model.pretrained) == (12, 5e-4, False)
 
 
 @pytest.mark.parametrize(

@@ -115,16 +115,16 @@ def test_a_failed_check_is_flagged_in_the_verdict_and_tabled(sweeps, tmp_path):
 
 
 def test_the_paper_recipe_checks_with_an_attack_of_known_strength():
-    """The paper's protocol runs the unbounded check as AutoAttack runs APGD-CE (100 iterations); the quickstart
-    keeps 10 to stay within its minutes, and says so."""
+    """The paper's protocol runs the unbounded check as AutoAttack runs APGD-CE (100 iterations); the synthetic
+    recipes keep 10 and the quickstart 5 to stay within their minutes, and say so."""
     from support import ROOT
 
     from mtkit.recipe.load import load_recipe
 
     assert load_recipe(ROOT / "recipes" / "paper.yaml").robustness.sanity.iterations == 100
-    quick = load_recipe(ROOT / "recipes" / "quickstart.yaml")
-    assert quick.robustness.sanity.iterations == 10 and "100, AutoAttack's strength" in (
-        ROOT / "recipes" / "quickstart.yaml").read_text()
+    for name, iterations in (("synthetic.yaml", 10), ("quickstart.yaml", 5)):
+        assert load_recipe(ROOT / "recipes" / name).robustness.sanity.iterations == iterations
+        assert "100, AutoAttack's strength" in (ROOT / "recipes" / name).read_text()
 
 
 def test_a_model_that_ignores_its_input_is_flagged_first_in_the_verdict(sweeps, tmp_path):

@@ -31,8 +31,9 @@ def first_run(tmp_path_factory, device):
     with pytest.MonkeyPatch.context() as mp:  # count the preparations of the run (one per dataset)
         mp.setattr(prepare, "prepare_dataset", lambda cfg, train, where, *a, **k: calls.append(where) or real(
             cfg, train, where, *a, **k))
-        res = run(recipe, progress=False, run_dir=folder / "run", log=lambda m: None)
-    res.prepare_calls = calls
+        logs: list[str] = []
+        res = run(recipe, progress=False, run_dir=folder / "run", log=logs.append, project=True)
+    res.prepare_calls, res.logs = calls, logs
     return recipe_file, recipe, res
 
 
@@ -186,7 +187,17 @@ def test_cli_run_uses_the_cache_and_prints_tables(first_run, capsys):
     code, out, err = run_cli(["run", str(recipe_file), "--out", str(res.run_dir), "--no-progress"], capsys)
     assert code == 0, err
     assert "stages run: 0, cached: 12" in out and "Table 2: mIoU" in out
+    assert "projected" not in out  # nothing left to run, nothing to project
     assert "Depth on Eigen" in out and "Gradient-masking sanity checks" in out
+
+
+def test_the_run_prints_its_projected_time_and_flops_before_its_first_stage(first_run):
+    """``mtkit run`` (``project=True``) measures one training step and a two-image sweep, then logs the projected
+    time and FLOPs of what it is about to run, once, before its first stage."""
+    logs = first_run[2].logs
+    projected = [i for i, m in enumerate(logs) if m.startswith("[plan] projected: ")]
+    assert len(projected) == 1 and projected[0] < min(i for i, m in enumerate(logs) if m.startswith("[stage]"))
+    assert "in one process for" in logs[projected[0]] and "TFLOP on " in logs[projected[0]]
 
 
 def test_paper_recipe_without_datasets_stops_at_once_pointing_to_quickstart(monkeypatch, tmp_path):
@@ -224,7 +235,7 @@ def test_the_plan_measures_every_stage_and_counts_what_the_recipe_asks_for(first
                                    "train multi", "validate multi", "evaluate multi on CS", "evaluate multi on K",
                                    "evaluate depth multi on Eigen"])
     assert rows["train multi"].units == 2 and rows["train multi"].unit == "step (2 + 2 images)"
-    assert rows["evaluate single on CS"].units == 1 and rows["validate single"].units == 1
+    assert rows["evaluate single on CS"].units == 4 and rows["validate single"].units == 1  # images, batches
     assert all(r.seconds_per_unit > 0 for r in rows.values())
     # the cost in FLOPs, machine-independent: a training step (forward and backward of 2 + 2 images, the pose net)
     # costs more than a forward pass of a validation batch of 4
@@ -233,6 +244,11 @@ def test_the_plan_measures_every_stage_and_counts_what_the_recipe_asks_for(first
     # each stage timed under its phase's math policy, as the run enters it: training (and its validation) with
     # TF32 allowed (train.tf32), evaluation and depth in IEEE fp32 (robustness.tf32)
     assert {s: r.math["tf32"] for s, r in rows.items()} == {s: s.startswith(("train", "validate")) for s in rows}
+    # counted alone (steps 0), with each sweep measured on one image: the same FLOPs, since a sweep's cost grows
+    # with its images and the two models' segmenters (one architecture) share one measured sweep
+    counted = plan(recipe, steps=0, log=lambda m: None, sweep_images=1)
+    assert all(r.seconds == 0 for r in counted)
+    assert sum(r.flops for r in counted) == pytest.approx(sum(r.flops for r in rows.values()), rel=1e-9)
     code, out, err = run_cli(["run", str(recipe_file), "--plan", "--jobs", "2"], capsys)
     assert code == 0, err
     assert "projected run of tiny on cpu" in out and "total:" in out and "with --jobs 2" in out

@@ -35,11 +35,6 @@ def parse_seeds(text: str | None) -> list[int] | None:
         raise MtkitError(f"--seeds expects comma-separated integers like 0,1,2, got '{text}'") from None
 
 
-def hms(seconds: float) -> str:
-    m, s = divmod(round(seconds), 60)
-    return f"{m // 60} h {m % 60:02d} min" if m >= 60 else f"{m} min {s:02d} s"
-
-
 def parse_unit(text: str) -> tuple[str, int]:
     name, _, seed = text.rpartition(":")
     try:

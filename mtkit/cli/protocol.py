@@ -9,7 +9,8 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from .common import console, hms, override_opt, parse_seeds, parse_unit, recipe_from, warn_plugin_failures
+from ..core.progress import hms
+from .common import console, override_opt, parse_seeds, parse_unit, recipe_from, warn_plugin_failures
 
 
 @click.command("list")
@@ -108,7 +109,9 @@ def print_plan(rows, recipe, jobs: int) -> None:
                    "models on one GPU, or one GPU each where there are several); results equal --jobs 1")
 @click.option("--plan", "plan_only", is_flag=True,
               help="measure a few training steps and one batch of every other stage on this device, print each "
-                   "stage's projected time and the total, and stop")
+                   "stage's projected time and FLOPs and the total, and stop")
+@click.option("--no-projection", is_flag=True,
+              help="start at once, without the projected time of the stages to run (a few seconds measured)")
 @click.option("--unit", "units", multiple=True, hidden=True, metavar="MODEL:SEED",
               help="run only this (model, seed) unit's stages, no report (what each job runs)")
 @click.option("--launcher", type=click.Choice(["local", "slurm"]),
@@ -122,7 +125,7 @@ def print_plan(rows, recipe, jobs: int) -> None:
               help="a further sbatch option, e.g. constraint=a100 (launcher.slurm_extra; repeatable)")
 @click.option("--detach", is_flag=True, help="with --launcher slurm: submit and exit; the same mtkit run collects")
 def run(recipe: str, overrides: tuple[str, ...], force: bool, seeds: str | None, out_dir: str | None,
-        skip_bad: bool, no_progress: bool, jobs: int, plan_only: bool, units: tuple[str, ...],
+        skip_bad: bool, no_progress: bool, jobs: int, plan_only: bool, no_projection: bool, units: tuple[str, ...],
         launcher: str | None, slurm_partition: str | None, slurm_account: str | None,
         slurm_gpus_per_job: int | None, slurm_time: str | None, slurm_extra: tuple[str, ...], detach: bool) -> None:
     """Run the whole protocol of RECIPE: train, evaluate, sweep perturbations, report."""
@@ -147,7 +150,7 @@ def run(recipe: str, overrides: tuple[str, ...], force: bool, seeds: str | None,
     warn_plugin_failures()
     res = api.run(r, force=force, seeds=parse_seeds(seeds), progress=not no_progress, run_dir=out_dir,
                   log=lambda m: console.print(m, markup=False), skip_bad=skip_bad, jobs=jobs,
-                  units=[parse_unit(u) for u in units] or None, detach=detach)
+                  units=[parse_unit(u) for u in units] or None, detach=detach, project=not no_projection)
     if res.detached:
         return
     if units:

@@ -32,3 +32,9 @@ def progress_bar(enabled: bool, total: int, label: str, done: int = 0) -> Iterat
 
     with bar:
         yield advance
+
+
+def hms(seconds: float) -> str:
+    """A duration as people read it: ``4 min 07 s``, ``2 h 05 min``."""
+    m, s = divmod(round(seconds), 60)
+    return f"{m // 60} h {m % 60:02d} min" if m >= 60 else f"{m} min {s:02d} s"

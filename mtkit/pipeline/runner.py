@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from ..bench.plan import projection
 from ..core.errors import DatasetError, MtkitError
 from ..core.io import atomic_write_text, clear_tree
 from ..core.results import DataRow, DepthRow, ModelInfo, RunResults, strict
@@ -179,14 +180,15 @@ def run_unit(recipe: Recipe, spec: ModelSpec, seed: int, run_dir: Path, cache: S
 
 def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, progress: bool = True,
         run_dir: str | Path | None = None, log=print, skip_bad: bool = False, jobs: int = 1,
-        units: list[tuple[str, int]] | None = None, detach: bool = False) -> RunResult:
+        units: list[tuple[str, int]] | None = None, detach: bool = False, project: bool = False) -> RunResult:
     """Run every stage of ``recipe`` into ``run_dir`` (default ``<output_dir>/<name>``): prepare the data, train,
     evaluate, report. ``skip_bad`` leaves unreadable source files out of the prepared data (counted).
 
     ``jobs`` > 1, or ``recipe.launcher.kind`` slurm, runs the independent (model, seed) units as jobs of their
     own (``jobs.launch``: up to ``jobs`` processes on this machine, or a SLURM job array, which ``detach`` only
     submits), then reports from the stage cache. ``units`` restricts the run to those (model, seed) pairs and
-    writes no report (what each job runs)."""
+    writes no report (what each job runs). ``project`` logs the projected time and FLOPs of the stages still to
+    run before the first of them (``bench.plan.projection``: a few seconds of measurement)."""
     seeds = seeds or recipe.run_seeds()
     run_dir = Path(run_dir or run_folder(recipe))
     if units is None:
@@ -205,6 +207,11 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                          f"{names}, its seeds {seeds}")
     started = time.perf_counter()
     cache = StageCache(d, force, log)
+    if project and units is None and not d.enabled:
+        todo_of = {spec.name: sum(not all(f.is_file() for f in UnitFiles.of(recipe, run_dir, spec, s).all())
+                                  or force for s in seeds) for spec in recipe.models}
+        if any(todo_of.values()):
+            log(projection(recipe, todo_of))
     # rank 0 prepares while the others wait on the store (a timeout of its own, not NCCL's 10 minutes), then they
     # find the cache complete
     data = PreparedData(after_rank0(d, "prepare", lambda: prepare_recipe(

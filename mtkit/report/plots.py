@@ -38,10 +38,11 @@ def plot_figure5(results: RunResults, path: Path, measured: bool = False) -> Pat
                                 label=f"{model_label(results, m)} {d}")
             epsilon_axes(ax, eps, ylabel, p)
             if measured:
-                ax.set_xlabel("measured ε (RMS of the perturbation, gray values)")
+                ax.set_xlabel("measured ε (RMS, gray values)")
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle("Robustness over perturbation strength (Figure 5): Q, and mIoU under attack"
-                 + (", over the measured ε" if measured else ""))
+                 + (", over the measured ε" if measured else "")
+                 + " (what ε means for each perturbation: the report's notes)")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -110,7 +111,7 @@ def epsilon_axes(ax, eps: list[float], ylabel: str, title: str, top: float = 105
     ax.set_xscale("log", base=2)
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
     ax.set_ylim(0, top)
-    ax.set_xlabel("requested ε (gray values; see the notes for what ε means per perturbation)")
+    ax.set_xlabel("requested ε (gray values)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
