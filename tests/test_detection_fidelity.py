@@ -111,6 +111,9 @@ def test_the_soft_score_is_the_reported_score_where_the_softmax_is_one_hot(net, 
     one_hot = F.one_hot(labels, CLASSES).permute(0, 3, 1, 2).double()
     assert torch.allclose(soft_consistency_measures(x, one_hot, depth), consistency_measures(x, labels, depth),
                           rtol=0, atol=1e-12)
+    # without depth (single-task O-PGD) the image–segmentation measure alone, the same column
+    alone = soft_consistency_measures(x, one_hot, None)
+    assert alone.shape == (len(x), 1) and torch.equal(alone[:, 0], soft_consistency_measures(x, one_hot, depth)[:, 0])
     sharp = 1e3 * (one_hot - 0.5)  # logits whose softmax is one-hot in float64
     det = EdgeConsistency(EdgeConsistency.Options(measures=["image-depth", "segmentation-depth"]))
     _, soft = det.differentiable_score(_Sharp(net, sharp), x)

@@ -103,26 +103,31 @@ def consistency_measures(images: torch.Tensor, labels: torch.Tensor, depth: torc
     return _pairwise(images, edge_maps(labels.unsqueeze(1), "unequal"), depth)
 
 
-def soft_consistency_measures(images: torch.Tensor, probabilities: torch.Tensor, depth: torch.Tensor
+def soft_consistency_measures(images: torch.Tensor, probabilities: torch.Tensor, depth: torch.Tensor | None
                               ) -> torch.Tensor:
     """``consistency_measures`` made differentiable (B, 3): the softmax ``probabilities`` (B, C, H, W) in place of
     the labels, through the "abs" edge map. Equal to ``consistency_measures`` of the argmax where the
-    probabilities are one-hot (see the module), and what the adaptive attack differentiates."""
+    probabilities are one-hot (see the module), and what the adaptive attack differentiates. ``depth`` None (a
+    model without a depth head): the image–segmentation measure alone (B, 1)."""
     return _pairwise(images, edge_maps(probabilities, "abs"), depth)
 
 
-def _pairwise(images: torch.Tensor, segmentation: tuple[torch.Tensor, torch.Tensor], depth: torch.Tensor
+#: the measures' pairs of edge maps, in their column order
+PAIRS = (("image", "segmentation"), ("image", "depth"), ("segmentation", "depth"))
+
+
+def _pairwise(images: torch.Tensor, segmentation: tuple[torch.Tensor, torch.Tensor], depth: torch.Tensor | None
               ) -> torch.Tensor:
     if images.shape[-2] < 12 or images.shape[-1] < 12:
         raise MtkitError(f"edge consistency needs images of at least 12x12 pixels (the 11x11 SSIM window), "
                          f"got {images.shape[-1]}x{images.shape[-2]}")
     dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
     maps = {"image": edge_maps(images.to(dtype) / 255.0, "abs"),
-            "segmentation": (segmentation[0].to(dtype), segmentation[1].to(dtype)),
-            "depth": edge_maps(normalised_disparity(depth.to(dtype)), "abs")}
-    pairs = [("image", "segmentation"), ("image", "depth"), ("segmentation", "depth")]
+            "segmentation": (segmentation[0].to(dtype), segmentation[1].to(dtype))}
+    if depth is not None:
+        maps["depth"] = edge_maps(normalised_disparity(depth.to(dtype)), "abs")
     return torch.stack([(gaussian_ssim(maps[a][0], maps[b][0]) + gaussian_ssim(maps[a][1], maps[b][1])) / 2
-                        for a, b in pairs], 1)
+                        for a, b in PAIRS if a in maps and b in maps], 1)
 
 
 def edge_consistency_loss(images: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:

@@ -114,9 +114,7 @@ def detector_objective(ctx: AttackContext, clean: torch.Tensor, mode: str):
     def reported(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if multitask is None:  # no depth: the image–segmentation measure alone
             logits = ctx.model(z)
-            probs = F.softmax(logits.float(), 1)
-            ones = torch.ones_like(z[:, :1])
-            return logits, -soft_consistency_measures(z, probs, ones)[:, 0]
+            return logits, -soft_consistency_measures(z, F.softmax(logits.float(), 1), None)[:, 0]
         return detector.differentiable_score(multitask, z)
     return reported
 

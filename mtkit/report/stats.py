@@ -25,8 +25,6 @@ class Interval:
     #: two-sided p-value of the one-sample t-test of mean = 0 (NaN for n < 2); it is below 1 - level exactly
     #: when the interval excludes zero
     p: float = math.nan
-    #: a bound was clipped to the quantity's range (``t_interval``'s ``bounds``)
-    clipped: bool = False
 
     @property
     def resolved(self) -> bool:
@@ -57,8 +55,7 @@ def t_interval(values: list[float], level: float = LEVEL,
     se = sd / math.sqrt(n)
     half = float(student_t.ppf((1 + level) / 2, n - 1)) * se
     p = 1.0 if se == 0 and mean == 0 else 0.0 if se == 0 else float(2 * student_t.sf(abs(mean) / se, n - 1))
-    low, high = max(mean - half, bounds[0]), min(mean + half, bounds[1])
-    return Interval(mean, sd, low, high, n, p, clipped=(low, high) != (mean - half, mean + half))
+    return Interval(mean, sd, max(mean - half, bounds[0]), min(mean + half, bounds[1]), n, p)
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float], level: float = LEVEL) -> Interval:
