@@ -180,6 +180,7 @@ def test_a_slurm_array_detached_then_collected_equals_the_attached_run(reference
     code, stdout, err = run_cli(args, capsys)
     assert code == 0, err
     assert "2 unit(s) submitted as SLURM job array 4242" in stdout and "detached" in stdout
+    assert "projected" not in stdout  # the units run on SLURM's nodes: this one's speed says nothing of theirs
     script = (out / "jobs" / "4242" / "4242_submission.sh").read_text()
     for line in ("--array=0-1", "--partition=gpu", "--account=lab", "--time=150", "--constraint=a100",
                  "--gpus-per-node=0", f"--cpus-per-task={threads}",

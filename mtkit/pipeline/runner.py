@@ -188,7 +188,8 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
     own (``jobs.launch``: up to ``jobs`` processes on this machine, or a SLURM job array, which ``detach`` only
     submits), then reports from the stage cache. ``units`` restricts the run to those (model, seed) pairs and
     writes no report (what each job runs). ``project`` logs the projected time and FLOPs of the stages still to
-    run before the first of them (``bench.plan.projection``: a few seconds of measurement)."""
+    run before the first of them (``bench.plan.projection``: a few seconds of measurement), unless SLURM's nodes
+    run them."""
     seeds = seeds or recipe.run_seeds()
     run_dir = Path(run_dir or run_folder(recipe))
     if units is None:
@@ -207,7 +208,7 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                          f"{names}, its seeds {seeds}")
     started = time.perf_counter()
     cache = StageCache(d, force, log)
-    if project and units is None and not d.enabled:
+    if project and units is None and not d.enabled and recipe.launcher.kind != "slurm":  # not this node's
         todo_of = {spec.name: sum(not all(f.is_file() for f in UnitFiles.of(recipe, run_dir, spec, s).all())
                                   or force for s in seeds) for spec in recipe.models}
         if any(todo_of.values()):
