@@ -18,8 +18,8 @@ def _tflop(name: str) -> float:
 def test_the_quickstart_costs_at_most_a_third_of_what_it_cost():
     """synthetic.yaml is the quickstart as it was until 2026-12-04 (64x192, batch 12 and 6 + 6, 32 + 32 evaluated
     images, 10 unbounded APGD steps: 57.1 TFLOP); the quickstart keeps its stages, the paper's ε and PGD
-    iterations and a third of its compute at most (48x144, half the batch, 16 + 24 images, 5 APGD steps).
-    What that cost in mIoU is in docs/results/quickstart.md."""
+    iterations and a third of its compute at most (48x144, half the batch over 6 x 37 steps, 16 + 16 images,
+    5 APGD steps). What that cost in mIoU is in docs/results/quickstart.md."""
     before, after = _tflop("synthetic.yaml"), _tflop("quickstart.yaml")
     assert 55 < before < 60  # the count the issue was measured with (57.1 TFLOP)
     assert after <= before / 3, (before, after)

@@ -188,8 +188,8 @@ def projection(recipe, seeds_of: dict[str, int] | None = None, log=print) -> str
     """The line ``mtkit run`` prints before its first stage: the projected time and FLOPs of the stages still to
     run (``seeds_of``: model → seeds not yet done), from one measured step of each model's training and one
     two-image sweep per evaluation set and architecture (seconds, where ``--plan`` takes minutes), and what the
-    projection took. Measured on the quickstart (2 AVX-512 cores): 3 min 18 s projected in 9 s, 3 min 22 s run;
-    one-image sweeps projected 3 min 43 s, their time per image being higher."""
+    projection took. Measured on the quickstart (2 AVX-512 cores): 3 min 26 s projected in 12 s, its stages ran
+    3 min 27 s and 3 min 44 s; one-image sweeps over-projected by 10 % more, their time per image being higher."""
     t0 = time.perf_counter()
     rows = plan(recipe, steps=1, log=lambda *_: None, sweep_images=2, seeds_of=seeds_of)
     total, flops = sum(r.seconds for r in rows), sum(r.flops for r in rows)
