@@ -200,6 +200,19 @@ def test_the_run_prints_its_projected_time_and_flops_before_its_first_stage(firs
     assert "in one process for" in logs[projected[0]] and "TFLOP on " in logs[projected[0]]
 
 
+def test_a_projection_that_cannot_be_measured_is_one_line_and_the_run_goes_on(first_run, monkeypatch):
+    from mtkit.pipeline import runner
+
+    def fails(*_):
+        raise RuntimeError("this perturbation refuses random labels")
+
+    monkeypatch.setattr(runner, "projection", fails)
+    logs: list[str] = []
+    runner.announce_projection(first_run[1], {"single": 1}, logs.append)
+    assert logs == ["[plan] no projection (RuntimeError: this perturbation refuses random labels); the run goes on "
+                    "(`mtkit run --plan` shows where measuring fails)"]
+
+
 def test_paper_recipe_without_datasets_stops_at_once_pointing_to_quickstart(monkeypatch, tmp_path):
     for var in ("CITYSCAPES_ROOT", "KITTI_ROOT", "KITTI2015_ROOT"):
         monkeypatch.delenv(var, raising=False)

@@ -178,6 +178,17 @@ def run_unit(recipe: Recipe, spec: ModelSpec, seed: int, run_dir: Path, cache: S
                 {"rows": [r.model_dump(mode="json") for r in rows]}, allow_nan=False)))
 
 
+def announce_projection(recipe: Recipe, todo_of: dict[str, int], log=print) -> None:
+    """Log the projected time of the units still to run (``bench.plan.projection``). The projection is advice:
+    where measuring it fails (a plugin's perturbation that refuses random batches, say), one line says so and
+    the run goes on."""
+    try:
+        log(projection(recipe, todo_of))
+    except Exception as exc:  # noqa: BLE001 - advice only: nothing of the run depends on it
+        log(f"[plan] no projection ({type(exc).__name__}: {exc}); the run goes on (`mtkit run --plan` shows where "
+            "measuring fails)")
+
+
 def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, progress: bool = True,
         run_dir: str | Path | None = None, log=print, skip_bad: bool = False, jobs: int = 1,
         units: list[tuple[str, int]] | None = None, detach: bool = False, project: bool = False) -> RunResult:
@@ -212,7 +223,7 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
         todo_of = {spec.name: sum(not all(f.is_file() for f in UnitFiles.of(recipe, run_dir, spec, s).all())
                                   or force for s in seeds) for spec in recipe.models}
         if any(todo_of.values()):
-            log(projection(recipe, todo_of))
+            announce_projection(recipe, todo_of, log)
     # rank 0 prepares while the others wait on the store (a timeout of its own, not NCCL's 10 minutes), then they
     # find the cache complete
     data = PreparedData(after_rank0(d, "prepare", lambda: prepare_recipe(
