@@ -184,7 +184,7 @@ def plan(recipe, steps: int = 3, log=print, sweep_images: int | None = None,
     return rows
 
 
-def projection(recipe, seeds_of: dict[str, int] | None = None, log=print) -> str:
+def projection(recipe, seeds_of: dict[str, int] | None = None) -> str:
     """The line ``mtkit run`` prints before its first stage: the projected time and FLOPs of the stages still to
     run (``seeds_of``: model → seeds not yet done), from one measured step of each model's training and one
     two-image sweep per evaluation set and architecture (seconds, where ``--plan`` takes minutes), and what the
