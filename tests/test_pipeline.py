@@ -259,8 +259,14 @@ def test_the_plan_measures_every_stage_and_counts_what_the_recipe_asks_for(first
     assert {s: r.math["tf32"] for s, r in rows.items()} == {s: s.startswith(("train", "validate")) for s in rows}
     # counted alone (steps 0), with each sweep measured on one image: the same FLOPs, since a sweep's cost grows
     # with its images and the two models' segmenters (one architecture) share one measured sweep
-    counted = plan(recipe, steps=0, log=lambda m: None, sweep_images=1)
-    assert all(r.seconds == 0 for r in counted)
+    from mtkit.bench import plan as planning
+
+    sweeps: list[int] = []
+    real = planning.robustness_sweep
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(planning, "robustness_sweep", lambda *a, **k: sweeps.append(1) or real(*a, **k))
+        counted = plan(recipe, steps=0, log=lambda m: None, sweep_images=1)
+    assert all(r.seconds == 0 for r in counted) and len(sweeps) == 1  # 2 models × 2 sets of one size: one sweep
     assert sum(r.flops for r in counted) == pytest.approx(sum(r.flops for r in rows.values()), rel=1e-9)
     code, out, err = run_cli(["run", str(recipe_file), "--plan", "--jobs", "2"], capsys)
     assert code == 0, err

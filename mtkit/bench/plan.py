@@ -112,8 +112,12 @@ def plan(recipe, steps: int = 3, log=print, sweep_images: int | None = None,
     g = torch.Generator().manual_seed(0)
     n = recipe.model.num_classes
 
-    def size_of(key: str, cfg) -> int:
-        return len(build_dataset(cfg, where=key))
+    sizes: dict[str, int] = {}
+
+    def size_of(key: str, cfg) -> int:  # each dataset's index built once, whatever the number of models
+        if key not in sizes:
+            sizes[key] = len(build_dataset(cfg, where=key))
+        return sizes[key]
 
     def images(b: int, cfg) -> torch.Tensor:
         return torch.rand(b, 3, cfg.height, cfg.width, generator=g) * 255
@@ -156,15 +160,15 @@ def plan(recipe, steps: int = 3, log=print, sweep_images: int | None = None,
             cfg = d.eval[key]
             b = rob.batch_size if isinstance(rob.batch_size, int) else 8
             b = min(b, sweep_images) if sweep_images else b
-            batch = [{"image": x, "label": y} for x, y in zip(
-                images(b, cfg), torch.randint(0, n, (b, cfg.height, cfg.width), generator=g))]
-            # the pass size the run's sweep resolves once per set (one probing forward pass, left out of the count)
-            passes = pass_size(segmenter, (3, cfg.height, cfg.width), torch.device(device)) \
-                if rob.pass_images == "auto" else rob.pass_images
-            run_sweep = partial(robustness_sweep, segmenter, batch, perts, rob.epsilons, n, torch.ones(n), b, 0, device,
-                                loss=loss, precision=precision, pass_images=passes, sanity=rob.sanity)
             shape = (_architecture(segmenter), cfg.height, cfg.width, b)
             if shape not in sweeps:
+                batch = [{"image": x, "label": y} for x, y in zip(
+                    images(b, cfg), torch.randint(0, n, (b, cfg.height, cfg.width), generator=g))]
+                # the pass size the run's sweep resolves once per set (a probing forward pass, left out of the count)
+                passes = pass_size(segmenter, (3, cfg.height, cfg.width), torch.device(device)) \
+                    if rob.pass_images == "auto" else rob.pass_images
+                run_sweep = partial(robustness_sweep, segmenter, batch, perts, rob.epsilons, n, torch.ones(n), b, 0,
+                                    device, loss=loss, precision=precision, pass_images=passes, sanity=rob.sanity)
                 sweeps[shape] = _timed(run_sweep, min(steps, 1), device, evaluation)
             sweep, mode, fl = sweeps[shape]  # per image: a set's last batch may be short, its cost is not
             rows.append(PlanRow(spec.name, f"evaluate {spec.name} on {key}",

@@ -112,8 +112,8 @@ def soft_consistency_measures(images: torch.Tensor, probabilities: torch.Tensor,
     return _pairwise(images, edge_maps(probabilities, "abs"), depth)
 
 
-#: the measures' pairs of edge maps, in their column order
-PAIRS = (("image", "segmentation"), ("image", "depth"), ("segmentation", "depth"))
+#: the two edge maps each measure compares, in ``MEASURES``' column order
+PAIRS = tuple(tuple(m.split("-")) for m in MEASURES)
 
 
 def _pairwise(images: torch.Tensor, segmentation: tuple[torch.Tensor, torch.Tensor], depth: torch.Tensor | None

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -219,11 +220,11 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                          f"{names}, its seeds {seeds}")
     started = time.perf_counter()
     cache = StageCache(d, force, log)
-    if project and units is None and not d.enabled and recipe.launcher.kind != "slurm":  # not this node's
-        todo_of = {spec.name: sum(not all(f.is_file() for f in UnitFiles.of(recipe, run_dir, spec, s).all())
-                                  or force for s in seeds) for spec in recipe.models}
-        if any(todo_of.values()):
-            announce_projection(recipe, todo_of, log)
+    files = {(spec.name, seed): UnitFiles.of(recipe, run_dir, spec, seed).all()
+             for seed in seeds for spec in recipe.models}
+    todo = [unit for unit, fs in files.items() if force or not all(f.is_file() for f in fs)]
+    if project and todo and units is None and not d.enabled and recipe.launcher.kind != "slurm":  # not this node's
+        announce_projection(recipe, dict(Counter(name for name, _ in todo)), log)
     # rank 0 prepares while the others wait on the store (a timeout of its own, not NCCL's 10 minutes), then they
     # find the cache complete
     data = PreparedData(after_rank0(d, "prepare", lambda: prepare_recipe(
@@ -235,9 +236,6 @@ def run(recipe: Recipe, force: bool = False, seeds: list[int] | None = None, pro
                                     height=m.size[0], width=m.size[1], skipped=len(m.skipped),
                                     skipped_items=m.skipped[:20], folder=str(p.folder)))
     if (jobs > 1 or recipe.launcher.kind == "slurm") and units is None and not d.enabled:
-        files = {(spec.name, seed): UnitFiles.of(recipe, run_dir, spec, seed).all()
-                 for seed in seeds for spec in recipe.models}
-        todo = [unit for unit, fs in files.items() if force or not all(f.is_file() for f in fs)]
         if todo:  # the stages these jobs are to run count as run, not cached
             cache.by_jobs = {f for unit in todo for f in files[unit] if force or not f.is_file()}
             if not launch(recipe, run_dir, todo, jobs, force, seeds, run, log, detach):
